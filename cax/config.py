@@ -1,0 +1,280 @@
+"""Load and validate cax.json into frozen dataclasses.
+
+Validation happens once, at start-up, before anything is written anywhere, and reports every
+problem at once (one line each, naming the file, the site and the key), as borgmatic does.
+Two forms are accepted: the original's JSON list of site sections, and an object with
+``sites`` plus top-level options.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from cax.errors import ConfigError
+from cax.schema import LEGACY_SITE_KEYS, SITE_KEYS, TAPE_METHODS, TOP_KEYS, Key
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+_JSON_TYPES = {
+    "str": str, "int": int, "bool": bool, "list": list, "dict": dict, "null": type(None),
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One site section of cax.json; field names are the config keys."""
+
+    name: str
+    method: str
+    hostname: str | None
+    username: str | None
+    port: int
+    key_file: str | None
+    known_hosts: str | None
+    accept_new_host_keys: bool
+    remote_python: str
+    dir_raw: str | None
+    dir_processed: str | None
+    dir_tsm: str | None
+    data_type: tuple[str, ...]
+    upload_options: tuple[str, ...]
+    download_options: tuple[str, ...]
+    processor_version: str | None
+    max_transfers: int
+    max_attempts: int
+    retry_backoff: float
+    stall_timeout: float
+    purge: float | None
+    reference_for: tuple[str, ...]
+    min_copies: int
+    purge_free_below: float | None
+    pax_version_purge: str | None
+    permissions: Mapping[str, Any] | None
+    scrub_bytes_per_pass: int
+    task_list: tuple[str, ...] | None
+    dataset_list: tuple[str, ...] | None
+
+    @property
+    def runs_daemon(self) -> bool:
+        """Whether a cax daemon works at this site (tape and grid endpoints have none)."""
+        return self.method not in TAPE_METHODS + ("gfal-copy", "lcg-cp", "rucio")
+
+    def data_dir(self, data_type: str) -> str | None:
+        """Return the base directory of ``data_type`` at this site, or None."""
+        return self.dir_raw if data_type == "raw" else self.dir_processed
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration; ``site`` is the site this daemon works for."""
+
+    path: Path
+    sites: tuple[Site, ...]
+    site: Site
+    runs_db: str | None
+    runs_db_name: str
+    runs_collection: str
+    sleep_seconds: float
+    lease_seconds: float
+    task_list: tuple[str, ...] | None
+    dataset_list: tuple[str, ...] | None
+
+    def get_site(self, name: str) -> Site:
+        """Return the site called ``name``; raises ConfigError naming the known sites."""
+        for site in self.sites:
+            if site.name == name:
+                return site
+        raise ConfigError(f"{self.path.name}: unknown site {name!r} (known: {self.site_names})")
+
+    @property
+    def site_names(self) -> str:
+        return ", ".join(s.name for s in self.sites)
+
+    @property
+    def tasks_wanted(self) -> tuple[str, ...] | None:
+        """The task list in force: the site's own, else the top-level one, else None (all)."""
+        return self.site.task_list if self.site.task_list is not None else self.task_list
+
+    @property
+    def datasets_wanted(self) -> tuple[str, ...] | None:
+        return self.site.dataset_list if self.site.dataset_list is not None else self.dataset_list
+
+
+def short_hostname() -> str:
+    """Return this machine's host name without its domain, as the original cax did."""
+    return socket.gethostname().split(".", 1)[0]
+
+
+def load_config(path: str | os.PathLike, host: str | None = None) -> Config:
+    """Read, validate and return the configuration at ``path`` for site ``host``.
+
+    ``host`` defaults to $CAX_HOST, then the short host name.  Raises ConfigError listing every
+    problem found.
+    """
+    path = Path(path)
+    label = path.name
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{label}: line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}") from None
+    if isinstance(raw, list):
+        raw = {"sites": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: expected a list of sites or an object with 'sites'")
+
+    problems: list[str] = []
+    top = _check_section(raw, TOP_KEYS, (), f"{label}:", problems)
+    sites = []
+    for i, section in enumerate(raw.get("sites") or []):
+        if not isinstance(section, dict):
+            problems.append(f"{label}: sites[{i}]: expected an object, got {_show(section)}")
+            continue
+        name = section.get("name")
+        where = f"{label}: site {name!r}" if isinstance(name, str) else f"{label}: sites[{i}]"
+        values = _check_section(section, SITE_KEYS, LEGACY_SITE_KEYS, where, problems)
+        if "name" in values and not SAFE_NAME.match(values["name"]):
+            problems.append(f"{where} key 'name': {values['name']!r} is not a safe site name")
+        sites.append(values)
+    _check_site_links(sites, label, problems)
+    if problems:
+        raise ConfigError(problems)
+
+    site_objs = tuple(_make_site(values) for values in sites)
+    names = [s.name for s in site_objs]
+    host = host or os.environ.get("CAX_HOST") or short_hostname()
+    if host not in names:
+        raise ConfigError(
+            f"{label}: this site is {host!r}, which is not a site in the configuration "
+            f"(known: {', '.join(names) or 'none'}); choose one with --host")
+    return Config(
+        path=path.resolve(),
+        sites=site_objs,
+        site=site_objs[names.index(host)],
+        runs_db=_resolve_runs_db(top["runs_db"], path),
+        runs_db_name=top["runs_db_name"],
+        runs_collection=top["runs_collection"],
+        sleep_seconds=float(top["sleep_seconds"]),
+        lease_seconds=float(top["lease_seconds"]),
+        task_list=_tuple(top["task_list"]),
+        dataset_list=_tuple(top["dataset_list"]),
+    )
+
+
+def _resolve_runs_db(value: str | None, config_path: Path) -> str | None:
+    """Make a relative ``file:`` runs DB path relative to the config file, not the cwd."""
+    if value and value.startswith("file:") and not Path(value[5:]).is_absolute():
+        return "file:" + str((config_path.resolve().parent / value[5:]).resolve())
+    return value
+
+
+def _tuple(value: list | None) -> tuple | None:
+    return None if value is None else tuple(value)
+
+
+def _make_site(values: dict[str, Any]) -> Site:
+    kwargs = {}
+    for f in fields(Site):
+        value = values[f.name]
+        if isinstance(value, list):
+            value = tuple(value)
+        if f.name in ("upload_options", "download_options") and value is None:
+            value = ()
+        kwargs[f.name] = value
+    return Site(**kwargs)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _type_ok(value: Any, types: tuple[str, ...]) -> bool:
+    for t in types:
+        if t == "number" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if t == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if t not in ("number", "int") and isinstance(value, _JSON_TYPES[t]):
+            return True
+    return False
+
+
+def _check_value(key: Key, value: Any, where: str, problems: list[str]) -> None:
+    """Append a line to ``problems`` for each way ``value`` breaks ``key``'s rules."""
+    at = f"{where} key {key.name!r}"
+    if not _type_ok(value, key.types):
+        wanted = " or ".join(key.types).replace("str", "a string").replace("dict", "an object")
+        problems.append(f"{at}: expected {wanted}, got {_show(value)}")
+        return
+    if value is None:
+        return
+    if key.minimum is not None and not isinstance(value, (list, dict, str, bool)) \
+            and value < key.minimum:
+        problems.append(f"{at}: must be at least {key.minimum:g}, got {value}")
+    elements = value if isinstance(value, list) else [value]
+    for element in elements:
+        if key.items and isinstance(value, list) and not _type_ok(element, (key.items,)):
+            problems.append(f"{at}: expected a list of {key.items}, found {_show(element)}")
+        elif key.choices and isinstance(element, str) and element not in key.choices:
+            problems.append(f"{at}: {element!r} is not one of {', '.join(key.choices)}")
+    if key.absolute_path and isinstance(value, str) and not value.startswith("/"):
+        problems.append(f"{at}: must be an absolute path, got {value!r}")
+
+
+def _check_section(section: dict, keys: tuple[Key, ...], ignored: tuple[str, ...], where: str,
+                   problems: list[str]) -> dict[str, Any]:
+    """Validate one JSON object against ``keys``; return its values with defaults filled in."""
+    known = {k.name: k for k in keys}
+    values: dict[str, Any] = {}
+    for name in section:
+        if name not in known and name not in ignored:
+            hint = difflib.get_close_matches(name, list(known), n=1)
+            maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.append(f"{where}: unknown key {name!r}{maybe}")
+    for key in keys:
+        if key.name not in section:
+            if key.required:
+                problems.append(f"{where}: missing required key {key.name!r}")
+            else:
+                values[key.name] = key.default
+            continue
+        _check_value(key, section[key.name], where, problems)
+        values[key.name] = section[key.name]
+    return values
+
+
+def _check_site_links(sites: list[dict], label: str, problems: list[str]) -> None:
+    """Cross-site checks: unique names, and upload/download options that name real sites."""
+    names = [s.get("name") for s in sites if isinstance(s.get("name"), str)]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{label}: site {name!r}: duplicate site name")
+    if not sites:
+        problems.append(f"{label}: key 'sites': no sites configured")
+    for site in sites:
+        for option in ("upload_options", "download_options"):
+            targets = site.get(option)
+            if not isinstance(targets, list):
+                continue
+            for target in targets:
+                if isinstance(target, str) and target not in names:
+                    problems.append(
+                        f"{label}: site {site.get('name')!r} key {option!r}: unknown site "
+                        f"{target!r} (known: {', '.join(names)})")
+                elif target == site.get("name"):
+                    problems.append(
+                        f"{label}: site {target!r} key {option!r}: a site cannot copy to itself")

@@ -1,0 +1,107 @@
+"""Open the runs DB named in the configuration: a MongoDB server, or the embedded store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from urllib.parse import quote_plus
+
+from pymongo import MongoClient, monitoring
+from pymongo.errors import PyMongoError
+
+from cax.errors import ConfigError, RunsDBError
+from cax.runsdb.runs import RunsDB
+from cax.runsdb.store import EmbeddedClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDED = "cax-runsdb"
+PASSWORD_VARIABLES = ("MONGODB_PASSWORD", "MONGO_PASSWORD")  # the second is the original's name
+SERVER_TIMEOUT_MS = 10_000
+
+
+class _RoundTripCounter(monitoring.CommandListener):
+    """Counts every command pymongo sends, getMore included: the real round-trip count."""
+
+    def __init__(self) -> None:
+        self.runsdb: RunsDB | None = None
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if self.runsdb:
+            self.runsdb.count_round_trip(event.command_name)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def redact(uri: str) -> str:
+    """Return ``uri`` with any password replaced, for logs and messages."""
+    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", uri)
+
+
+def with_password(uri: str) -> str:
+    """Insert the password from the environment into a URI that names a user but no password.
+
+    The password is URL-escaped (the original interpolated it raw, which broke on '@' or '/').
+    """
+    match = re.match(r"^(mongodb(?:\+srv)?://)([^:/@]+)@(.*)$", uri)
+    if not match:
+        return uri
+    for name in PASSWORD_VARIABLES:
+        password = os.environ.get(name)
+        if password:
+            return f"{match.group(1)}{match.group(2)}:{quote_plus(password)}@{match.group(3)}"
+    raise ConfigError(f"runs DB URI {uri!r} names user {match.group(2)!r} but no password: "
+                      f"set {PASSWORD_VARIABLES[0]}")
+
+
+def open_runsdb(uri: str | None, db_name: str = "run", runs_collection: str = "runs_new", *,
+                read_only: bool = False, check: bool = True) -> RunsDB:
+    """Connect to the runs DB at ``uri`` and return it, its indexes ensured.
+
+    ``uri`` is ``mongodb://...`` (or ``mongodb+srv://``) for a server, ``file:PATH`` for the
+    embedded store, or None for the embedded store in ./cax-runsdb.  With ``check`` the server
+    is pinged, so an unreachable DB fails here with RunsDBError rather than mid-pass.
+    """
+    if uri and uri.startswith(("mongodb://", "mongodb+srv://")):
+        return _open_server(uri, db_name, runs_collection, read_only, check)
+    if uri and not uri.startswith("file:"):
+        raise ConfigError(f"runs DB {uri!r}: expected mongodb://, mongodb+srv:// or file:PATH")
+    path = Path(uri[5:] if uri else DEFAULT_EMBEDDED)
+    try:
+        client = EmbeddedClient(path)
+        client.admin_ping()
+    except OSError as exc:
+        raise RunsDBError(f"embedded runs DB at {path}: {exc}") from exc
+    runsdb = RunsDB(client[db_name], runs_collection, read_only=read_only)
+    client.listener = runsdb.count_round_trip
+    runsdb.client = client
+    runsdb.ensure_indexes()
+    log.debug("runs DB: embedded store at %s", path.resolve())
+    return runsdb
+
+
+def _open_server(uri: str, db_name: str, runs_collection: str, read_only: bool,
+                 check: bool) -> RunsDB:
+    full = with_password(uri)
+    counter = _RoundTripCounter()
+    client = MongoClient(full, tz_aware=True, serverSelectionTimeoutMS=SERVER_TIMEOUT_MS,
+                         connectTimeoutMS=SERVER_TIMEOUT_MS, socketTimeoutMS=120_000,
+                         event_listeners=[counter], appname="cax")
+    runsdb = RunsDB(client[db_name], runs_collection, read_only=read_only)
+    counter.runsdb = runsdb
+    runsdb.client = client
+    if check:
+        try:
+            client.admin.command("ping")
+        except PyMongoError as exc:
+            client.close()
+            raise RunsDBError(f"runs DB {redact(uri)} is unreachable: {exc}") from None
+    runsdb.ensure_indexes()
+    log.debug("runs DB: %s database %s", redact(uri), db_name)
+    return runsdb

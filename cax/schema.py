@@ -1,0 +1,107 @@
+"""Every key cax.json may hold: its type, default and meaning.
+
+One table is the single source for validation (``cax.config``) and for the configuration
+reference in README.rst, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+TRANSFER_METHODS = ("local", "scp", "rsync")
+TAPE_METHODS = ("tsm",)
+#: Methods of the original cax that this release accepts in cax.json but cannot drive.
+LEGACY_METHODS = ("gfal-copy", "lcg-cp", "rucio")
+METHODS = TRANSFER_METHODS + TAPE_METHODS + LEGACY_METHODS
+DATA_TYPES = ("raw", "processed")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: accepted JSON types, default, and a one-line description."""
+
+    name: str
+    types: tuple[str, ...]
+    default: Any
+    doc: str
+    required: bool = False
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    items: str | None = None  # element type of a list
+    absolute_path: bool = False
+
+
+SITE_KEYS: tuple[Key, ...] = (
+    Key("name", ("str",), None, "Site name; stored as `host` in data entries.", required=True),
+    Key("method", ("str",), None, "How other sites move data to and from this site.",
+        required=True, choices=METHODS),
+    Key("hostname", ("str", "null"), None, "SSH host name or address of the site."),
+    Key("username", ("str", "null"), None, "SSH login at the site."),
+    Key("port", ("int",), 22, "SSH port of the site.", minimum=1),
+    Key("key_file", ("str", "null"), None, "Private key used to reach the site (default: ssh's).",
+        absolute_path=True),
+    Key("known_hosts", ("str", "null"), None, "known_hosts file holding the site's host key "
+        "(default ~/.ssh/known_hosts).", absolute_path=True),
+    Key("accept_new_host_keys", ("bool",), False, "Accept and remember an unknown host key "
+        "(a changed key is always refused)."),
+    Key("remote_python", ("str",), "python3", "Python 3 on the site, used to checksum there."),
+    Key("dir_raw", ("str", "null"), None, "Directory holding raw datasets.", absolute_path=True),
+    Key("dir_processed", ("str", "null"), None, "Directory holding processed data "
+        "(under pax_<version>/).", absolute_path=True),
+    Key("dir_tsm", ("str", "null"), None, "Staging directory for tape backup.",
+        absolute_path=True),
+    Key("data_type", ("list",), [], "Data types this site's daemon handles.", items="str",
+        choices=DATA_TYPES),
+    Key("upload_options", ("list", "null"), [], "Sites this site pushes to.", items="str"),
+    Key("download_options", ("list", "null"), [], "Sites this site pulls from, in order of "
+        "preference.", items="str"),
+    Key("processor_version", ("str", "null"), None, "Processed-data version this site handles, "
+        "e.g. v6.8.0 (stored as `pax_version`)."),
+    Key("max_transfers", ("int",), 2, "Transfers this site's daemon runs at once.", minimum=1),
+    Key("max_attempts", ("int",), 5, "Attempts before a failing copy is left in error as stuck.",
+        minimum=1),
+    Key("retry_backoff", ("number",), 60, "Seconds before the first retry; doubles per attempt "
+        "(capped at 6 h).", minimum=0),
+    Key("stall_timeout", ("number",), 60, "Seconds without byte progress before a transfer is "
+        "aborted.", minimum=1),
+    Key("purge", ("number", "null"), None, "Days after a run's start when local raw data may be "
+        "purged; pulls of older raw data are skipped.", minimum=0),
+    Key("reference_for", ("list",), [], "Data types for which this site holds the reference "
+        "copy that others are compared with.", items="str", choices=DATA_TYPES),
+    Key("min_copies", ("int",), 2, "Verified copies elsewhere that must exist before local raw "
+        "data is purged.", minimum=1),
+    Key("purge_free_below", ("number", "null"), None, "Purge only while the raw disk has less "
+        "than this fraction free (0-1), oldest runs first.", minimum=0),
+    Key("pax_version_purge", ("str", "null"), None, "Processed version whose local copies are "
+        "deleted once a newer version exists."),
+    Key("permissions", ("dict", "null"), None, "Per data type: {mode, group, acl_command} applied "
+        "once to each new local copy."),
+    Key("scrub_bytes_per_pass", ("int",), 0, "Bytes of old verified copies re-checksummed per "
+        "pass (0: no scrubbing).", minimum=0),
+    Key("task_list", ("list", "null"), None, "Only these tasks run at this site.", items="str"),
+    Key("dataset_list", ("list", "null"), None, "Only these run names are handled at this site.",
+        items="str"),
+)
+
+#: Keys of the original cax.json that are accepted and ignored (grid, rucio, old pax options).
+LEGACY_SITE_KEYS = (
+    "nstreams", "grid_cert", "dir_minitrees", "rucio_upload_rse", "rucio_account",
+    "rucio_transfer", "rucio_config_p2", "rucio_config_p3", "pax_processing_versions",
+    "pax_versions",
+)
+
+TOP_KEYS: tuple[Key, ...] = (
+    Key("sites", ("list",), None, "The site sections.", required=True, items="dict"),
+    Key("runs_db", ("str", "null"), None, "mongodb:// URI of the runs DB (password from "
+        "MONGODB_PASSWORD), or file:PATH for the embedded store; default file:cax-runsdb in "
+        "the working directory."),
+    Key("runs_db_name", ("str",), "run", "Database name in the runs DB."),
+    Key("runs_collection", ("str",), "runs_new", "Collection holding the run documents."),
+    Key("sleep_seconds", ("number",), 60, "Pause between passes of the daemon.", minimum=0),
+    Key("lease_seconds", ("number",), 120, "Lifetime of a claim; renewed while work goes on, "
+        "taken over by any daemon once expired.", minimum=5),
+    Key("task_list", ("list", "null"), None, "Only these tasks run (a site's own list wins).",
+        items="str"),
+    Key("dataset_list", ("list", "null"), None, "Only these run names are handled.", items="str"),
+)
