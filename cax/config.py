@@ -274,7 +274,7 @@ def _check_site_links(sites: list[dict], label: str, problems: list[str]) -> Non
                 if isinstance(target, str) and target not in names:
                     problems.append(
                         f"{label}: site {site.get('name')!r} key {option!r}: unknown site "
-                        f"{target!r} (known: {', '.join(names)})")
+                        f"{target!r} (known: {', '.join(dict.fromkeys(names))})")
                 elif target == site.get("name"):
                     problems.append(
                         f"{label}: site {target!r} key {option!r}: a site cannot copy to itself")

@@ -74,7 +74,7 @@ def open_runsdb(uri: str | None, db_name: str = "run", runs_collection: str = "r
         raise ConfigError(f"runs DB {uri!r}: expected mongodb://, mongodb+srv:// or file:PATH")
     path = Path(uri[5:] if uri else DEFAULT_EMBEDDED)
     try:
-        client = EmbeddedClient(path)
+        client = EmbeddedClient(path, read_only=read_only)
         client.admin_ping()
     except OSError as exc:
         raise RunsDBError(f"embedded runs DB at {path}: {exc}") from exc

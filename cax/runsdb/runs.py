@@ -92,7 +92,7 @@ class RunsDB:
     @_db_call
     def ensure_indexes(self) -> None:
         """Create the indexes the task queries need (idempotent)."""
-        if self._skip("create indexes"):
+        if self.read_only:
             return
         for keys in (
             [("number", ASCENDING)], [("name", ASCENDING), ("detector", ASCENDING)],

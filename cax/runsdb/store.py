@@ -55,8 +55,12 @@ class EmbeddedClient:
     real server would see for it), which is how cax counts runs-DB round trips.
     """
 
-    def __init__(self, path: str | os.PathLike, listener: Listener | None = None):
+    def __init__(self, path: str | os.PathLike, listener: Listener | None = None,
+                 read_only: bool = False):
         self.path = Path(path)
+        self.read_only = read_only
+        if read_only and not self.path.is_dir():
+            raise FileNotFoundError(f"no runs DB at {self.path}")
         self.path.mkdir(parents=True, exist_ok=True)
         self.listener = listener
         self._mongo = mongomock.MongoClient(tz_aware=True)
@@ -75,7 +79,7 @@ class EmbeddedClient:
 
     def admin_ping(self) -> None:
         """Match ``client.admin.command('ping')``: succeeds if the directory is usable."""
-        if not os.access(self.path, os.W_OK):
+        if not self.read_only and not os.access(self.path, os.W_OK):
             raise PermissionError(f"runs DB directory {self.path} is not writable")
 
     def close(self) -> None:
@@ -101,7 +105,12 @@ class EmbeddedCollection:
         self.name = name
         self.file = client.path / f"{db}.{name}.bson"
         self._mongo = client._mongo[db][name]
-        self._lock_fd = os.open(client.path / f"{db}.{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = client.path / f"{db}.{name}.lock"
+        # A read-only client creates nothing: without a lock file it locks the directory.
+        if client.read_only and not lock.exists():
+            lock = client.path
+        self._lock_fd = os.open(lock, os.O_RDONLY if client.read_only else os.O_RDWR | os.O_CREAT,
+                                0o644)
         self._seen: tuple[int, int, int] | None = None
 
     def close(self) -> None:

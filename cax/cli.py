@@ -1,0 +1,198 @@
+"""Command-line entry points.  The only module that sets up logging, prints and exits.
+
+Exit codes: 0 success (also after a warm stop); 1 a task or item failed (``--once``); 2 usage
+or configuration invalid; 3 runs DB unreachable at start; 4 internal error; 128+N killed by
+a second signal N.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+import cax
+from cax.config import Config, load_config
+from cax.daemon import Daemon, install_signal_handlers
+from cax.errors import CaxError, ConfigError, NotAvailableError, RunsDBError, UnsafeNameError
+from cax.logcontext import ContextFilter
+from cax.runsdb import open_runsdb, safe_component
+from cax.tasks import Context, select_tasks
+from cax.workers import Background
+
+log = logging.getLogger("cax")
+
+EXIT_FAILED, EXIT_USAGE, EXIT_DB, EXIT_INTERNAL = 1, 2, 3, 4
+LOG_FORMAT = "%(asctime)sZ %(levelname)-7s %(ctx)s%(message)s"
+FILE_FORMAT = "%(asctime)sZ %(levelname)-7s %(process)d %(name)s: %(ctx)s%(message)s"
+
+
+def setup_logging(level: str, log_file: str | None) -> None:
+    """Human-readable records on stderr, and in ``log_file`` too when given; times in UTC."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level.upper())
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers[0].setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+        handlers[1].setFormatter(logging.Formatter(FILE_FORMAT, "%Y-%m-%d %H:%M:%S"))
+    for handler in handlers:
+        handler.formatter.converter = time.gmtime
+        handler.addFilter(ContextFilter())
+        root.addHandler(handler)
+    logging.getLogger("paramiko").setLevel(max(root.level, logging.WARNING))
+
+
+def guarded(fn: Callable[..., int]) -> Callable[..., None]:
+    """Run a command body; turn its errors into one line on stderr and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            code = fn(*args, **kwargs)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                click.echo(f"cax: {problem}", err=True)
+            code = EXIT_USAGE
+        except (UnsafeNameError, NotAvailableError) as exc:
+            click.echo(f"cax: {exc}", err=True)
+            code = EXIT_USAGE
+        except RunsDBError as exc:
+            click.echo(f"cax: {exc}", err=True)
+            code = EXIT_DB
+        except CaxError as exc:
+            click.echo(f"cax: {exc}", err=True)
+            code = EXIT_FAILED
+        except Exception as exc:  # noqa: BLE001 - the one place that must not let anything out
+            log.exception("internal error")
+            click.echo(f"cax: internal error: {exc!r} (details in the log)", err=True)
+            code = EXIT_INTERNAL
+        sys.exit(code)
+
+    return wrapper
+
+
+def default_config_path() -> str:
+    return os.environ.get("CAX_CONFIG", "cax.json")
+
+
+def make_owner(site: str) -> str:
+    """Identify this daemon process in leases and heartbeats: site@host:pid:start."""
+    return f"{site}@{socket.getfqdn()}:{os.getpid()}:{int(time.time())}"
+
+
+def run_selector(run: int | None, name: str | None, datasets: tuple[str, ...] | None) -> dict:
+    """Turn ``--run``/``--name``/``dataset_list`` into a runs-DB filter."""
+    parts: list[dict[str, Any]] = []
+    if run is not None:
+        parts.append({"number": run})
+    if name is not None:
+        parts.append({"name": safe_component(name)})
+    if datasets is not None:
+        parts.append({"name": {"$in": list(datasets)}})
+    return parts[0] if len(parts) == 1 else ({"$and": parts} if parts else {})
+
+
+def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool = False,
+                  run: int | None = None, name: str | None = None) -> Context:
+    """Connect to the runs DB and assemble what the tasks need for this site."""
+    runsdb = open_runsdb(config.runs_db, config.runs_db_name, config.runs_collection,
+                         read_only=dry_run or no_db_update)
+    return Context(
+        config=config,
+        runsdb=runsdb,
+        owner=make_owner(config.site.name),
+        dry_run=dry_run,
+        selector=run_selector(run, name, config.datasets_wanted),
+        background=Background(config.site.max_transfers),
+    )
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--once", is_flag=True, help="Do one pass, then exit (1 if anything failed).")
+@click.option("--config", "config_path", metavar="FILE", default=None,
+              help="Configuration file [default: $CAX_CONFIG or ./cax.json].")
+@click.option("--run", "run_number", type=int, metavar="N", help="Only the run(s) numbered N.")
+@click.option("--name", metavar="NAME", help="Only the run(s) called NAME.")
+@click.option("--host", metavar="SITE", help="Act as this site [default: short host name].")
+@click.option("--log", "log_level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--log-file", metavar="FILE", help="Also write the log to FILE.")
+@click.option("--dry-run", is_flag=True, help="Log what a pass would do; change nothing.")
+@click.option("--disable-database-update", "--disable_database_update", "no_db_update",
+              is_flag=True, help="Do the work but write nothing to the runs DB.")
+@click.version_option(cax.__version__, prog_name="cax")
+@click.pass_context
+def cli(click_ctx: click.Context, once: bool, config_path: str | None, run_number: int | None,
+        name: str | None, host: str | None, log_level: str, log_file: str | None,
+        dry_run: bool, no_db_update: bool) -> None:
+    """Keep this site's data where it must be, and tell the runs DB the truth about it."""
+    if click_ctx.invoked_subcommand:
+        return
+    if run_number is not None and name is not None:
+        raise click.UsageError("give --run or --name, not both")
+    guarded(_daemon)(once, config_path or default_config_path(), run_number, name, host,
+                     log_level, log_file, dry_run, no_db_update)
+
+
+def _daemon(once: bool, config_path: str, run: int | None, name: str | None, host: str | None,
+            log_level: str, log_file: str | None, dry_run: bool, no_db_update: bool) -> int:
+    if name is not None:
+        safe_component(name)
+    config = load_config(config_path, host)
+    tasks = select_tasks(config.tasks_wanted)
+    setup_logging(log_level, log_file)
+    ctx = build_context(config, dry_run=dry_run, no_db_update=no_db_update, run=run, name=name)
+    log.info("cax %s for site %s (%s), config %s%s", cax.__version__, config.site.name,
+             ctx.owner, config.path, ", dry run" if dry_run else "")
+    install_signal_handlers(ctx.stop)
+    try:
+        return Daemon(ctx, tasks).run(once=once)
+    finally:
+        ctx.runsdb.close()
+
+
+@cli.command()
+@click.option("--dir", "directory", default="cax-demo", show_default=True,
+              help="Where to create the demo (runs DB, data of two sites, cax.json).")
+@click.option("--runs", default=4, show_default=True, help="How many runs to create.")
+@guarded
+def demo(directory: str, runs: int) -> int:
+    """Create a self-contained example with two local sites and run cax on it."""
+    from cax.demo import run_demo
+
+    setup_logging("warning", None)
+    for line in run_demo(Path(directory), runs):
+        click.echo(line)
+    return 0
+
+
+def main() -> None:
+    """Entry point of ``cax``."""
+    threading.current_thread().name = "cax"
+    cli(prog_name="cax")
+
+
+def _not_available(command: str, issue: str) -> Callable[[], None]:
+    @guarded
+    def entry() -> int:
+        raise NotAvailableError(f"{command} is not available yet ({issue})")
+
+    return entry
+
+
+massive_cax = _not_available("massive-cax", "batch processing comes in a later release")
+massive_tsm = _not_available("massive-tsm", "tape backup comes in a later release")
+cax_mv = _not_available("cax-mv", "comes with the housekeeping commands")
+cax_rm = _not_available("cax-rm", "comes with the housekeeping commands")
+cax_stray = _not_available("cax-stray", "comes with the housekeeping commands")

@@ -1,0 +1,137 @@
+"""The daemon loop: run every task once per pass, report, sleep, repeat.
+
+A pass is one function, ``run_pass``, so tests drive the daemon a pass at a time.  Nothing that
+goes wrong in one task or one run stops the loop; a runs-DB outage makes the pause between
+passes grow (capped) until the database answers again.  Signal handlers only set a flag: the
+first SIGTERM/SIGINT lets the current step finish and exits 0; a second one kills the running
+commands and ends the process at once (exit 128+N).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from cax import proc
+from cax.errors import CaxError
+from cax.tasks import Context, Outcome, Report, Task, run_task
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 600.0
+
+
+@dataclass
+class PassResult:
+    """What one pass did: one Outcome per task."""
+
+    number: int
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(o.failed for o in self.outcomes)
+
+    @property
+    def last_error(self) -> str | None:
+        errors = [e for o in self.outcomes for e in o.errors]
+        return errors[-1] if errors else None
+
+
+class Daemon:
+    """Runs ``tasks`` over the runs DB, pass after pass, for one site."""
+
+    def __init__(self, ctx: Context, tasks: list[type[Task]]):
+        self.ctx = ctx
+        self.tasks = tasks
+        self.passes = 0
+        self.db_failures = 0
+
+    def run_pass(self, wait_background: bool = False) -> PassResult:
+        """Run every task once, then write the heartbeat; return what happened.
+
+        ``wait_background`` waits for transfers started in this pass (``--once``).
+        """
+        self.passes += 1
+        result = PassResult(self.passes)
+        started = self.ctx.now()
+        log.info("pass %d: start (%d tasks)", self.passes, len(self.tasks))
+        for task_class in self.tasks:
+            if self.ctx.stop.is_set():
+                log.info("stop requested: skipping the remaining tasks")
+                break
+            result.outcomes.append(run_task(task_class(self.ctx), self.ctx))
+        if self.ctx.background is not None:
+            if wait_background:
+                self.ctx.background.wait()
+            background = Outcome("background")
+            for failure in self.ctx.background.take_failures():
+                background.fail(failure)
+            result.outcomes.append(background)
+        self._report(result, started)
+        db_trouble = any("runs DB" in e for o in result.outcomes for e in o.errors)
+        self.db_failures = self.db_failures + 1 if db_trouble else 0
+        log.info("pass %d: done, %d item(s) done, %d failed", self.passes,
+                 sum(o.done for o in result.outcomes), result.failed)
+        return result
+
+    def _report(self, result: PassResult, started: Any) -> None:
+        info = {
+            "pass": result.number,
+            "pass_start": started,
+            "pass_end": self.ctx.now(),
+            "counts": {o.task: {"done": o.done, "failed": o.failed} for o in result.outcomes},
+            "last_error": result.last_error,
+        }
+        try:
+            Report(self.ctx).heartbeat(info)
+        except CaxError as exc:
+            log.warning("heartbeat not written: %s", exc)
+            result.outcomes.append(Outcome("Report", failed=1, errors=[str(exc)]))
+
+    def sleep_seconds(self) -> float:
+        """The pause before the next pass: the configured one, longer after DB failures."""
+        base = self.ctx.config.sleep_seconds
+        if not self.db_failures:
+            return base
+        return min(max(base, 5.0) * 2 ** (self.db_failures - 1), MAX_BACKOFF_S)
+
+    def run(self, once: bool = False) -> int:
+        """Loop until stopped; return the exit status (``--once``: 1 if anything failed)."""
+        try:
+            while True:
+                result = self.run_pass(wait_background=once)
+                if once:
+                    return 1 if result.failed else 0
+                if self.ctx.stop.is_set():
+                    break
+                pause = self.sleep_seconds()
+                log.info("sleeping %.0f s", pause)
+                if self.ctx.stop.wait(pause):
+                    break
+        finally:
+            if self.ctx.background is not None:
+                self.ctx.background.wait()
+                self.ctx.background.shutdown()
+        log.info("stopped after %d pass(es)", self.passes)
+        return 0
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """First SIGTERM/SIGINT: warm stop (set ``stop``).  Second: cold stop, exit 128+N."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        proc.kill_all()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)

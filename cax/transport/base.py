@@ -1,0 +1,206 @@
+"""The transport interface: move one dataset between this machine and one site.
+
+A dataset is a directory tree of raw files or one processed file.  Paths on the site are
+absolute POSIX strings; local paths are ``pathlib.Path``.  Backends live one per module
+(``local``, ``scp``, ``rsync``) and are found through ``open_transport`` by the method name in
+the site's config, imported only when used.
+
+Errors, for every backend:
+  * ``TransferError(retryable=True)``: network or SSH failure, dropped connection, stalled
+    copy, timeout, non-zero tool exit that may go away.  The message names site, host and path.
+  * ``TransferError(retryable=False)``: authentication failure, unknown or changed host key,
+    permission denied at the destination, source missing, destination parent not a directory.
+  * ``FileExistsError`` from ``rename`` when the target exists, ``FileNotFoundError`` from
+    ``manifest``/``rename`` when the path is missing on the site.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cax.checksum import Manifest
+from cax.errors import ConfigError, TransferError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+"""Called with the number of NEW bytes copied since the previous call."""
+
+TIMEOUT_BASE_S = 600.0
+TIMEOUT_PER_MB_S = 2.0
+REMOTE_OP_TIMEOUT_S = 300.0
+"""Small site-side commands (rename, remove, exists); a manifest also gets a per-MB allowance."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How to reach a site; built from the site's cax.json section by the config code."""
+
+    site: str
+    method: str  # "local" | "scp" | "rsync"
+    hostname: str | None = None
+    port: int = 22
+    username: str | None = None
+    key_file: str | None = None  # private key; None → ssh defaults / agent
+    known_hosts: str | None = None  # None → ~/.ssh/known_hosts
+    accept_new_host_keys: bool = False  # explicit per-site opt-in; default refuses unknown keys
+    connect_timeout_s: float = 30
+    remote_python: str = "python3"  # runs the site-side helper scripts
+    ciphers: tuple[str, ...] = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr")
+
+    @property
+    def address(self) -> str:
+        """Return ``host:port`` for messages (``local`` for a shared filesystem)."""
+        return f"{self.hostname}:{self.port}" if self.hostname else "local"
+
+    @property
+    def known_hosts_path(self) -> str:
+        """Return the known_hosts file actually used."""
+        return self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+
+
+def transfer_timeout_s(nbytes: int) -> float:
+    """Return the overall time limit for copying ``nbytes``: a fixed part plus one per MB.
+
+    Stalls are caught much earlier by the progress watchdog; this only bounds a copy that
+    creeps along forever.
+    """
+    return TIMEOUT_BASE_S + TIMEOUT_PER_MB_S * nbytes / 1e6
+
+
+class StallWatch:
+    """Track byte progress and say when none came for ``stall_timeout_s``.
+
+    ``add`` forwards new bytes to the caller's progress callback; ``stalled`` is polled by the
+    backend's loop or watchdog thread.
+    """
+
+    def __init__(self, stall_timeout_s: float, progress: Progress | None = None):
+        self.stall_timeout_s = stall_timeout_s
+        self.progress = progress
+        self.total = 0
+        self.last = time.monotonic()
+
+    def add(self, nbytes: int) -> None:
+        """Record ``nbytes`` new bytes (0 still counts as a sign of life)."""
+        self.last = time.monotonic()
+        if nbytes:
+            self.total += nbytes
+            if self.progress:
+                self.progress(nbytes)
+
+    def alive(self) -> None:
+        """Record a sign of life that moved no bytes."""
+        self.last = time.monotonic()
+
+    def stalled(self) -> bool:
+        """Return True when nothing happened for longer than the stall timeout."""
+        return time.monotonic() - self.last > self.stall_timeout_s
+
+
+class Transport(ABC):
+    """Move one dataset between this machine and one site.
+
+    Paths on the site are absolute POSIX strings.  A transport is a context manager; ``close``
+    releases its connection.  Instances are not thread-safe: use one per worker.
+    """
+
+    def __init__(self, endpoint: Endpoint, *, stall_timeout_s: float = 60.0):
+        self.endpoint = endpoint
+        self.stall_timeout_s = stall_timeout_s
+
+    @abstractmethod
+    def put(self, local: Path, remote: str, progress: Progress | None = None) -> Manifest | None:
+        """Copy a local file or directory tree so that it exists exactly at ``remote``.
+
+        Parents of ``remote`` are created.  If ``remote`` holds a partial copy from an earlier
+        attempt, the transport may resume into it (rsync) or must replace it.  ``progress`` gets
+        byte increments.  Return the source manifest if the method computed it while reading
+        the source, else None.  The caller verifies with ``manifest(remote)``.
+        """
+
+    @abstractmethod
+    def get(self, remote: str, local: Path, progress: Progress | None = None) -> Manifest | None:
+        """Copy ``remote`` on the site to ``local`` (the mirror image of ``put``)."""
+
+    @abstractmethod
+    def manifest(self, remote: str) -> Manifest:
+        """Return per-file size and adler32 of ``remote``, computed on the site itself.
+
+        Raises FileNotFoundError if ``remote`` does not exist.
+        """
+
+    @abstractmethod
+    def rename(self, src: str, dst: str) -> None:
+        """Atomically rename ``src`` to ``dst`` on the site.
+
+        Raises FileExistsError if ``dst`` exists, FileNotFoundError if ``src`` does not.
+        """
+
+    @abstractmethod
+    def remove(self, remote: str) -> None:
+        """Remove ``remote`` recursively; a missing path is fine."""
+
+    @abstractmethod
+    def exists(self, remote: str) -> bool:
+        """Return whether ``remote`` exists on the site.
+
+        A failure to find out raises TransferError: it never reads as "absent".
+        """
+
+    def close(self) -> None:
+        """Release the connection (idempotent)."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} site={self.endpoint.site} {self.endpoint.address}>"
+
+    # ----------------------------------------------------------------- derived helpers
+
+    def where(self, path: str | Path) -> str:
+        """Return ``site (host:port) path`` for error messages."""
+        return f"site {self.endpoint.site} ({self.endpoint.address}) {path}"
+
+    def fail(self, what: str, path: str | Path, reason: object, retryable: bool) -> TransferError:
+        """Build a TransferError for ``what`` on ``path`` with site, host and the reason."""
+        return TransferError(f"{what} {self.where(path)}: {reason}", retryable=retryable)
+
+    def stalled_error(self, what: str, path: str | Path) -> TransferError:
+        """Build the (retryable) error for a copy that made no progress."""
+        reason = f"stalled: no progress for {self.stall_timeout_s:g} s"
+        return self.fail(what, path, reason, retryable=True)
+
+
+_BACKENDS = {
+    "local": "cax.transport.local.LocalTransport",
+    "scp": "cax.transport.scp.ScpTransport",
+    "rsync": "cax.transport.rsync.RsyncTransport",
+}
+
+
+def open_transport(endpoint: Endpoint, **kwargs: object) -> Transport:
+    """Return a transport for ``endpoint.method``, importing its backend on first use.
+
+    Raises ConfigError naming the known methods if the method is unknown.
+    """
+    target = _BACKENDS.get(endpoint.method)
+    if target is None:
+        known = ", ".join(sorted(_BACKENDS))
+        raise ConfigError(
+            f"site {endpoint.site}: unknown transfer method {endpoint.method!r} (known: {known})"
+        )
+    module_name, class_name = target.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(endpoint, **kwargs)

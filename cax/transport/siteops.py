@@ -1,0 +1,128 @@
+"""Small filesystem operations run ON a site: prepare, stat, rename, remove, exists.
+
+The local backend imports these functions; the SSH backends send this file's source as
+``python3 -c SOURCE`` and the request as one JSON line on stdin, so no path from the runs DB
+ever passes through a remote shell.  Several operations go in one request (one round trip).
+
+This file must stay standard-library only and run on the oldest python3 a site may have
+(3.6): no ``from __future__`` imports, no subscripted builtin generics, no walrus.
+
+Request:  ``{"ops": [["prepare", "/p", "dir", false], ["stat", "/p"], ...]}``
+Reply:    ``{"results": [...]}``, or ``{"results": [...], "error": "...", "errno": N,
+"op": i}`` for the first operation that failed (later ones are not run).
+"""
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import stat
+import sys
+
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+
+
+def kind(path: str) -> str:
+    """Return "dir", "file", "other" or "missing" for ``path`` (symlinks are not followed)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "file" if stat.S_ISREG(mode) else "other"
+
+
+def exists(path: str) -> bool:
+    """Return whether ``path`` exists; errors other than "not there" propagate."""
+    return kind(path) != "missing"
+
+
+def remove(path: str) -> None:
+    """Remove ``path`` recursively; a missing path is fine."""
+    what = kind(path)
+    if what == "dir":
+        shutil.rmtree(path)
+    elif what != "missing":
+        os.unlink(path)
+
+
+def prepare(path: str, want: str, replace: bool) -> None:
+    """Create the parents of ``path``; clear ``path`` if ``replace`` or if it is not a ``want``.
+
+    Raises NotADirectoryError / FileExistsError when a parent is not a directory.
+    """
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    if kind(parent) != "dir":
+        os.makedirs(parent, exist_ok=True)
+    have = kind(path)
+    if have != "missing" and (replace or have != want):
+        remove(path)
+
+
+def stat_tree(path: str) -> dict:
+    """Return ``{"kind": ..., "size": total bytes, "files": count}``; FileNotFoundError if missing."""
+    info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        return {"kind": "file", "size": info.st_size, "files": 1}
+    size = files = 0
+    for root, _dirs, names in os.walk(path, onerror=_raise):
+        for name in names:
+            size += os.lstat(os.path.join(root, name)).st_size
+            files += 1
+    return {"kind": "dir", "size": size, "files": files}
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def rename(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` atomically, refusing to replace an existing ``dst``.
+
+    Uses renameat2(RENAME_NOREPLACE) where the kernel and filesystem have it, so the check and
+    the rename are one step; elsewhere falls back to check-then-rename.
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        renameat2 = None
+    if renameat2 is not None:
+        ret = renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE)
+        if ret == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), dst if err == errno.EEXIST else src)
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
+
+
+OPS = {"prepare": prepare, "stat": stat_tree, "rename": rename, "remove": remove, "exists": exists}
+
+
+def handle(request: dict) -> dict:
+    """Run the operations of one request in order, stopping at the first failure."""
+    results = []
+    for index, op in enumerate(request["ops"]):
+        try:
+            results.append(OPS[op[0]](*op[1:]))
+        except OSError as exc:
+            return {
+                "results": results, "op": index, "errno": exc.errno or 0,
+                "error": "%s: %s" % (exc.strerror or exc, exc.filename or op[1]),
+            }
+    return {"results": results}
+
+
+def main() -> None:
+    """Read one JSON request on stdin, write one JSON reply on stdout."""
+    reply = handle(json.loads(sys.stdin.readline()))
+    sys.stdout.write(json.dumps(reply) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Work that outlives one pass: transfers run in a small thread pool, so a slow copy never
+blocks the other tasks, and the next pass can start while it goes on."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+log = logging.getLogger(__name__)
+
+
+class Background:
+    """A bounded set of named jobs.  A job whose key is already running is not started twice."""
+
+    def __init__(self, max_workers: int):
+        self.max_workers = max_workers
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="cax-work")
+        self._running: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self.failures: list[str] = []
+
+    def busy(self, key: str) -> bool:
+        with self._lock:
+            return key in self._running
+
+    @property
+    def full(self) -> bool:
+        with self._lock:
+            return len(self._running) >= self.max_workers
+
+    def submit(self, key: str, fn: Callable[[], bool]) -> bool:
+        """Start ``fn`` under ``key`` unless it runs already or all workers are busy.
+
+        ``fn`` returns True on success; False or an exception counts as a failure.
+        """
+        with self._lock:
+            if key in self._running or len(self._running) >= self.max_workers:
+                return False
+            ctx = contextvars.copy_context()
+            future = self._pool.submit(ctx.run, fn)
+            self._running[key] = future
+        future.add_done_callback(lambda f, k=key: self._done(k, f))
+        return True
+
+    def _done(self, key: str, future: Future) -> None:
+        with self._lock:
+            self._running.pop(key, None)
+            exc = future.exception()
+            if exc is not None:
+                log.error("%s: unexpected error: %r", key, exc, exc_info=exc)
+                self.failures.append(f"{key}: {exc!r}")
+            elif future.result() is False:
+                self.failures.append(key)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until every running job has finished."""
+        with self._lock:
+            futures = list(self._running.values())
+        for future in futures:
+            try:
+                future.result(timeout)
+            except Exception:  # noqa: BLE001 - already recorded by _done
+                pass
+
+    def take_failures(self) -> list[str]:
+        with self._lock:
+            failures, self.failures = self.failures, []
+        return failures
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
