@@ -1,0 +1,94 @@
+"""Fixtures shared by every test: a runs DB, configurations, run documents.
+
+The runs DB is the embedded store in a temporary directory, or a real MongoDB server (a fresh
+database, dropped afterwards) when CAX_TEST_MONGODB_URI is set, so every query the tests
+exercise is also checked against a real server where one is available.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cax.config import load_config
+from cax.runsdb import open_runsdb
+from cax.tasks import Context
+
+REAL_MONGODB = os.environ.get("CAX_TEST_MONGODB_URI")
+REQUIRE_FIXTURES = os.environ.get("CAX_REQUIRE_FIXTURES") == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose real component is missing, unless CI requires every fixture."""
+    if REQUIRE_FIXTURES:
+        pytest.fail(f"required fixture missing: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def runsdb_uri(tmp_path: Path) -> Any:
+    """The runs DB location for one test, and its database name."""
+    if REAL_MONGODB:
+        name = f"cax_test_{uuid.uuid4().hex[:12]}"
+        yield REAL_MONGODB, name
+        db = open_runsdb(REAL_MONGODB, name)
+        db.client.drop_database(name)
+        db.close()
+    else:
+        yield f"file:{tmp_path / 'runsdb'}", "run"
+
+
+@pytest.fixture
+def runsdb(runsdb_uri: tuple[str, str]) -> Any:
+    db = open_runsdb(*runsdb_uri)
+    yield db
+    db.close()
+
+
+def make_run(number: int, *, name: str | None = None, start: dt.datetime | None = None,
+             data: list[dict] | None = None, **extra: Any) -> dict[str, Any]:
+    """A run document in the shape the DAQ writes."""
+    start = start or dt.datetime(2017, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(hours=number)
+    return {"number": number, "name": name or start.strftime("%y%m%d_%H%M"), "detector": "tpc",
+            "start": start, "tags": [], "data": data or [], **extra}
+
+
+def write_config(path: Path, sites: list[dict[str, Any]], **top: Any) -> Path:
+    """Write a cax.json in the object form and return its path."""
+    path.write_text(json.dumps({"sites": sites, **top}, indent=1))
+    return path
+
+
+@pytest.fixture
+def two_sites(tmp_path: Path, runsdb_uri: tuple[str, str]) -> Path:
+    """A config with two local sites, ``daq`` (holds raw data, pushes) and ``lab`` (pulls)."""
+    for d in ("daq/raw", "lab/raw", "lab/processed", "daq/processed"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    sites = [
+        {"name": "daq", "method": "local", "dir_raw": str(tmp_path / "daq/raw"),
+         "dir_processed": str(tmp_path / "daq/processed"), "data_type": ["raw"],
+         "upload_options": ["lab"], "reference_for": ["raw"]},
+        {"name": "lab", "method": "local", "dir_raw": str(tmp_path / "lab/raw"),
+         "dir_processed": str(tmp_path / "lab/processed"), "data_type": ["raw"],
+         "download_options": ["daq"]},
+    ]
+    return write_config(tmp_path / "cax.json", sites, runs_db=runsdb_uri[0],
+                        runs_db_name=runsdb_uri[1], sleep_seconds=0.1, lease_seconds=30)
+
+
+def make_context(config_path: Path, host: str, runsdb: Any, **kwargs: Any) -> Context:
+    """A task context for ``host``, sharing the test's runs DB connection."""
+    config = load_config(config_path, host)
+    from cax.cli import make_owner, run_selector
+    from cax.workers import Background
+
+    return Context(config=config, runsdb=runsdb, owner=make_owner(host),
+                   selector=run_selector(kwargs.pop("run", None), kwargs.pop("name", None),
+                                         config.datasets_wanted),
+                   background=Background(config.site.max_transfers), **kwargs)
