@@ -1,0 +1,5 @@
+"""Allow ``python -m cax``."""
+
+from cax.cli import main
+
+main()
