@@ -1,7 +1,8 @@
 """Benchmark cax.checksum.scan_dataset against a bare zlib.adler32 loop and coreutils sha256sum.
 
-Creates a run (20 files of os.urandom data, 20 x 50 MiB by default as in feasibility.md) in a temporary directory, reads it
-once to warm the page cache, then times the methods in alternating rounds and reports medians.
+Creates a run of os.urandom data (20 x 50 MiB by default, as in feasibility.md) in a temporary
+directory, reads it once to warm the page cache, then times the methods in alternating rounds and
+reports medians.
 The last line is ``ratio cax/adler32 <R>``: cax's throughput over the bare loop's (target >= 0.9).
 
     python bench/checksum.py [--size-mib 1000] [--files 20] [--rounds 3] [--dir /scratch]
