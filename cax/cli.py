@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -103,8 +104,15 @@ def run_selector(run: int | None, name: str | None, datasets: tuple[str, ...] | 
     return parts[0] if len(parts) == 1 else ({"$and": parts} if parts else {})
 
 
+def terminal_line(text: str) -> None:
+    """Redraw the one live progress line on stderr (a terminal only)."""
+    width = shutil.get_terminal_size().columns - 1
+    click.echo("\r\x1b[K" + text[:width], err=True, nl=False)
+
+
 def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool = False,
-                  run: int | None = None, name: str | None = None) -> Context:
+                  run: int | None = None, name: str | None = None,
+                  once: bool = False) -> Context:
     """Connect to the runs DB and assemble what the tasks need for this site."""
     runsdb = open_runsdb(config.runs_db, config.runs_db_name, config.runs_collection,
                          read_only=dry_run or no_db_update)
@@ -115,6 +123,8 @@ def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool =
         dry_run=dry_run,
         selector=run_selector(run, name, config.datasets_wanted),
         background=Background(config.site.max_transfers),
+        once=once,
+        console=terminal_line if sys.stderr.isatty() else None,
     )
 
 
@@ -152,7 +162,8 @@ def _daemon(once: bool, config_path: str, run: int | None, name: str | None, hos
     config = load_config(config_path, host)
     tasks = select_tasks(config.tasks_wanted)
     setup_logging(log_level, log_file)
-    ctx = build_context(config, dry_run=dry_run, no_db_update=no_db_update, run=run, name=name)
+    ctx = build_context(config, dry_run=dry_run, no_db_update=no_db_update, run=run, name=name,
+                        once=once)
     log.info("cax %s for site %s (%s), config %s%s", cax.__version__, config.site.name,
              ctx.owner, config.path, ", dry run" if dry_run else "")
     install_signal_handlers(ctx.stop)

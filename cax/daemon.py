@@ -118,6 +118,8 @@ class Daemon:
             if self.ctx.background is not None:
                 self.ctx.background.wait()
                 self.ctx.background.shutdown()
+            if self.ctx.transports is not None:
+                self.ctx.transports.close_all()
         log.info("stopped after %d pass(es)", self.passes)
         return 0
 

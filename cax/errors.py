@@ -66,6 +66,10 @@ class ChecksumMismatchError(CaxError):
         self.files = list(files)
 
 
+class LeaseLostError(CaxError):
+    """Another daemon took over work whose lease this daemon let expire; stop touching it."""
+
+
 class UnsafeNameError(CaxError):
     """A run name or location from the runs DB would escape the site's data directories."""
 

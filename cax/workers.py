@@ -20,6 +20,7 @@ class Background:
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="cax-work")
         self._running: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         self.failures: list[str] = []
 
     def busy(self, key: str) -> bool:
@@ -45,9 +46,15 @@ class Background:
         future.add_done_callback(lambda f, k=key: self._done(k, f))
         return True
 
+    def wait_for_slot(self) -> None:
+        """Block until a worker is free (``--once`` copies everything in one pass)."""
+        with self._freed:
+            self._freed.wait_for(lambda: len(self._running) < self.max_workers)
+
     def _done(self, key: str, future: Future) -> None:
         with self._lock:
             self._running.pop(key, None)
+            self._freed.notify_all()
             exc = future.exception()
             if exc is not None:
                 log.error("%s: unexpected error: %r", key, exc, exc_info=exc)

@@ -154,8 +154,8 @@ class RunsDB:
         Returns the claimed entry, or None if another daemon holds it or it changed state.
         ``conditions`` adds further conditions on the entry (e.g. a retry time that passed).
         """
-        match = _elem(key, status={"$in": list(statuses)}, lease_expires=_lease_free(now),
-                      **(conditions or {}))
+        match = _elem(key, **{"status": {"$in": list(statuses)},
+                              "lease_expires": _lease_free(now), **(conditions or {})})
         query = {"_id": run_id, "data": match}
         lease = {"lease_owner": owner, "lease_expires": now + dt.timedelta(seconds=lease_s),
                  "modified_time": now}

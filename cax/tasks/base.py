@@ -34,6 +34,10 @@ class Context:
     stop: threading.Event = field(default_factory=threading.Event)
     now: Callable[..., Any] = utcnow
     background: Any = None  # cax.workers.Background, for work that outlives one pass
+    once: bool = False  # one pass only: wait for a free transfer slot instead of skipping
+    console: Callable[[str], None] | None = None  # live progress line on a terminal, if any
+    transports: Any = None  # cax.transport.pool.TransportPool, made when first needed
+    board: Any = None  # cax.progress.ProgressBoard of the running copies
 
     @property
     def site(self) -> Site:

@@ -1,0 +1,179 @@
+"""CopyPush and CopyPull: distribute raw and processed data between sites.
+
+For each data type this site handles, CopyPush sends this site's good copies to the sites in
+``upload_options``, and CopyPull fetches good copies from the sites in ``download_options``
+(the first, in config order, that has one).  A destination needs a copy when it has no entry,
+an ``error`` entry whose retry is due, or a ``transferring`` entry whose lease expired.  The
+same conditions are the runs-DB query, so an idle pass fetches no runs.
+
+Copies run in the background workers (``max_transfers`` at once); the task only claims and
+schedules them, so a slow copy never holds up the other tasks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any, ClassVar
+
+from cax.config import Site
+from cax.errors import ConfigError
+from cax.progress import ProgressBoard
+from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
+from cax.schema import TRANSFER_METHODS
+from cax.tasks.base import Task
+from cax.tasks.copyjob import CopyJob, CopyPlan, retry_conditions
+from cax.transport.pool import TransportPool
+
+log = logging.getLogger(__name__)
+
+
+def _elem(key: EntryKey, **conditions: Any) -> dict[str, Any]:
+    return {"data": {"$elemMatch": {**key.match(), **conditions}}}
+
+
+def _as_utc(value: Any) -> Any:
+    return value.replace(tzinfo=dt.timezone.utc) if getattr(value, "tzinfo", 1) is None else value
+
+
+class CopyBase(Task):
+    """What CopyPush and CopyPull share: per-type keys, the "needs a copy" test, scheduling."""
+
+    push: ClassVar[bool]
+
+    def peers(self) -> list[Site]:
+        names = self.site.upload_options if self.push else self.site.download_options
+        peers = [self.ctx.config.get_site(name) for name in names]
+        return [p for p in peers if p.method in TRANSFER_METHODS]
+
+    def kinds(self) -> list[tuple[str, str | None]]:
+        """The (data type, version) pairs this site copies."""
+        kinds = []
+        for data_type in self.site.data_type:
+            version = self.site.processor_version if data_type == "processed" else None
+            if data_type == "processed" and not version:
+                raise ConfigError(f"site {self.site.name}: data_type 'processed' needs "
+                                  "'processor_version' to know which version to copy")
+            kinds.append((data_type, version))
+        return kinds
+
+    def needs_copy(self, key: EntryKey) -> list[dict[str, Any]]:
+        """Query parts: the destination ``key`` has no entry, a due retry, or a dead lease."""
+        now = self.ctx.now()
+        return [
+            {"data": {"$not": {"$elemMatch": key.match()}}},
+            _elem(key, status=ERROR, **retry_conditions(self.site, now)),
+            _elem(key, status=TRANSFERRING, lease_expires={"$lt": now}),
+        ]
+
+    def entry_needs_copy(self, entry: dict[str, Any] | None) -> bool:
+        """The same test as ``needs_copy``, on an entry already fetched."""
+        if entry is None:
+            return True
+        now = self.ctx.now()
+        status = entry.get("status")
+        if status == ERROR:
+            due = entry.get("next_attempt")
+            return entry.get("attempts", 0) < self.site.max_attempts and (
+                due is None or _as_utc(due) <= now)
+        expires = entry.get("lease_expires")
+        return status == TRANSFERRING and expires is not None and _as_utc(expires) < now
+
+    def too_old_to_keep(self, data_type: str) -> dict[str, Any] | None:
+        """Query part excluding raw runs this site would purge at once (pull only)."""
+        if self.push or data_type != "raw" or self.site.purge is None:
+            return None
+        return {"start": {"$gt": self.ctx.now() - dt.timedelta(days=self.site.purge)}}
+
+    def schedule(self, plan: CopyPlan) -> None:
+        """Claim the destination entry and hand the copy to a background worker."""
+        background = self.ctx.background
+        key = f"{plan.run_id}/{plan.dest_key}"
+        if background.busy(key):
+            return
+        if self.ctx.dry_run:
+            log.info("dry run: would copy %s", plan.describe())
+            return
+        if background.full:
+            if not self.ctx.once:
+                log.debug("all %d transfer slots busy; %s waits for the next pass",
+                          background.max_workers, plan.describe())
+                return
+            background.wait_for_slot()
+        if self.ctx.transports is None:
+            self.ctx.transports = TransportPool(self.site.stall_timeout)
+        if self.ctx.board is None:
+            self.ctx.board = ProgressBoard(self.ctx.console)
+        job = CopyJob(self.ctx, plan, self.ctx.transports, self.ctx.board)
+        if not job.claim():
+            log.debug("%s: claimed by another daemon", plan.describe())
+            return
+        background.submit(key, job.run)
+
+    def plan(self, run: dict[str, Any], data_type: str, version: str | None, source: Site,
+             source_entry: dict[str, Any], dest: Site) -> CopyPlan:
+        return CopyPlan(run["_id"], run_label(run), data_type, version, source, source_entry,
+                        dest, self.push)
+
+
+class CopyPush(CopyBase):
+    """Push this site's verified copies to the sites in ``upload_options``."""
+
+    push = True
+
+    def query(self) -> dict[str, Any] | None:
+        peers = self.peers()
+        if not peers:
+            return None
+        parts = []
+        for data_type, version in self.kinds():
+            here = EntryKey(self.site.name, data_type, version)
+            wanted = [q for p in peers for q in self.needs_copy(EntryKey(p.name, data_type,
+                                                                         version))]
+            parts.append({"$and": [_elem(here, status=TRANSFERRED), {"$or": wanted}]})
+        return {"$or": parts} if parts else None
+
+    def each_run(self, run: dict[str, Any]) -> None:
+        for data_type, version in self.kinds():
+            here = find_entry(run, EntryKey(self.site.name, data_type, version))
+            if not here or here.get("status") != TRANSFERRED:
+                continue
+            for peer in self.peers():
+                if self.entry_needs_copy(find_entry(run, EntryKey(peer.name, data_type,
+                                                                  version))):
+                    self.schedule(self.plan(run, data_type, version, self.site, here, peer))
+
+
+class CopyPull(CopyBase):
+    """Pull verified copies from the sites in ``download_options`` (first one that has it)."""
+
+    push = False
+
+    def query(self) -> dict[str, Any] | None:
+        peers = self.peers()
+        if not peers:
+            return None
+        parts = []
+        for data_type, version in self.kinds():
+            have = [_elem(EntryKey(p.name, data_type, version), status=TRANSFERRED)
+                    for p in peers]
+            here = EntryKey(self.site.name, data_type, version)
+            conditions = [{"$or": have}, {"$or": self.needs_copy(here)}]
+            age = self.too_old_to_keep(data_type)
+            parts.append({"$and": conditions + ([age] if age else [])})
+        return {"$or": parts} if parts else None
+
+    def each_run(self, run: dict[str, Any]) -> None:
+        for data_type, version in self.kinds():
+            here = find_entry(run, EntryKey(self.site.name, data_type, version))
+            if not self.entry_needs_copy(here):
+                continue
+            age = self.too_old_to_keep(data_type)
+            if age and _as_utc(run["start"]) <= age["start"]["$gt"]:
+                log.info("skipping download of raw data that would be purged at once")
+                continue
+            for peer in self.peers():
+                there = find_entry(run, EntryKey(peer.name, data_type, version))
+                if there and there.get("status") == TRANSFERRED:
+                    self.schedule(self.plan(run, data_type, version, peer, there, self.site))
+                    break
