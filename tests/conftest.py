@@ -65,6 +65,16 @@ def write_config(path: Path, sites: list[dict[str, Any]], **top: Any) -> Path:
     return path
 
 
+def edit_site(config: Path, name: str, **fields: Any) -> Path:
+    """Change keys of one site in a cax.json written by ``write_config``."""
+    data = json.loads(config.read_text())
+    for site in data["sites"]:
+        if site["name"] == name:
+            site.update(fields)
+    config.write_text(json.dumps(data, indent=1))
+    return config
+
+
 @pytest.fixture
 def two_sites(tmp_path: Path, runsdb_uri: tuple[str, str]) -> Path:
     """A config with two local sites, ``daq`` (holds raw data, pushes) and ``lab`` (pulls)."""

@@ -1,0 +1,213 @@
+"""CopyPush and CopyPull over a real OpenSSH server, with scp and rsync, raw and processed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import filecmp
+
+import pytest
+
+from cax.checksum import dataset_checksum, scan_dataset
+from cax.clock import utcnow
+from cax.daemon import Daemon
+from cax.paths import partial_path
+from cax.runsdb import ERROR, TRANSFERRED, EntryKey, find_entry
+from cax.tasks import CopyPull, CopyPush
+from tests.conftest import edit_site, make_context
+from tests.integration.conftest import make_dataset, register
+
+METHODS = ["scp", "rsync"]
+
+
+def trees_equal(a, b) -> bool:
+    return scan_dataset(a) == scan_dataset(b)
+
+
+def one_pass(config, host, runsdb, tasks=(CopyPush, CopyPull), **kwargs):
+    ctx = make_context(config, host, runsdb, once=True, **kwargs)
+    result = Daemon(ctx, list(tasks)).run_pass(wait_background=True)
+    if ctx.transports:
+        ctx.transports.close_all()
+    return result, ctx
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_push_raw_and_processed_registered_with_checksum(method, ssh_sites, runsdb, tmp_path):
+    config = ssh_sites(method)
+    raw = tmp_path / "daq/raw/170101_0100"
+    make_dataset(raw, files=5)
+    processed = tmp_path / "daq/processed/pax_v1/170101_0100.root"
+    processed.parent.mkdir(parents=True)
+    processed.write_bytes(b"processed" * 5000)
+    run_id = register(runsdb, 1, "daq", raw)
+    runsdb.add_entry(run_id, {"host": "daq", "type": "processed", "pax_version": "v1",
+                              "status": TRANSFERRED, "location": str(processed),
+                              "checksum": dataset_checksum(scan_dataset(processed))})
+    result, _ = one_pass(config, "daq", runsdb)
+    assert result.failed == 0, result.last_error
+    run = runsdb.find_run(run_id)
+    copy = find_entry(run, EntryKey("remote", "raw"))
+    assert copy["status"] == TRANSFERRED
+    assert copy["checksum"] == find_entry(run, EntryKey("daq", "raw"))["checksum"]
+    assert copy["size"] == 5 * 100_000 and copy["file_count"] == 5
+    assert copy["location"] == str(tmp_path / "remote/raw/170101_0100")
+    assert trees_equal(raw, copy["location"])
+    proc_copy = find_entry(run, EntryKey("remote", "processed", "v1"))
+    assert proc_copy["status"] == TRANSFERRED
+    assert proc_copy["location"] == str(tmp_path / "remote/processed/pax_v1/170101_0100.root")
+    assert filecmp.cmp(processed, proc_copy["location"], shallow=False)
+    assert runsdb.find_manifest(run_id, EntryKey("remote", "raw")) == scan_dataset(raw)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pull_raw_from_remote_without_recorded_manifest(method, ssh_sites, runsdb, tmp_path):
+    config = ssh_sites(method)
+    raw = tmp_path / "remote/raw/170101_0200"
+    make_dataset(raw, files=4)
+    run_id = register(runsdb, 2, "remote", raw, manifest=False)
+    result, _ = one_pass(config, "lab", runsdb)
+    assert result.failed == 0, result.last_error
+    copy = find_entry(runsdb.find_run(run_id), EntryKey("lab", "raw"))
+    assert copy["status"] == TRANSFERRED and copy["source"] == "remote"
+    assert trees_equal(raw, copy["location"])
+    assert not (tmp_path / "lab/raw" / ".170101_0200.cax-partial").exists()
+
+
+def test_pull_skips_raw_older_than_purge(ssh_sites, runsdb, tmp_path):
+    config = edit_site(ssh_sites("rsync"), "lab", purge=10)
+    raw = tmp_path / "remote/raw/170101_0300"
+    make_dataset(raw, files=1)
+    run_id = register(runsdb, 3, "remote", raw, start=utcnow() - dt.timedelta(days=11))
+    one_pass(config, "lab", runsdb)
+    assert find_entry(runsdb.find_run(run_id), EntryKey("lab", "raw")) is None
+
+
+def test_flipped_byte_at_destination_is_detected_not_registered(ssh_sites, runsdb, tmp_path,
+                                                                 monkeypatch):
+    config = ssh_sites("rsync")
+    raw = tmp_path / "daq/raw/170101_0400"
+    make_dataset(raw, files=3)
+    run_id = register(runsdb, 4, "daq", raw)
+    from cax.transport.rsync import RsyncTransport
+
+    real_put = RsyncTransport.put
+
+    def corrupting_put(self, local, remote, progress=None):
+        got = real_put(self, local, remote, progress)
+        victim = sorted(p for p in (tmp_path / "remote/raw").rglob("*.zip"))[0]
+        data = bytearray(victim.read_bytes())
+        data[1234] ^= 0x01
+        victim.write_bytes(bytes(data))
+        return got
+
+    monkeypatch.setattr(RsyncTransport, "put", corrupting_put)
+    result, _ = one_pass(config, "daq", runsdb)
+    entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
+    assert entry["status"] == ERROR and "differ" in entry["error"]
+    assert not (tmp_path / "remote/raw/170101_0400").exists()
+    assert result.failed == 1
+    monkeypatch.setattr(RsyncTransport, "put", real_put)
+    later = utcnow() + dt.timedelta(hours=1)
+    one_pass(config, "daq", runsdb, now=lambda: later)
+    entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
+    assert entry["status"] == TRANSFERRED and entry["attempts"] == 2
+    assert trees_equal(raw, entry["location"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unknown_host_key_refused_with_clear_message(method, ssh_sites, runsdb, tmp_path):
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    config = ssh_sites(method, known_hosts=str(empty))
+    raw = tmp_path / "daq/raw/170101_0500"
+    make_dataset(raw, files=1)
+    run_id = register(runsdb, 5, "daq", raw)
+    one_pass(config, "daq", runsdb)
+    entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
+    assert entry["status"] == ERROR
+    assert "host key" in entry["error"]
+    assert entry["attempts"] >= 5 and entry["next_attempt"] is None  # stuck: retrying won't help
+    assert not any((tmp_path / "remote/raw").iterdir())
+
+
+def test_permission_denied_at_destination(ssh_sites, runsdb, tmp_path):
+    config = ssh_sites("scp")
+    raw = tmp_path / "daq/raw/170101_0600"
+    make_dataset(raw, files=1)
+    run_id = register(runsdb, 6, "daq", raw)
+    (tmp_path / "remote/raw").rmdir()
+    (tmp_path / "remote/raw").write_text("not a directory")  # root ignores mode bits
+    one_pass(config, "daq", runsdb)
+    entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
+    assert entry["status"] == ERROR
+    assert "Not a directory" in entry["error"] or "ermission" in entry["error"]
+
+
+def test_sshd_down_then_back_error_retried_completes(ssh_sites, runsdb, tmp_path, sshd):
+    config = ssh_sites("rsync")
+    raw = tmp_path / "daq/raw/170101_0700"
+    make_dataset(raw, files=2)
+    run_id = register(runsdb, 7, "daq", raw)
+    sshd.stop()
+    try:
+        one_pass(config, "daq", runsdb)
+    finally:
+        sshd.start()
+    entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
+    assert entry["status"] == ERROR and entry["attempts"] == 1
+    assert entry["next_attempt"] > utcnow()  # backoff, not an immediate retry
+    one_pass(config, "daq", runsdb)  # not yet due: nothing happens
+    assert find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))["status"] == ERROR
+    later = utcnow() + dt.timedelta(hours=1)
+    one_pass(config, "daq", runsdb, now=lambda: later)
+    entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
+    assert entry["status"] == TRANSFERRED and entry["attempts"] == 2
+
+
+def test_stuck_after_max_attempts_is_not_retried(ssh_sites, runsdb, tmp_path, sshd):
+    config = edit_site(ssh_sites("scp"), "daq", max_attempts=2)
+    raw = tmp_path / "daq/raw/170101_0800"
+    make_dataset(raw, files=1)
+    run_id = register(runsdb, 8, "daq", raw)
+    sshd.stop()
+    try:
+        for hours in (0, 1, 2, 3):
+            later = utcnow() + dt.timedelta(hours=hours)
+            one_pass(config, "daq", runsdb, now=lambda later=later: later)
+    finally:
+        sshd.start()
+    entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
+    assert entry["status"] == ERROR and entry["attempts"] == 2 and entry["next_attempt"] is None
+
+
+def test_partial_name_used_and_final_path_only_after_verification(ssh_sites, runsdb, tmp_path,
+                                                                   monkeypatch):
+    config = ssh_sites("rsync")
+    raw = tmp_path / "daq/raw/170101_0900"
+    make_dataset(raw, files=2)
+    register(runsdb, 9, "daq", raw)
+    seen = {}
+    from cax.transport.rsync import RsyncTransport
+
+    real_manifest = RsyncTransport.manifest
+
+    def spy(self, remote):
+        final = str(tmp_path / "remote/raw/170101_0900")
+        seen[remote] = (tmp_path / "remote/raw/170101_0900").exists()
+        assert remote == partial_path(final)
+        return real_manifest(self, remote)
+
+    monkeypatch.setattr(RsyncTransport, "manifest", spy)
+    one_pass(config, "daq", runsdb)
+    assert list(seen.values()) == [False]
+    assert (tmp_path / "remote/raw/170101_0900").is_dir()
+
+
+def test_progress_shown_on_a_terminal(ssh_sites, runsdb, tmp_path):
+    config = ssh_sites("scp")
+    raw = tmp_path / "daq/raw/170101_1000"
+    make_dataset(raw, files=3, size=2_000_000)
+    register(runsdb, 10, "daq", raw)
+    lines: list[str] = []
+    one_pass(config, "daq", runsdb, console=lines.append)
+    assert any("ETA" in line and "B/s" in line and "->remote [" in line for line in lines), lines
