@@ -15,7 +15,7 @@ from tests.conformance.conftest import sshd  # noqa: F401 - re-exported fixture
 from tests.conftest import make_run, write_config
 
 
-def make_dataset(path: Path, files: int = 3, size: int = 100_000, seed: int = 0) -> None:
+def make_dataset(path: Path, files: int = 3, size: int = 100_000) -> None:
     """Write ``files`` random files (one nested) under ``path``."""
     path.mkdir(parents=True, exist_ok=True)
     for i in range(files):

@@ -1,0 +1,124 @@
+"""A daemon killed mid-transfer loses nothing; two daemons of one site never copy twice."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cax.checksum import scan_dataset
+from cax.clock import utcnow
+from cax.daemon import Daemon
+from cax.paths import partial_path
+from cax.runsdb import TRANSFERRED, EntryKey, find_entry
+from cax.tasks import CopyPull, CopyPush
+from tests.conftest import edit_site, make_context
+from tests.integration.conftest import make_dataset, register
+
+
+def start_daemon(config, host, tmp_path, *extra):
+    log = open(tmp_path / f"{host}-{time.monotonic_ns()}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "cax", "--once", "--config", str(config),
+                             "--host", host, "--log", "debug", *extra],
+                            stdout=log, stderr=log, start_new_session=True), log.name
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["rsync", "scp"])
+def test_kill_9_mid_transfer_then_new_pass_completes(method, ssh_sites, runsdb, sshd,
+                                                      tmp_path):
+    config = ssh_sites(method)
+    raw = tmp_path / "daq/raw/170102_0100"
+    make_dataset(raw, files=12, size=4_000_000)
+    run_id = register(runsdb, 1, "daq", raw)
+    final = tmp_path / "remote/raw/170102_0100"
+    partial = tmp_path / "remote/raw" / os.path.basename(partial_path(str(final)))
+
+    daemon, log = start_daemon(config, "daq", tmp_path)
+    try:
+        wait_for(lambda: partial.exists() and any(p.is_file() for p in partial.rglob("*")),
+                 30, "bytes to arrive at the partial copy")
+        with sshd.frozen_sessions():  # hold the copy mid-way, then kill the daemon
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait(10)
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+
+    entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
+    assert entry["status"] != TRANSFERRED, open(log).read()[-2000:]
+    assert not final.exists()  # nothing unverified under the final name
+
+    # Before the lease expires nobody may take the copy over...
+    ctx = make_context(config, "daq", runsdb, once=True)
+    Daemon(ctx, [CopyPush]).run_pass(wait_background=True)
+    assert find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))["status"] != \
+        TRANSFERRED
+    # ...after it, the next pass does, and completes the copy.
+    later = utcnow() + dt.timedelta(seconds=60)
+    ctx = make_context(config, "daq", runsdb, once=True, now=lambda: later)
+    result = Daemon(ctx, [CopyPush]).run_pass(wait_background=True)
+    ctx.transports.close_all()
+    entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
+    assert result.failed == 0, result.last_error
+    assert entry["status"] == TRANSFERRED and entry["attempts"] == 2
+    assert scan_dataset(final) == scan_dataset(raw)
+    assert not partial.exists()
+
+
+@pytest.mark.timeout(180)
+def test_two_daemons_of_one_site_racing_copy_each_run_once(ssh_sites, runsdb, tmp_path):
+    config = edit_site(ssh_sites("rsync"), "lab", max_transfers=3)
+    for n in range(50):
+        path = tmp_path / f"remote/raw/170103_{n:04d}"
+        make_dataset(path, files=2, size=5_000)
+        register(runsdb, 100 + n, "remote", path, manifest=n % 2 == 0)
+
+    daemons = [start_daemon(config, "lab", tmp_path) for _ in range(2)]
+    for proc, log in daemons:
+        assert proc.wait(150) == 0, open(log).read()[-3000:]
+    copies = [line for _, log in daemons for line in open(log)
+              if "transferred and verified" in line]
+    assert len(copies) == 50
+    for run in runsdb.find_runs({}):
+        entry = find_entry(run, EntryKey("lab", "raw"))
+        assert entry["status"] == TRANSFERRED and entry["attempts"] == 1
+        assert scan_dataset(entry["location"]) == \
+            scan_dataset(find_entry(run, EntryKey("remote", "raw"))["location"])
+    both = [sum("transferred and verified" in line for line in open(log)) for _, log in daemons]
+    assert all(both), f"one daemon did all the work: {both}"  # they really raced
+
+
+def test_idle_pass_round_trips_do_not_grow_with_runs(two_sites, runsdb):
+    """An idle pass costs a fixed number of runs-DB round trips, whatever the number of runs."""
+    from tests.conftest import make_run
+
+    def idle_pass_cost(count: int, first: int) -> int:
+        runsdb.insert_runs([make_run(first + i, data=[
+            {"host": "daq", "type": "raw", "status": TRANSFERRED, "location": "/x"},
+            {"host": "lab", "type": "raw", "status": TRANSFERRED, "location": "/y"}])
+            for i in range(count)])
+        from cax.tasks import TASKS
+
+        ctx = make_context(two_sites, "lab", runsdb, once=True)
+        before = runsdb.round_trips
+        Daemon(ctx, list(TASKS)).run_pass(wait_background=True)
+        return runsdb.round_trips - before
+
+    small = idle_pass_cost(100, 0)
+    large = idle_pass_cost(9_900, 100)  # 10,000 runs in all
+    print(f"idle pass round trips: {small} at 100 runs, {large} at 10,000 runs")
+    assert large == small
+    assert large <= 25
