@@ -30,7 +30,6 @@ from cax.checksum import Manifest, checksum_kind, dataset_checksum, diff_manifes
     legacy_dirhash, scan_dataset
 from cax.config import Site
 from cax.errors import CaxError, ChecksumMismatchError, LeaseLostError, TransferError
-from cax.logcontext import log_context
 from cax.paths import checked_location, dataset_path, partial_path
 from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, VERIFYING, EntryKey
@@ -163,19 +162,18 @@ class CopyJob:
 
     def run(self) -> bool:
         """Do the claimed copy; record the outcome in the runs DB; return whether it succeeded."""
-        with log_context():
-            try:
-                with LeaseKeeper(self.ctx, self.plan.run_id, self.plan.dest_key) as keeper:
-                    self._copy_verify_register(keeper)
-                return True
-            except LeaseLostError as exc:
-                log.warning("%s: %s; leaving it to the new owner", self.plan.route(), exc)
-            except (CaxError, OSError) as exc:
-                self._record_failure(exc)
-            except Exception as exc:  # noqa: BLE001 - a bug must not leave a claim dangling
-                log.exception("%s: unexpected error", self.plan.route())
-                self._record_failure(exc)
-            return False
+        try:
+            with LeaseKeeper(self.ctx, self.plan.run_id, self.plan.dest_key) as keeper:
+                self._copy_verify_register(keeper)
+            return True
+        except LeaseLostError as exc:
+            log.warning("%s: %s; leaving it to the new owner", self.plan.route(), exc)
+        except (CaxError, OSError) as exc:
+            self._record_failure(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave a claim dangling
+            log.exception("%s: unexpected error", self.plan.route())
+            self._record_failure(exc)
+        return False
 
     def _copy_verify_register(self, keeper: LeaseKeeper) -> None:
         plan = self.plan
