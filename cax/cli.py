@@ -182,7 +182,7 @@ def demo(directory: str, runs: int) -> int:
     """Create a self-contained example with two local sites and run cax on it."""
     from cax.demo import run_demo
 
-    setup_logging("warning", None)
+    setup_logging("info", None)
     for line in run_demo(Path(directory), runs):
         click.echo(line)
     return 0

@@ -6,6 +6,7 @@ reference in README.rst, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,3 +106,25 @@ TOP_KEYS: tuple[Key, ...] = (
         items="str"),
     Key("dataset_list", ("list", "null"), None, "Only these run names are handled.", items="str"),
 )
+
+
+def _rst_table(keys: tuple[Key, ...]) -> str:
+    header = ("Key", "Type", "Default", "Meaning")
+    rows = []
+    for key in keys:
+        doc = key.doc.replace("`", "``")
+        if key.choices:
+            doc += " One of: " + ", ".join(key.choices) + "."
+        default = "required" if key.required else json.dumps(key.default)
+        rows.append((f"``{key.name}``", " or ".join(key.types), default, doc))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule, "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), rule]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([*lines, rule])
+
+
+def reference_rst() -> str:
+    """Return the configuration reference of README.rst (a test keeps the two identical)."""
+    return (f"Top-level keys (object form):\n\n{_rst_table(TOP_KEYS)}\n\n"
+            f"Site keys:\n\n{_rst_table(SITE_KEYS)}\n")
