@@ -1,0 +1,36 @@
+"""README.rst documents what the code does: its configuration reference is the schema's."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from cax.schema import reference_rst
+
+README = Path(__file__).resolve().parents[2] / "README.rst"
+BEGIN, END = ".. BEGIN CONFIG REFERENCE\n\n", "\n.. END CONFIG REFERENCE"
+
+
+def update_readme() -> None:
+    """Rewrite the reference section from the schema (run this module as a script)."""
+    text = README.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    README.write_text(text[:start] + reference_rst() + text[end:])
+
+
+def test_readme_config_reference_matches_schema():
+    text = README.read_text()
+    section = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
+    assert section == reference_rst(), "run: python tests/unit/test_readme.py"
+
+
+def test_readme_names_every_task():
+    from cax.tasks import TASKS
+
+    text = README.read_text()
+    for task in TASKS:
+        assert re.search(rf"``{task.name}``", text), task.name
+
+
+if __name__ == "__main__":
+    update_readme()
