@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from cax.checksum import Manifest
 from cax.errors import ConfigError, TransferError
+from cax.transport import siteops
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,11 @@ Progress = Callable[[int], None]
 
 TIMEOUT_BASE_S = 600.0
 TIMEOUT_PER_MB_S = 2.0
+PERMANENT_ERROR_RE = re.compile(
+    r"Permission denied|Operation not permitted|No such file or directory|Not a directory"
+    r"|Is a directory|Read-only file system|File exists"
+)
+"""Filesystem errors in a tool's message that trying again will not fix."""
 REMOTE_OP_TIMEOUT_S = 300.0
 """Small site-side commands (rename, remove, exists); a manifest also gets a per-MB allowance."""
 
@@ -176,6 +183,13 @@ class Transport(ABC):
     def fail(self, what: str, path: str | Path, reason: object, retryable: bool) -> TransferError:
         """Build a TransferError for ``what`` on ``path`` with site, host and the reason."""
         return TransferError(f"{what} {self.where(path)}: {reason}", retryable=retryable)
+
+    def stat_source(self, local: Path, what: str) -> dict:
+        """Return ``{"kind", "size", "files"}`` of a local source; missing is not retryable."""
+        try:
+            return siteops.stat_tree(str(local))
+        except OSError as exc:
+            raise self.fail(what, local, f"source: {exc.strerror or exc}", retryable=False) from exc
 
     def stalled_error(self, what: str, path: str | Path) -> TransferError:
         """Build the (retryable) error for a copy that made no progress."""

@@ -1,0 +1,293 @@
+"""Transport with the real rsync over OpenSSH.
+
+Fastest method measured here (feasibility §2: rsync with aes128-gcm ~530 MB/s on loopback), and
+the only one that resumes: ``--partial`` keeps a half-copied file under its final name, and the
+next attempt reuses it as the delta basis (files already complete are skipped by size and
+mtime).  ``--append-verify`` was not chosen: it silently skips any destination file that is as
+long as the source, which turns a corrupt copy into a "complete" one until verification.
+
+One OpenSSH ControlMaster per transport object (socket in a private temp dir) carries rsync and
+the small site commands (prepare, rename, remove, exists, manifest), so each costs no new SSH
+handshake.  If the master is gone, ``ControlMaster=no`` clients fall back to a direct connection,
+and the next call starts a new master.
+
+Paths never pass through a shell: rsync gets ``--secluded-args`` (``-s``), and site commands
+read their path as JSON on stdin.  The ``-e`` string is built only from config values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections import deque
+from contextlib import ExitStack
+from pathlib import Path
+
+from cax import proc
+from cax.checksum import REMOTE_MANIFEST_SCRIPT, Manifest, parse_remote_manifest
+from cax.errors import CommandError, TransferError
+from cax.transport import siteops, ssh
+from cax.transport.base import (
+    PERMANENT_ERROR_RE, REMOTE_OP_TIMEOUT_S, Progress, StallWatch, Transport, transfer_timeout_s,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST_TIMEOUT_S = 4 * 3600.0
+PROGRESS_PERIOD_S = 1.0  # rsync prints progress about once a second, not per block
+RETRYABLE_EXITS = {10, 12, 20, 24, 30, 35, 255}
+_PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
+
+
+class RsyncTransport(Transport):
+    """Copy datasets with rsync over OpenSSH, sharing one SSH connection per transport."""
+
+    def __init__(self, endpoint, *, stall_timeout_s: float = 60.0):  # noqa: ANN001
+        super().__init__(endpoint, stall_timeout_s=stall_timeout_s)
+        self._host = ssh.destination_host(endpoint)
+        self._dir = tempfile.mkdtemp(prefix="cax-ssh-")  # 0700; socket paths must be short
+        self._control = os.path.join(self._dir, "cm")
+        self._master = ExitStack()
+        self._master_proc = None
+
+    # ---------------------------------------------------------------- data
+
+    def put(self, local: Path, remote: str, progress: Progress | None = None) -> Manifest | None:
+        local = Path(local).absolute()
+        info = self.stat_source(local, "put")
+        self._siteop("put", remote, ["prepare", remote, info["kind"], False])
+        slash = "/" if info["kind"] == "dir" else ""
+        self._rsync("put", remote, f"{local}{slash}", self._remote_arg(remote) + slash,
+                    info, progress)
+        return None
+
+    def get(self, remote: str, local: Path, progress: Progress | None = None) -> Manifest | None:
+        local = Path(local).absolute()
+        (info,) = self._siteop("get", remote, ["stat", remote])
+        try:
+            siteops.prepare(str(local), info["kind"], False)
+        except OSError as exc:
+            raise ssh.oserror_to_transfer(self.endpoint, "get to", str(local), exc) from exc
+        slash = "/" if info["kind"] == "dir" else ""
+        self._rsync("get", remote, self._remote_arg(remote) + slash, f"{local}{slash}",
+                    info, progress)
+        return None
+
+    def _remote_arg(self, remote: str) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{host}:{remote}"
+
+    def _rsync(self, what: str, remote: str, src: str, dst: str, info: dict,
+               progress: Progress | None) -> None:
+        """Run one rsync, forwarding progress and aborting it when it stalls."""
+        self._ensure_master()
+        argv = [
+            "rsync", "-a", "--partial", "-s", "--info=progress2", "--outbuf=N",
+            f"--timeout={max(1, math.ceil(self.stall_timeout_s))}",
+            "-e", shlex.join(["ssh", *ssh.openssh_options(self.endpoint, self._control)]),
+        ]
+        if info["kind"] == "dir":
+            argv.append("--delete")  # the result must be exactly the source
+        argv += ["--", src, dst]
+        watch = StallWatch(self.stall_timeout_s + PROGRESS_PERIOD_S, progress)
+        limit_s = transfer_timeout_s(info["size"])
+        with proc.popen(argv, merge_stderr=True) as child:
+            reader = _OutputReader(child.stdout)
+            try:
+                error = self._follow(child, reader, watch, limit_s, what, remote)
+            finally:
+                if child.poll() is None or child.returncode != 0:
+                    # rsync's ssh handed our output pipe to the ControlMaster (fd passing):
+                    # only ending the master closes it when the peer hangs
+                    self._stop_master()
+                _drain(child, reader)
+            reader.forward(watch)
+        if error:
+            raise error
+        if child.returncode != 0:
+            raise self._rsync_error(what, remote, child.returncode, reader.tail)
+
+    def _follow(self, child, reader: _OutputReader, watch: StallWatch, limit_s: float,  # noqa: ANN001
+                what: str, remote: str) -> TransferError | None:
+        """Forward progress until rsync exits; return the error if it stalls or runs too long."""
+        started = time.monotonic()
+        while child.poll() is None:
+            time.sleep(0.1)
+            reader.forward(watch)
+            error = None
+            if watch.stalled():
+                error = self.stalled_error(what, remote)
+            elif time.monotonic() - started > limit_s:
+                error = self.fail(what, remote, f"rsync timed out after {limit_s:g} s", True)
+            if error:
+                _kill_group(child, signal.SIGTERM)
+                return error
+        return None
+
+    def _rsync_error(self, what: str, remote: str, code: int, tail: deque) -> TransferError:
+        text = "\n".join(tail)
+        known = ssh.classify_ssh_stderr(self.endpoint, text)
+        if known:
+            return TransferError(known[0], retryable=known[1])
+        if code == 30:
+            return self.stalled_error(what, remote)
+        lines = [line.strip() for line in tail if line.strip()] or ["no output"]
+        # rsync ends with a generic "rsync error: ... (code N)"; the cause is the line before
+        cause = next((x for x in reversed(lines) if not x.startswith("rsync error:")), lines[-1])
+        permanent = PERMANENT_ERROR_RE.search(text)
+        retryable = code in RETRYABLE_EXITS or (code in (11, 23) and not permanent)
+        return self.fail(what, remote, f"rsync exited with {code}: {cause}", retryable)
+
+    # ---------------------------------------------------------------- site operations
+
+    def manifest(self, remote: str) -> Manifest:
+        request = json.dumps({"path": remote}) + "\n"
+        result = self._python(REMOTE_MANIFEST_SCRIPT, request, MANIFEST_TIMEOUT_S, remote)
+        if result.returncode not in (0, 1) or not result.stdout.strip():
+            raise self._command_error("manifest of", remote, result.returncode, result.stderr)
+        return parse_remote_manifest(result.stdout)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._siteops(["rename", src, dst], path=src)
+
+    def remove(self, remote: str) -> None:
+        self._siteops(["remove", remote], path=remote)
+
+    def exists(self, remote: str) -> bool:
+        return self._siteops(["exists", remote], path=remote)[0]
+
+    def _siteop(self, what: str, path: str, *ops: list) -> list:
+        try:
+            return self._siteops(*ops, path=path)
+        except OSError as exc:
+            raise ssh.oserror_to_transfer(self.endpoint, what, path, exc) from exc
+
+    def _siteops(self, *ops: list, path: str) -> list:
+        result = self._python(ssh.SITEOPS_SOURCE, ssh.siteops_request(*ops), REMOTE_OP_TIMEOUT_S, path)
+        if result.returncode != 0 or not result.stdout.strip():
+            raise self._command_error(ops[0][0], path, result.returncode, result.stderr)
+        return ssh.siteops_results(result.stdout)
+
+    def _python(self, script: str, stdin: str, timeout_s: float, path: str):  # noqa: ANN202
+        """Run ``script`` with the site's python3 over the shared connection.
+
+        The master holds our pipes while the command runs (fd passing), so a hung command is
+        only cut loose by ending the master: a timer does that at the time limit.
+        """
+        self._ensure_master()
+        argv = ["ssh", *ssh.openssh_options(self.endpoint, self._control), self._host,
+                ssh.python_command(self.endpoint, script)]
+        timer = threading.Timer(timeout_s, self._kill_master)
+        timer.start()
+        try:
+            result = proc.run(argv, input=stdin, timeout=timeout_s, check=False, host=self._host)
+        except CommandError as exc:  # timeout, or no ssh binary
+            raise self.fail("run command for", path, exc, retryable=True) from exc
+        finally:
+            timer.cancel()
+        if result.returncode == 255:
+            self._stop_master()  # the connection failed: start afresh next time
+        return result
+
+    def _command_error(self, what: str, path: str, code: int, stderr: str) -> TransferError:
+        known = ssh.classify_ssh_stderr(self.endpoint, stderr)
+        if known:
+            return TransferError(known[0], retryable=known[1])
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
+        tool = "ssh" if code == 255 else self.endpoint.remote_python
+        return self.fail(what, path, f"{tool} exited with {code}: {last}", retryable=code == 255)
+
+    # ---------------------------------------------------------------- connection
+
+    def _ensure_master(self) -> None:
+        """Start the ControlMaster unless it runs; raise TransferError if it cannot connect."""
+        if self._master_proc is not None and self._master_proc.poll() is None:
+            return
+        self._stop_master()
+        if os.path.lexists(self._control):
+            os.unlink(self._control)  # stale socket of a killed master
+        argv = ["ssh", *ssh.openssh_options(self.endpoint), "-N", "-o", "ControlMaster=yes",
+                "-o", f"ControlPath={self._control}", "-o", "ControlPersist=no", self._host]
+        child = self._master.enter_context(proc.popen(argv))
+        deadline = time.monotonic() + self.endpoint.connect_timeout_s + 5
+        while not os.path.exists(self._control):  # the socket appears once logged in
+            if child.poll() is not None or time.monotonic() > deadline:
+                if child.poll() is None:
+                    child.kill()
+                code, stderr = child.wait(), child.stderr.read()
+                self._master.close()
+                raise self._command_error("connect to", "", code or 255, stderr)
+            time.sleep(0.01)
+        self._master_proc = child
+
+    def _kill_master(self) -> None:
+        """Signal the master to die now (safe from another thread)."""
+        master = self._master_proc
+        if master is not None and master.poll() is None:
+            master.kill()
+
+    def _stop_master(self) -> None:
+        self._kill_master()
+        self._master.close()
+        self._master_proc = None
+
+    def close(self) -> None:
+        self._stop_master()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class _OutputReader(threading.Thread):
+    """Read rsync's merged output: progress totals, plus the last lines for error messages."""
+
+    def __init__(self, stream):  # noqa: ANN001 - text stream; universal newlines split on \r
+        super().__init__(name="cax-rsync-output", daemon=True)
+        self.stream, self.total, self.messages = stream, 0, 0
+        self.tail: deque[str] = deque(maxlen=25)
+        self._sent_total, self._sent_messages = 0, 0
+        self.start()
+
+    def run(self) -> None:
+        for line in self.stream:
+            match = _PROGRESS.match(line)
+            if match:
+                self.total = max(self.total, int(match.group(1).replace(",", "")))
+            elif line.strip():
+                self.tail.append(line.rstrip())
+                self.messages += 1
+
+    def forward(self, watch: StallWatch) -> None:
+        """Pass new bytes (or, failing that, new messages as signs of life) to ``watch``."""
+        total, messages = self.total, self.messages
+        if total > self._sent_total:
+            watch.add(total - self._sent_total)
+        elif messages != self._sent_messages:
+            watch.alive()
+        self._sent_total, self._sent_messages = total, messages
+
+
+def _kill_group(child, sig: int) -> None:  # noqa: ANN001 - a Popen from proc.popen
+    try:
+        os.killpg(child.pid, sig)  # proc.popen starts each command in its own session
+    except ProcessLookupError:
+        pass
+
+
+def _drain(child, reader: _OutputReader) -> None:  # noqa: ANN001 - a Popen
+    """Wait for rsync's output to end; kill what is left of its process group if it does not.
+
+    proc.popen only cleans up a group whose leader still runs, and closing the stream while the
+    reader thread is blocked on it would deadlock.
+    """
+    reader.join(5)
+    if reader.is_alive():
+        _kill_group(child, signal.SIGKILL)
+        reader.join(5)

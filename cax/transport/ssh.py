@@ -1,0 +1,203 @@
+"""SSH plumbing shared by the scp (paramiko) and rsync (OpenSSH) backends.
+
+Both backends must refuse unknown host keys unless the site opted in, never compress, prefer
+AES-GCM (the biggest throughput lever on these machines), bound every wait, and run site-side
+helper scripts with the request on stdin so that no path from the runs DB passes through a
+remote shell.  This module builds those settings once from an ``Endpoint`` and turns SSH
+failures into ``TransferError`` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import socket
+from pathlib import Path
+
+import paramiko
+
+from cax.errors import ConfigError, TransferError
+from cax.transport import siteops
+from cax.transport.base import Endpoint
+
+log = logging.getLogger(__name__)
+
+SERVER_ALIVE_INTERVAL_S = 15
+SERVER_ALIVE_COUNT = 4
+WINDOW_BYTES = 2**27  # paramiko: a big window keeps reads streaming (feasibility §2)
+MAX_PACKET_BYTES = 2**18
+SITEOPS_SOURCE = Path(siteops.__file__).read_text()
+
+
+def destination_host(ep: Endpoint) -> str:
+    """Return the endpoint's hostname, refusing values ssh would read as options."""
+    if not ep.hostname or ep.hostname.startswith("-") or any(c.isspace() for c in ep.hostname):
+        raise ConfigError(f"site {ep.site}: invalid hostname {ep.hostname!r} for {ep.method}")
+    return ep.hostname
+
+
+def openssh_options(ep: Endpoint, control_path: str | None = None) -> list[str]:
+    """Return OpenSSH client options (everything between ``ssh`` and the host)."""
+    opts = ["-p", str(ep.port)]
+    if ep.username:
+        opts += ["-l", ep.username]
+    if ep.key_file:
+        opts += ["-i", ep.key_file, "-o", "IdentitiesOnly=yes"]
+    checking = "accept-new" if ep.accept_new_host_keys else "yes"
+    for option in (
+        "BatchMode=yes",
+        f"StrictHostKeyChecking={checking}",
+        f"UserKnownHostsFile={ep.known_hosts_path}",
+        f"ConnectTimeout={max(1, round(ep.connect_timeout_s))}",
+        f"ServerAliveInterval={SERVER_ALIVE_INTERVAL_S}",
+        f"ServerAliveCountMax={SERVER_ALIVE_COUNT}",
+        "Compression=no",
+        "LogLevel=ERROR",
+    ):
+        opts += ["-o", option]
+    if ep.ciphers:
+        opts += ["-c", ",".join(ep.ciphers)]
+    if control_path:
+        # ControlMaster=no: use the master if it is there, else connect directly
+        opts += ["-o", f"ControlPath={control_path}", "-o", "ControlMaster=no"]
+    return opts
+
+
+def python_command(ep: Endpoint, script: str) -> str:
+    """Return the remote command string that runs ``script`` with the site's python3.
+
+    The remote side hands this string to the user's shell, so every word is quoted; the data
+    the script works on travels on stdin.
+    """
+    return shlex.join([*shlex.split(ep.remote_python), "-c", script])
+
+
+def siteops_request(*ops: list) -> str:
+    """Return the stdin line for a siteops request made of ``ops``."""
+    return json.dumps({"ops": list(ops)}) + "\n"
+
+
+def siteops_results(stdout: str) -> list:
+    """Return the results of a siteops reply; raise the OSError of a failed operation."""
+    reply = json.loads(stdout.strip().splitlines()[-1])
+    if "errno" in reply:
+        code = reply["errno"]
+        raise OSError(code, reply["error"]) if code else OSError(reply["error"])
+    return reply["results"]
+
+
+def oserror_to_transfer(ep: Endpoint, what: str, path: str, exc: OSError) -> TransferError:
+    """Wrap a filesystem error at the site: these do not go away by retrying."""
+    return TransferError(
+        f"{what} site {ep.site} ({ep.address}) {path}: {exc}", retryable=False
+    )
+
+
+def host_key_message(ep: Endpoint, changed: bool = False) -> str:
+    """Return the one-line explanation for a refused host key."""
+    if changed:
+        return (
+            f"host key of {ep.address} CHANGED (site {ep.site}); it does not match "
+            f"{ep.known_hosts_path}: check the server, then fix the entry"
+        )
+    return (
+        f"host key of {ep.address} is not in {ep.known_hosts_path} (site {ep.site}); "
+        "add it or set accept_new_host_keys"
+    )
+
+
+_HOST_KEY_UNKNOWN = re.compile(r"Host key verification failed|No \S+ host key is known")
+_HOST_KEY_CHANGED = re.compile(r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key for .* has changed")
+_AUTH_FAILED = re.compile(r"Permission denied \((publickey|password|keyboard)|Too many authentication")
+
+
+def classify_ssh_stderr(ep: Endpoint, stderr: str) -> tuple[str, bool] | None:
+    """Return (message, retryable) when OpenSSH's stderr names a connection-level failure."""
+    if _HOST_KEY_CHANGED.search(stderr):
+        return host_key_message(ep, changed=True), False
+    if _HOST_KEY_UNKNOWN.search(stderr):
+        return host_key_message(ep), False
+    if _AUTH_FAILED.search(stderr):
+        return auth_message(ep), False
+    return None
+
+
+def auth_message(ep: Endpoint) -> str:
+    """Return the one-line explanation for a refused login."""
+    key = ep.key_file or "the default keys/agent"
+    return f"authentication as {ep.username or 'default user'} to {ep.address} failed (site {ep.site}) with {key}"
+
+
+class UnknownHostKeyError(paramiko.SSHException):
+    """The server's host key is not in known_hosts and the site did not opt in to new keys."""
+
+
+class _RefuseUnknownHostKey(paramiko.RejectPolicy):
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        raise UnknownHostKeyError(f"{hostname} {key.get_name()} not in known_hosts")
+
+
+def _transport_factory(ep: Endpoint):  # noqa: ANN202 - paramiko's factory signature
+    def make(sock: socket.socket, **kwargs: object) -> paramiko.Transport:
+        t = paramiko.Transport(
+            sock, default_window_size=WINDOW_BYTES, default_max_packet_size=MAX_PACKET_BYTES,
+            **kwargs,
+        )
+        options = t.get_security_options()
+        wanted = tuple(c for c in ep.ciphers if c in options.ciphers)
+        if not wanted:
+            raise ConfigError(f"site {ep.site}: none of the ciphers {ep.ciphers} work with paramiko")
+        options.ciphers = wanted
+        return t
+
+    return make
+
+
+def connect_paramiko(ep: Endpoint) -> paramiko.SSHClient:
+    """Open an authenticated paramiko connection to ``ep``; raise TransferError on failure."""
+    client = paramiko.SSHClient()
+    known_hosts = ep.known_hosts_path
+    if ep.accept_new_host_keys:
+        if not os.path.exists(known_hosts):
+            os.makedirs(os.path.dirname(known_hosts) or ".", mode=0o700, exist_ok=True)
+            Path(known_hosts).touch(mode=0o600)
+        client.load_host_keys(known_hosts)  # AutoAddPolicy saves new keys back to this file
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    else:
+        if os.path.exists(known_hosts):
+            client.load_host_keys(known_hosts)
+        client.set_missing_host_key_policy(_RefuseUnknownHostKey())
+    timeout = ep.connect_timeout_s
+    try:
+        client.connect(
+            destination_host(ep), port=ep.port, username=ep.username,
+            key_filename=ep.key_file, look_for_keys=ep.key_file is None,
+            allow_agent=ep.key_file is None, compress=False, timeout=timeout,
+            banner_timeout=timeout, auth_timeout=timeout, channel_timeout=timeout,
+            transport_factory=_transport_factory(ep),
+        )
+    except Exception as exc:
+        client.close()
+        raise paramiko_error(ep, "connect to", "", exc) from exc
+    client.get_transport().set_keepalive(SERVER_ALIVE_INTERVAL_S)
+    return client
+
+
+def paramiko_error(ep: Endpoint, what: str, path: str, exc: BaseException) -> TransferError | BaseException:
+    """Translate a paramiko/socket exception into TransferError (others are returned as is)."""
+    where = f"site {ep.site} ({ep.address}) {path}".rstrip()
+    if isinstance(exc, TransferError | ConfigError):
+        return exc
+    if isinstance(exc, UnknownHostKeyError):
+        return TransferError(host_key_message(ep), retryable=False)
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return TransferError(host_key_message(ep, changed=True), retryable=False)
+    if isinstance(exc, paramiko.AuthenticationException):
+        return TransferError(auth_message(ep), retryable=False)
+    if isinstance(exc, paramiko.SSHException | OSError | EOFError):
+        reason = str(exc) or type(exc).__name__
+        return TransferError(f"{what} {where}: {reason}", retryable=True)
+    return exc
