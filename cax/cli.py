@@ -74,7 +74,7 @@ def guarded(fn: Callable[..., int]) -> Callable[..., None]:
         except CaxError as exc:
             click.echo(f"cax: {exc}", err=True)
             code = EXIT_FAILED
-        except Exception as exc:  # noqa: BLE001 - the one place that must not let anything out
+        except Exception as exc:  # the one place that must not let anything out
             log.exception("internal error")
             click.echo(f"cax: internal error: {exc!r} (details in the log)", err=True)
             code = EXIT_INTERNAL

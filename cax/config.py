@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cax.errors import ConfigError
-from cax.schema import LEGACY_SITE_KEYS, SITE_KEYS, TAPE_METHODS, TOP_KEYS, Key
+from cax.schema import LEGACY_METHODS, LEGACY_SITE_KEYS, SITE_KEYS, TAPE_METHODS, TOP_KEYS, Key
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -65,7 +65,7 @@ class Site:
     @property
     def runs_daemon(self) -> bool:
         """Whether a cax daemon works at this site (tape and grid endpoints have none)."""
-        return self.method not in TAPE_METHODS + ("gfal-copy", "lcg-cp", "rucio")
+        return self.method not in (*TAPE_METHODS, *LEGACY_METHODS)
 
     def data_dir(self, data_type: str) -> str | None:
         """Return the base directory of ``data_type`` at this site, or None."""

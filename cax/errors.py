@@ -44,7 +44,8 @@ class CommandError(CaxError):
 class CommandTimeoutError(CommandError):
     """An external command ran past its timeout and was killed."""
 
-    def __init__(self, argv: Sequence[str], timeout_s: float, stderr_tail: str = "", host: str = ""):
+    def __init__(self, argv: Sequence[str], timeout_s: float, stderr_tail: str = "",
+                 host: str = ""):
         super().__init__(argv, -9, stderr_tail, host)
         self.timeout_s = timeout_s
         self.args = (f"{self.argv[0]} timed out after {timeout_s:g} s",)

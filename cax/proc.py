@@ -86,7 +86,7 @@ def popen(
     full_env = dict(os.environ if env is None else env)
     full_env.setdefault("LC_ALL", "C")
     try:
-        proc = subprocess.Popen(  # noqa: S603 - argv list, shell=False
+        proc = subprocess.Popen(  # an argv list, never a shell
             argv,
             stdin=stdin,
             stdout=subprocess.PIPE,

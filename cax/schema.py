@@ -119,8 +119,10 @@ def _rst_table(keys: tuple[Key, ...]) -> str:
         rows.append((f"``{key.name}``", " or ".join(key.types), default, doc))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     rule = "  ".join("=" * w for w in widths)
-    lines = [rule, "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), rule]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [rule, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
+             rule]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+              for row in rows]
     return "\n".join([*lines, rule])
 
 

@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,8 @@ class Background:
         with self._lock:
             futures = list(self._running.values())
         for future in futures:
-            try:
-                future.result(timeout)
-            except Exception:  # noqa: BLE001 - already recorded by _done
-                pass
+            if not future.done():
+                futures_wait([future], timeout)
 
     def take_failures(self) -> list[str]:
         with self._lock:

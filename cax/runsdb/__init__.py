@@ -2,8 +2,16 @@
 
 from cax.runsdb.connect import open_runsdb
 from cax.runsdb.entries import (
-    ERROR, PURGING, STATUSES, TRANSFERRED, TRANSFERRING, VERIFYING, EntryKey, find_entry,
-    run_label, safe_component,
+    ERROR,
+    PURGING,
+    STATUSES,
+    TRANSFERRED,
+    TRANSFERRING,
+    VERIFYING,
+    EntryKey,
+    find_entry,
+    run_label,
+    safe_component,
 )
 from cax.runsdb.runs import RunsDB
 

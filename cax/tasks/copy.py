@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 from typing import Any, ClassVar
 
+from cax.clock import as_utc
 from cax.config import Site
 from cax.errors import ConfigError
 from cax.progress import ProgressBoard
@@ -30,10 +31,6 @@ log = logging.getLogger(__name__)
 
 def _elem(key: EntryKey, **conditions: Any) -> dict[str, Any]:
     return {"data": {"$elemMatch": {**key.match(), **conditions}}}
-
-
-def _as_utc(value: Any) -> Any:
-    return value.replace(tzinfo=dt.timezone.utc) if getattr(value, "tzinfo", 1) is None else value
 
 
 class CopyBase(Task):
@@ -75,9 +72,9 @@ class CopyBase(Task):
         if status == ERROR:
             due = entry.get("next_attempt")
             return entry.get("attempts", 0) < self.site.max_attempts and (
-                due is None or _as_utc(due) <= now)
+                due is None or as_utc(due) <= now)
         expires = entry.get("lease_expires")
-        return status == TRANSFERRING and expires is not None and _as_utc(expires) < now
+        return status == TRANSFERRING and expires is not None and as_utc(expires) < now
 
     def too_old_to_keep(self, data_type: str) -> dict[str, Any] | None:
         """Query part excluding raw runs this site would purge at once (pull only)."""
@@ -169,7 +166,7 @@ class CopyPull(CopyBase):
             if not self.entry_needs_copy(here):
                 continue
             age = self.too_old_to_keep(data_type)
-            if age and _as_utc(run["start"]) <= age["start"]["$gt"]:
+            if age and as_utc(run["start"]) <= age["start"]["$gt"]:
                 log.info("skipping download of raw data that would be purged at once")
                 continue
             for peer in self.peers():

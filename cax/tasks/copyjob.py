@@ -2,7 +2,7 @@
 
 The life of a copy, as the runs DB sees it::
 
-    (no entry) --claim--> transferring --bytes in place--> verifying --checksums match--> transferred
+    (no entry) -claim-> transferring -bytes in place-> verifying -checksums match-> transferred
                                |                               |
                                +-------- failure --------------+--> error (attempts, next_attempt)
 
@@ -26,8 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cax.checksum import Manifest, checksum_kind, dataset_checksum, diff_manifests, \
-    legacy_dirhash, scan_dataset
+from cax.checksum import (
+    Manifest,
+    checksum_kind,
+    dataset_checksum,
+    diff_manifests,
+    legacy_dirhash,
+)
 from cax.config import Site
 from cax.errors import CaxError, ChecksumMismatchError, LeaseLostError, TransferError
 from cax.paths import checked_location, dataset_path, partial_path
@@ -170,7 +175,7 @@ class CopyJob:
             log.warning("%s: %s; leaving it to the new owner", self.plan.route(), exc)
         except (CaxError, OSError) as exc:
             self._record_failure(exc)
-        except Exception as exc:  # noqa: BLE001 - a bug must not leave a claim dangling
+        except Exception as exc:  # a bug must not leave a claim dangling
             log.exception("%s: unexpected error", self.plan.route())
             self._record_failure(exc)
         return False
