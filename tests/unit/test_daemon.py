@@ -134,19 +134,61 @@ def test_stop_flag_ends_the_pass_between_runs(ctx):
     assert Recorder.seen == [3]
 
 
-@pytest.mark.timeout(60)
-def test_sigterm_finishes_and_exits_zero(two_sites, runsdb, tmp_path):
-    """The real daemon, in its own process: a warm stop ends the loop with status 0."""
-    config = json.loads(two_sites.read_text())
-    config["sleep_seconds"] = 300
-    two_sites.write_text(json.dumps(config))
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "cax", "--config", str(two_sites), "--host", "daq"],
+def start_daemon(config, tmp_path):
+    data = json.loads(config.read_text())
+    data["sleep_seconds"] = 300
+    config.write_text(json.dumps(data))
+    return subprocess.Popen(
+        [sys.executable, "-m", "cax", "--config", str(config), "--host", "daq"],
         stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+
+def wait_for_heartbeat(runsdb, daemon):
     deadline = time.monotonic() + 30
     while not runsdb.find_heartbeats("daq"):
         assert time.monotonic() < deadline and daemon.poll() is None, daemon.stderr.read()
         time.sleep(0.1)
-    daemon.send_signal(signal.SIGTERM)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_warm_stop_exits_zero(two_sites, runsdb, tmp_path, sig):
+    """The real daemon, in its own process: a warm stop ends the loop with status 0."""
+    daemon = start_daemon(two_sites, tmp_path)
+    wait_for_heartbeat(runsdb, daemon)
+    daemon.send_signal(sig)
     assert daemon.wait(20) == 0
     assert "stopped after 1 pass" in daemon.stderr.read()
+
+
+@pytest.mark.timeout(60)
+def test_second_signal_is_a_cold_stop(two_sites, runsdb, tmp_path, monkeypatch):
+    """A second SIGTERM during a step that does not end exits at once with 128+15."""
+    stuck = tmp_path / "stuck.py"
+    stuck.write_text(
+        "import time, runpy, sys\n"
+        "from cax import tasks\n"
+        "MARK = sys.argv.pop()\n"
+        "class Hang(tasks.Task):\n"
+        "    def query(self):\n"
+        "        return {}\n"
+        "    def each_run(self, run):\n"
+        "        open(MARK + '.started', 'w').close()\n"
+        "        time.sleep(600)\n"
+        "tasks.TASKS[:] = [Hang]\n"
+        "sys.argv = ['cax'] + sys.argv[1:]\n"
+        "runpy.run_module('cax', run_name='__main__')\n")
+    runsdb.insert_runs([make_run(1)])
+    marker = tmp_path / "m"
+    daemon = subprocess.Popen([sys.executable, str(stuck), "--config", str(two_sites),
+                               "--host", "daq", str(marker)], stderr=subprocess.PIPE,
+                              text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "m.started").exists():
+        assert time.monotonic() < deadline and daemon.poll() is None, daemon.stderr.read()
+        time.sleep(0.05)
+    daemon.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert daemon.poll() is None  # warm: still finishing the step
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(10) == -signal.SIGTERM  # killed by the signal: the shell shows 143
