@@ -204,6 +204,117 @@ def _not_available(command: str, issue: str) -> Callable[[], None]:
 
 massive_cax = _not_available("massive-cax", "batch processing comes in a later release")
 massive_tsm = _not_available("massive-tsm", "tape backup comes in a later release")
-cax_mv = _not_available("cax-mv", "comes with the housekeeping commands")
-cax_rm = _not_available("cax-rm", "comes with the housekeeping commands")
-cax_stray = _not_available("cax-stray", "comes with the housekeeping commands")
+
+
+# -- one-shot commands: cax-mv, cax-rm, cax-stray (their logic is in cax/oneshot.py) ----------
+
+def _site_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options the one-shot commands share with the original's."""
+    options = [
+        click.option("--config", "config_path", metavar="FILE", default=None,
+                     help="Configuration file [default: $CAX_CONFIG or ./cax.json]."),
+        click.option("--host", metavar="SITE", help="Act as this site [default: short host name]."),
+        click.option("--log", "log_level", default="info", show_default=True,
+                     type=click.Choice(["debug", "info", "warning", "error"],
+                                       case_sensitive=False)),
+        click.option("--log-file", metavar="FILE", help="Also write the log to FILE."),
+        click.option("--disable-database-update", "--disable_database_update", "no_db_update",
+                     is_flag=True, help="Write nothing to the runs DB (cax-mv and cax-rm then "
+                     "refuse to change data the runs DB describes)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _oneshot(body: Callable[..., int], config_path: str | None, host: str | None,
+             log_level: str, log_file: str | None, no_db_update: bool) -> int:
+    """Run ``body(ctx)`` for this site; a filesystem error means the operation failed (1)."""
+    config = load_config(config_path or default_config_path(), host)
+    setup_logging(log_level, log_file)
+    ctx = build_context(config, no_db_update=no_db_update)
+    try:
+        return body(ctx)
+    except OSError as exc:
+        click.echo(f"cax: {exc}", err=True)
+        return EXIT_FAILED
+    finally:
+        ctx.runsdb.close()
+        ctx.background.shutdown()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--input", "source", required=True, metavar="PATH", help="The dataset to move.")
+@click.option("--output", "target", required=True, metavar="PATH",
+              help="Its new path, inside the same data directory.")
+@_site_options
+@guarded
+def cax_mv(source: str, target: str, **site: Any) -> int:
+    """Move a dataset of this site and record its new location in the runs DB."""
+    from cax import oneshot
+
+    def body(ctx: Context) -> int:
+        result = oneshot.move_dataset(ctx, os.path.abspath(source), os.path.abspath(target))
+        how = " (copied across filesystems, verified)" if result.copied else ""
+        click.echo(f"moved {result.label}: {result.source} -> {result.target}{how}")
+        if result.leftover:
+            click.echo(f"cax: the old copy {result.leftover} could not be deleted; "
+                       "remove it by hand", err=True)
+            return EXIT_FAILED
+        return 0
+
+    return _oneshot(body, **site)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--location", required=True, metavar="PATH", help="The dataset to delete.")
+@click.option("--run", "run_number", required=True, type=int, metavar="N",
+              help="The run it belongs to.")
+@_site_options
+@guarded
+def cax_rm(location: str, run_number: int, **site: Any) -> int:
+    """Delete a dataset of this site and remove its entry from the runs DB."""
+    from cax import oneshot
+
+    def body(ctx: Context) -> int:
+        result = oneshot.remove_dataset(ctx, os.path.abspath(location), run_number)
+        click.echo(f"removed {result.label}: {result.path}; verified copies at other sites: "
+                   f"{result.other_copies}")
+        if not result.other_copies:
+            click.echo("cax: warning: no other site holds a verified copy of these data", err=True)
+        return 0
+
+    return _oneshot(body, **site)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--delete", is_flag=True, help="Delete the strays (after confirmation).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_site_options
+@guarded
+def cax_stray(delete: bool, yes: bool, **site: Any) -> int:
+    """List (or delete) files in this site's data directories that no runs-DB entry uses."""
+    from cax import oneshot
+
+    def body(ctx: Context) -> int:
+        strays = oneshot.find_strays(ctx)
+        for path in strays:
+            click.echo(path)
+        if not delete or not strays:
+            return 0
+        try:
+            if not yes and not click.confirm(f"Delete these {len(strays)} path(s)?"):
+                raise click.Abort
+        except click.Abort:
+            click.echo("nothing deleted", err=True)
+            return EXIT_FAILED
+        result = oneshot.delete_strays(ctx, strays)
+        for path in result.deleted:
+            click.echo(f"deleted {path}")
+        for path in result.kept:
+            click.echo(f"kept {path}: in use since it was listed")
+        for path, reason in result.failed:
+            click.echo(f"cax: cannot delete {path}: {reason}", err=True)
+        return EXIT_FAILED if result.failed else 0
+
+    return _oneshot(body, **site)

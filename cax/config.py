@@ -19,9 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from cax.errors import ConfigError
-from cax.schema import LEGACY_METHODS, LEGACY_SITE_KEYS, SITE_KEYS, TAPE_METHODS, TOP_KEYS, Key
+from cax.schema import (
+    DATA_TYPES,
+    LEGACY_METHODS,
+    LEGACY_SITE_KEYS,
+    SITE_KEYS,
+    TAPE_METHODS,
+    TOP_KEYS,
+    Key,
+)
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+OCTAL_MODE = re.compile(r"0?[0-7]{3,4}")
+PERMISSION_KEYS = ("mode", "group", "acl_command")
 
 _JSON_TYPES = {
     "str": str, "int": int, "bool": bool, "list": list, "dict": dict, "null": type(None),
@@ -59,6 +69,7 @@ class Site:
     pax_version_purge: str | None
     permissions: Mapping[str, Any] | None
     scrub_bytes_per_pass: int
+    scrub_after_days: float
     task_list: tuple[str, ...] | None
     dataset_list: tuple[str, ...] | None
 
@@ -147,6 +158,7 @@ def load_config(path: str | os.PathLike, host: str | None = None) -> Config:
         name = section.get("name")
         where = f"{label}: site {name!r}" if isinstance(name, str) else f"{label}: sites[{i}]"
         values = _check_section(section, SITE_KEYS, LEGACY_SITE_KEYS, where, problems)
+        _check_permissions(values.get("permissions"), where, problems)
         if "name" in values and not SAFE_NAME.match(values["name"]):
             problems.append(f"{where} key 'name': {values['name']!r} is not a safe site name")
         sites.append(values)
@@ -256,6 +268,37 @@ def _check_section(section: dict, keys: tuple[Key, ...], ignored: tuple[str, ...
         _check_value(key, section[key.name], where, problems)
         values[key.name] = section[key.name]
     return values
+
+
+def _check_permissions(value: Any, where: str, problems: list[str]) -> None:
+    """Check a site's ``permissions``: {data type: {mode, group, acl_command}}."""
+    if not isinstance(value, dict):
+        return  # null, or a wrong type already reported
+    for data_type, settings in value.items():
+        at = f"{where} key 'permissions.{data_type}"
+        if data_type not in DATA_TYPES:
+            problems.append(f"{at}': unknown data type (known: {', '.join(DATA_TYPES)})")
+        elif not isinstance(settings, dict) or not settings:
+            problems.append(f"{at}': expected an object with mode, group or acl_command, "
+                            f"got {_show(settings)}")
+        else:
+            problems.extend(f"{at}{problem}" for problem in _permission_problems(settings))
+
+
+def _permission_problems(settings: dict[str, Any]) -> list[str]:
+    problems = [f"': unknown key {name!r} (known: {', '.join(PERMISSION_KEYS)})"
+                for name in settings if name not in PERMISSION_KEYS]
+    mode, group, command = (settings.get(k) for k in PERMISSION_KEYS)
+    if "mode" in settings and not (isinstance(mode, str) and OCTAL_MODE.fullmatch(mode)):
+        problems.append(f".mode': expected an octal string such as \"0750\", got {_show(mode)}")
+    if "group" in settings and not (isinstance(group, str) and group):
+        problems.append(f".group': expected a group name, got {_show(group)}")
+    if "acl_command" in settings and not (
+            isinstance(command, list) and command and all(isinstance(a, str) for a in command)
+            and any("{path}" in a for a in command)):
+        problems.append(".acl_command': expected a list of strings with a \"{path}\" "
+                        f"argument, got {_show(command)}")
+    return problems
 
 
 def _check_site_links(sites: list[dict], label: str, problems: list[str]) -> None:

@@ -23,7 +23,7 @@ from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import PyMongoError
 
 from cax.errors import RunsDBError
-from cax.runsdb.entries import EntryKey, find_entry
+from cax.runsdb.entries import PURGING, TRANSFERRED, EntryKey, find_entry
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,13 @@ def _positional(fields: dict[str, Any]) -> dict[str, Any]:
 
 def _elem(key: EntryKey, **conditions: Any) -> dict[str, Any]:
     return {"$elemMatch": {**key.match(), **conditions}}
+
+
+def _index_of(run: dict[str, Any] | None, key: EntryKey) -> int | None:
+    """Return the position of the entry ``key`` in ``run["data"]``, or None."""
+    entry = find_entry(run, key) if run else None
+    return None if entry is None else next(
+        i for i, e in enumerate(run["data"]) if e is entry)
 
 
 def _lease_free(now: dt.datetime) -> dict[str, Any]:
@@ -211,6 +218,79 @@ class RunsDB:
         if self._skip("remove entry", run_id, key):
             return True
         return self.runs.update_one({"_id": run_id}, {"$pull": {"data": cond}}).modified_count == 1
+
+    @_db_call
+    def claim_purge(self, run_id: Any, key: EntryKey, *, keep: Sequence[tuple[EntryKey, dict]],
+                    owner: str, now: dt.datetime, lease_s: float) -> dict[str, Any] | None:
+        """Atomically turn our verified copy into ``purging`` (leased) while ``keep`` holds.
+
+        ``keep`` names the other copies the purge decision counted, each with extra conditions
+        (e.g. its checksum); every one must still be ``transferred`` in the same write, so two
+        sites purging each other's "other copy" at the same instant cannot both win.  The entry
+        is addressed by its index, re-checked by identity in the filter: a positional ``$``
+        would be ambiguous with several ``$elemMatch`` on ``data``.  Returns the claimed entry,
+        or None if anything changed.
+        """
+        for _ in range(3):  # the index moves only if an earlier entry was pulled meanwhile
+            run = self.runs.find_one({"_id": run_id}, {"data": 1})
+            index = _index_of(run, key)
+            if index is None:
+                return None
+            at = f"data.{index}"
+            mine = {f"{at}.{name}": value for name, value in key.match().items()}
+            mine.update({f"{at}.status": TRANSFERRED, f"{at}.lease_expires": _lease_free(now)})
+            query = {"_id": run_id, "$and": [mine] + [
+                {"data": _elem(other, status=TRANSFERRED, **extra)} for other, extra in keep]}
+            lease = {"status": PURGING, "lease_owner": owner, "modified_time": now,
+                     "lease_expires": now + dt.timedelta(seconds=lease_s)}
+            if self._skip("claim purge", run_id, key, owner):
+                found = self.runs.find_one(query, {"data": 1})
+                return {**copy.deepcopy(found["data"][index]), **lease} if found else None
+            found = self.runs.find_one_and_update(
+                query, {"$set": {f"{at}.{name}": value for name, value in lease.items()}},
+                {"data": 1}, return_document=ReturnDocument.AFTER)
+            if found:
+                return found["data"][index]
+            again = self.runs.find_one({"_id": run_id}, {"data": 1})
+            if _index_of(again, key) == index:
+                return None
+        return None
+
+    @_db_call
+    def record_size(self, run_id: Any, key: EntryKey, size: int, file_count: int) -> bool:
+        """Set ``size`` and ``file_count`` of a copy that is still ``transferred``."""
+        query = {"_id": run_id, "data": _elem(key, status=TRANSFERRED)}
+        if self._skip("size", run_id, key, size, file_count):
+            return True
+        update = {"$set": _positional({"size": size, "file_count": file_count})}
+        return self.runs.update_one(query, update).matched_count == 1
+
+    @_db_call
+    def set_run_fields_once(self, run_id: Any, fields: dict[str, Any]) -> bool:
+        """Set top-level fields of a run that has none of them yet (e.g. ``raw_size_byte``)."""
+        query = {"_id": run_id, **{name: {"$exists": False} for name in fields}}
+        if self._skip("set once", run_id, fields):
+            return True
+        return self.runs.update_one(query, {"$set": fields}).modified_count == 1
+
+    @_db_call
+    def find_runs_with_location(self, host: str, location: str,
+                                number: int | None = None) -> list[dict[str, Any]]:
+        """Return the runs (with ``number`` if given) with an entry at ``host`` at ``location``."""
+        places = [location, location + "/"]  # the original cax sometimes kept a final slash
+        query: dict[str, Any] = {"data": {"$elemMatch": {"host": host,
+                                                         "location": {"$in": places}}}}
+        if number is not None:
+            query["number"] = number
+        return self.find_runs(query)
+
+    @_db_call
+    def find_site_locations(self, host: str) -> list[dict[str, Any]]:
+        """Return ``{location, status}`` of every entry at ``host``, fetching nothing else."""
+        found = self.runs.find({"data.host": host},
+                               {"_id": 0, "data.host": 1, "data.location": 1, "data.status": 1})
+        return [{"location": e.get("location"), "status": e.get("status")}
+                for run in found for e in run.get("data") or () if e.get("host") == host]
 
     # -- heartbeats -----------------------------------------------------------------------
 
