@@ -80,6 +80,8 @@ SITE_KEYS: tuple[Key, ...] = (
         "once to each new local copy."),
     Key("scrub_bytes_per_pass", ("int",), 0, "Bytes of old verified copies re-checksummed per "
         "pass (0: no scrubbing).", minimum=0),
+    Key("scrub_after_days", ("number",), 30, "Days after its last verification when a copy is "
+        "re-checksummed from disk by Scrub.", minimum=0),
     Key("task_list", ("list", "null"), None, "Only these tasks run at this site.", items="str"),
     Key("dataset_list", ("list", "null"), None, "Only these run names are handled at this site.",
         items="str"),

@@ -1,0 +1,524 @@
+"""AddChecksum, CompareChecksums, RetryBadChecksumTransfer and Scrub, on local sites."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cax.checksum import dataset_checksum, scan_dataset
+from cax.clock import utcnow
+from cax.daemon import Daemon
+from cax.errors import TransferError
+from cax.runsdb import ERROR, TRANSFERRED, VERIFYING, EntryKey, find_entry
+from cax.tasks import checksum as checksum_tasks
+from cax.tasks.checksum import AddChecksum, CompareChecksums
+from cax.tasks.repair import RetryBadChecksumTransfer
+from cax.tasks.scrub import Scrub
+from cax.tasks.stalled import RetryStalledTransfer
+from cax.transport.local import LocalTransport
+from tests.conftest import make_context, make_run, write_config
+
+ALL = [AddChecksum, CompareChecksums, RetryBadChecksumTransfer, Scrub, RetryStalledTransfer]
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def config(tmp_path: Path, runsdb_uri: tuple[str, str]):
+    """Write a config: ``daq`` (raw reference), ``lab`` (pulls from daq), ``tape`` (no daemon)."""
+
+    def make(daq_method: str = "local", **lab: Any) -> Path:
+        for d in ("daq/raw", "lab/raw", "tape/raw"):
+            (tmp_path / d).mkdir(parents=True, exist_ok=True)
+        sites = [
+            {"name": "daq", "method": daq_method, "dir_raw": str(tmp_path / "daq/raw"),
+             "data_type": ["raw"], "reference_for": ["raw"]},
+            {"name": "lab", "method": "local", "dir_raw": str(tmp_path / "lab/raw"),
+             "data_type": ["raw"], "download_options": ["daq"], **lab},
+        ]
+        return write_config(tmp_path / "cax.json", sites, runs_db=runsdb_uri[0],
+                            runs_db_name=runsdb_uri[1], sleep_seconds=0.1, lease_seconds=30)
+
+    return make
+
+
+def write_dataset(path: Path, files: int = 5, size: int = 300, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    for i in range(files):
+        target = path / f"sub{i % 3}" / f"file_{i:03d}.bin"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(rng.randbytes(size))
+    return path
+
+
+def flip_byte(path: Path, offset: int = 7) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def independent_checksum(path: Path) -> str:
+    """The dataset checksum computed without cax: adler32 per file, sorted listing, sha256."""
+    lines = []
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            full = Path(root) / name
+            data = full.read_bytes()
+            rel = full.relative_to(path).as_posix()
+            lines.append(f"{rel}\t{len(data)}\t{zlib.adler32(data) & 0xFFFFFFFF:08x}\n".encode())
+    return "adler32:" + hashlib.sha256(b"".join(sorted(lines))).hexdigest()
+
+
+def independent_dirhash(path: Path) -> str:
+    """The original cax's checksumdir.dirhash(path, 'sha512'), computed without cax."""
+    hashes = sorted(hashlib.sha512(p.read_bytes()).hexdigest() for p in path.rglob("*")
+                    if p.is_file())
+    digest = hashlib.sha512()
+    for h in hashes:
+        digest.update(h.encode())
+    return digest.hexdigest()
+
+
+def registered(runsdb, run_id, host: str, path: Path, **extra: Any) -> dict[str, Any]:
+    """A transferred entry for the dataset at ``path``, with its manifest saved."""
+    manifest = scan_dataset(path)
+    checksum = dataset_checksum(manifest)
+    runsdb.save_manifest(run_id, EntryKey(host, "raw"), manifest, checksum, utcnow())
+    return {"host": host, "type": "raw", "status": TRANSFERRED, "location": str(path),
+            "checksum": checksum, "verified_time": utcnow(), "creation_time": utcnow(),
+            **extra}
+
+
+def add_run(runsdb, number: int, entries: list[dict[str, Any]]) -> Any:
+    runsdb.insert_runs([make_run(number, data=entries)])
+    return runsdb.find_runs({"number": number})[0]["_id"]
+
+
+def entry_of(runsdb, run_id, host: str) -> dict[str, Any]:
+    return find_entry(runsdb.find_run(run_id), EntryKey(host, "raw"))
+
+
+def one_pass(ctx, tasks=None) -> None:
+    Daemon(ctx, tasks or ALL).run_pass(wait_background=True)
+
+
+# -- AddChecksum -----------------------------------------------------------------------------
+
+
+def test_addchecksum_verifying_entry_transferred_with_independent_checksum(
+        config, runsdb, tmp_path):
+    path = write_dataset(tmp_path / "daq/raw/170101_0000", files=7)
+    run_id = add_run(runsdb, 1, [{"host": "daq", "type": "raw", "status": VERIFYING,
+                                  "location": str(path)}])
+    ctx = make_context(config(), "daq", runsdb)
+    one_pass(ctx, [AddChecksum])
+    entry = entry_of(runsdb, run_id, "daq")
+    assert entry["status"] == TRANSFERRED
+    assert entry["checksum"] == independent_checksum(path)
+    assert entry["file_count"] == 7 and entry["size"] == 7 * 300
+    assert entry["verified_time"] is not None and "lease_owner" not in entry
+    manifest = runsdb.find_manifest(run_id, EntryKey("daq", "raw"))
+    assert dataset_checksum(manifest) == entry["checksum"] and len(manifest) == 7
+
+
+def test_addchecksum_missing_dataset_marked_error(config, runsdb, tmp_path):
+    run_id = add_run(runsdb, 1, [{"host": "daq", "type": "raw", "status": VERIFYING,
+                                  "location": str(tmp_path / "daq/raw/gone")}])
+    one_pass(make_context(config(), "daq", runsdb), [AddChecksum])
+    entry = entry_of(runsdb, run_id, "daq")
+    assert entry["status"] == ERROR
+    assert entry["error"].startswith("data missing") and "checksum" not in entry
+
+
+def test_addchecksum_legacy_sha512_verified_and_kept(config, runsdb, tmp_path):
+    path = write_dataset(tmp_path / "daq/raw/170101_0000")
+    legacy = independent_dirhash(path)
+    run_id = add_run(runsdb, 1, [{"host": "daq", "type": "raw", "status": VERIFYING,
+                                  "location": str(path), "checksum": legacy}])
+    one_pass(make_context(config(), "daq", runsdb), [AddChecksum])
+    entry = entry_of(runsdb, run_id, "daq")
+    assert entry["status"] == TRANSFERRED and entry["checksum"] == legacy  # not overwritten
+    assert runsdb.find_manifest(run_id, EntryKey("daq", "raw")) == scan_dataset(path)
+
+
+def test_addchecksum_recorded_checksum_mismatch_error_data_kept(config, runsdb, tmp_path):
+    path = write_dataset(tmp_path / "daq/raw/170101_0000")
+    legacy = independent_dirhash(path)
+    flip_byte(path / "sub1/file_001.bin")
+    run_id = add_run(runsdb, 1, [{"host": "daq", "type": "raw", "status": VERIFYING,
+                                  "location": str(path), "checksum": legacy}])
+    one_pass(make_context(config(), "daq", runsdb), [AddChecksum])
+    entry = entry_of(runsdb, run_id, "daq")
+    assert (entry["status"], entry["error"], entry["checksum"]) == (
+        ERROR, "checksum mismatch", legacy)
+    assert entry["attempts"] >= 5  # stuck: no copy task may replace (delete) it
+    assert len(list(path.rglob("*.bin"))) == 5
+
+
+def test_addchecksum_entry_leased_by_copy_job_left_alone(config, runsdb, tmp_path):
+    path = write_dataset(tmp_path / "lab/raw/170101_0000")
+    run_id = add_run(runsdb, 1, [{"host": "lab", "type": "raw", "status": VERIFYING,
+                                  "location": str(path), "lease_owner": "copyjob",
+                                  "lease_expires": utcnow() + dt.timedelta(minutes=5)}])
+    one_pass(make_context(config(), "lab", runsdb), [AddChecksum])
+    assert entry_of(runsdb, run_id, "lab")["status"] == VERIFYING
+
+
+def test_addchecksum_two_daemons_never_checksum_same_entry(config, runsdb, tmp_path,
+                                                           monkeypatch):
+    cfg = config()
+    ids = []
+    for n in range(12):
+        path = write_dataset(tmp_path / f"lab/raw/run{n:02d}", files=2, seed=n)
+        ids.append(add_run(runsdb, n, [{"host": "lab", "type": "raw", "status": VERIFYING,
+                                        "location": str(path)}]))
+    scanned: list[str] = []
+    real_scan = checksum_tasks.scan_dataset
+
+    def slow_scan(path, **kw):
+        scanned.append(str(path))
+        time.sleep(0.01)  # let the other daemon try to take the same entry meanwhile
+        return real_scan(path, **kw)
+
+    monkeypatch.setattr(checksum_tasks, "scan_dataset", slow_scan)
+    contexts = [make_context(cfg, "lab", runsdb) for _ in range(2)]
+    for i, ctx in enumerate(contexts):
+        ctx.owner = f"lab-daemon-{i}"
+    start = threading.Barrier(2)
+
+    def daemon(ctx):
+        start.wait()
+        one_pass(ctx, [AddChecksum])
+
+    threads = [threading.Thread(target=daemon, args=(c,)) for c in contexts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(scanned) == sorted(set(scanned)) and len(scanned) == 12
+    assert all(entry_of(runsdb, i, "lab")["status"] == TRANSFERRED for i in ids)
+
+
+# -- CompareChecksums --------------------------------------------------------------------------
+
+
+def test_compare_matching_copy_recorded_once_then_not_selected(config, runsdb, tmp_path):
+    daq = write_dataset(tmp_path / "daq/raw/170101_0000")
+    lab = write_dataset(tmp_path / "lab/raw/170101_0000")
+    run_id = add_run(runsdb, 1, [])
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "daq", daq))
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "lab", lab))
+    ctx = make_context(config(), "lab", runsdb)
+    assert len(runsdb.find_runs(CompareChecksums(ctx).query())) == 1
+    one_pass(ctx, [CompareChecksums])
+    entry = entry_of(runsdb, run_id, "lab")
+    assert entry["status"] == TRANSFERRED
+    assert entry["compared_checksum"] == f"{entry['checksum']}|{entry['checksum']}"
+    assert runsdb.find_runs(CompareChecksums(ctx).query()) == []
+
+
+def test_compare_reference_checksum_changed_compared_again(config, runsdb, tmp_path):
+    daq = write_dataset(tmp_path / "daq/raw/170101_0000")
+    lab = write_dataset(tmp_path / "lab/raw/170101_0000")
+    run_id = add_run(runsdb, 1, [])
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "daq", daq))
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "lab", lab))
+    ctx = make_context(config(), "lab", runsdb)
+    one_pass(ctx, [CompareChecksums])
+    assert entry_of(runsdb, run_id, "lab")["status"] == TRANSFERRED
+    runsdb.update_entry(run_id, EntryKey("daq", "raw"), {"checksum": "adler32:" + "0" * 64})
+    one_pass(ctx, [CompareChecksums])
+    entry = entry_of(runsdb, run_id, "lab")
+    assert entry["status"] == ERROR and entry["checksum_problem"] == "daq"
+
+
+def test_compare_legacy_reference_uses_dirhash_of_local_copy(config, runsdb, tmp_path):
+    daq = write_dataset(tmp_path / "daq/raw/170101_0000")
+    lab = write_dataset(tmp_path / "lab/raw/170101_0000")
+    bad = write_dataset(tmp_path / "lab/raw/170101_0100")
+    flip_byte(bad / "sub0/file_000.bin")
+    ids = []
+    for number, local in ((1, lab), (2, bad)):
+        run_id = add_run(runsdb, number, [
+            {"host": "daq", "type": "raw", "status": TRANSFERRED, "location": str(daq),
+             "checksum": independent_dirhash(daq)}])
+        runsdb.add_entry(run_id, registered(runsdb, run_id, "lab", local))
+        ids.append(run_id)
+    ctx = make_context(config(), "lab", runsdb)
+    one_pass(ctx, [CompareChecksums])
+    good, flagged = (entry_of(runsdb, i, "lab") for i in ids)
+    assert good["status"] == TRANSFERRED
+    assert good["compared_checksum"] == f"{good['checksum']}|{independent_dirhash(daq)}"
+    assert flagged["status"] == ERROR
+    assert flagged["error"] == "checksum differs from the reference daq"
+
+
+def test_compare_at_the_reference_site_nothing_to_compare(config, runsdb, tmp_path):
+    daq = write_dataset(tmp_path / "daq/raw/170101_0000")
+    run_id = add_run(runsdb, 1, [])
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "daq", daq))
+    ctx = make_context(config(), "daq", runsdb)
+    assert runsdb.find_runs(CompareChecksums(ctx).query()) == []
+    one_pass(ctx, [CompareChecksums])
+    assert "compared_checksum" not in entry_of(runsdb, run_id, "daq")
+
+
+# -- repair ----------------------------------------------------------------------------------
+
+
+class FetchSpy:
+    """Records every file the local transport is asked to fetch."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, str]] = []
+        real = LocalTransport.get
+
+        def get(transport, remote, local, progress=None):
+            self.calls.append((str(remote), str(local)))
+            return real(transport, remote, local, progress)
+
+        monkeypatch.setattr(LocalTransport, "get", get)
+
+
+def _stats(path: Path, skip: str) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in path.rglob("*.bin")
+            if p.name != skip}
+
+
+def test_repair_flipped_byte_in_100_file_run_refetches_only_that_file(
+        config, runsdb, tmp_path, monkeypatch, caplog):
+    daq = write_dataset(tmp_path / "daq/raw/170101_0000", files=100, size=2000)
+    lab = write_dataset(tmp_path / "lab/raw/170101_0000", files=100, size=2000)
+    flip_byte(lab / "sub0/file_042.bin", offset=1234)
+    run_id = add_run(runsdb, 1, [{"host": "lab", "type": "raw", "status": VERIFYING,
+                                  "location": str(lab)}])
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "daq", daq))
+    before = _stats(lab, skip="file_042.bin")
+    spy = FetchSpy(monkeypatch)
+    ctx = make_context(config(), "lab", runsdb)
+    with caplog.at_level(logging.ERROR):
+        one_pass(ctx, [AddChecksum, CompareChecksums, RetryBadChecksumTransfer])
+    assert spy.calls == [(str(daq / "sub0/file_042.bin"), str(
+        tmp_path / "lab/raw/.170101_0000.cax-partial/sub0/.file_042.bin.cax-fetch"))]
+    assert _stats(lab, skip="file_042.bin") == before  # the other 99 files were not touched
+    entry = entry_of(runsdb, run_id, "lab")
+    reference = entry_of(runsdb, run_id, "daq")
+    assert entry["status"] == TRANSFERRED and entry["checksum"] == reference["checksum"]
+    assert entry["compared_checksum"] == f"{entry['checksum']}|{reference['checksum']}"
+    assert not {"checksum_problem", "expected_checksum", "lease_owner", "error"} & set(entry)
+    assert (lab / "sub0/file_042.bin").read_bytes() == (daq / "sub0/file_042.bin").read_bytes()
+    mismatch = [r.getMessage() for r in caplog.records if "differs from the reference" in
+                r.getMessage()]
+    assert any("run 1" in m and "lab" in m and "sub0/file_042.bin" in m for m in mismatch)
+    assert not list((tmp_path / "lab/raw").glob(".*"))
+
+
+def test_repair_no_good_copy_flags_and_keeps_data(config, runsdb, tmp_path, monkeypatch):
+    daq = write_dataset(tmp_path / "daq/raw/170101_0000")
+    lab = write_dataset(tmp_path / "lab/raw/170101_0000")
+    flip_byte(lab / "sub2/file_002.bin")
+    run_id = add_run(runsdb, 1, [])
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "daq", daq))
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "lab", lab))
+    content = {p: p.read_bytes() for p in lab.rglob("*.bin")}
+    spy = FetchSpy(monkeypatch)
+    ctx = make_context(config(daq_method="tsm"), "lab", runsdb)  # the reference is on tape
+    one_pass(ctx, [CompareChecksums])
+    entry = entry_of(runsdb, run_id, "lab")
+    assert entry["status"] == ERROR and entry["next_attempt"] is None
+    for _ in range(2):
+        one_pass(ctx, ALL)
+    entry = entry_of(runsdb, run_id, "lab")
+    assert entry["status"] == ERROR
+    assert entry["error"] == ("checksum differs from the reference daq; no good copy to "
+                              "repair from")
+    assert entry["attempts"] >= 5 and entry["next_attempt"] is None
+    assert spy.calls == []
+    assert {p: p.read_bytes() for p in lab.rglob("*.bin")} == content
+
+
+def _bad_lab_copy(runsdb, tmp_path: Path, files: int = 20) -> tuple[Any, Path, Path]:
+    """A run whose lab copy has one flipped byte (in file_003) and is marked for repair."""
+    daq = write_dataset(tmp_path / "daq/raw/170101_0000", files=files)
+    lab = write_dataset(tmp_path / "lab/raw/170101_0000", files=files)
+    flip_byte(lab / "sub0/file_003.bin")
+    run_id = add_run(runsdb, 1, [])
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "daq", daq))
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "lab", lab))
+    return run_id, daq, lab
+
+
+def test_repair_failure_backs_off_keeps_partial_then_resumes(config, runsdb, tmp_path,
+                                                             monkeypatch):
+    run_id, daq, lab = _bad_lab_copy(runsdb, tmp_path)
+    partial = tmp_path / "lab/raw/.170101_0000.cax-partial"
+    ctx = make_context(config(), "lab", runsdb)
+    one_pass(ctx, [CompareChecksums])
+
+    def broken(*args, **kwargs):
+        raise TransferError("connection reset", retryable=True)
+
+    monkeypatch.setattr(LocalTransport, "get", broken)
+    one_pass(ctx, [RetryBadChecksumTransfer, RetryStalledTransfer])
+    entry = entry_of(runsdb, run_id, "lab")
+    assert (entry["status"], entry["attempts"]) == (ERROR, 1)
+    assert entry["next_attempt"] > utcnow() and entry["checksum_problem"] == "daq"
+    assert partial.is_dir() and not lab.exists()  # kept for the retry, which resumes from it
+    monkeypatch.undo()
+    spy = FetchSpy(monkeypatch)
+    one_pass(ctx, [RetryBadChecksumTransfer])
+    assert entry_of(runsdb, run_id, "lab")["status"] == ERROR  # backing off
+    ctx.now = lambda: utcnow() + dt.timedelta(hours=1)
+    one_pass(ctx, [RetryBadChecksumTransfer])
+    assert [Path(remote).name for remote, _ in spy.calls] == ["file_003.bin"]
+    entry = entry_of(runsdb, run_id, "lab")
+    assert entry["status"] == TRANSFERRED and entry["checksum"] == independent_checksum(daq)
+    assert lab.is_dir() and not partial.exists()
+
+
+def test_repair_stuck_after_last_attempt_data_put_back(config, runsdb, tmp_path, monkeypatch):
+    run_id, _daq, lab = _bad_lab_copy(runsdb, tmp_path)
+    content = {p.name: p.read_bytes() for p in lab.rglob("*.bin")}
+    ctx = make_context(config(max_attempts=1), "lab", runsdb)
+    one_pass(ctx, [CompareChecksums])
+
+    def broken(*args, **kwargs):
+        raise TransferError("connection reset", retryable=True)
+
+    monkeypatch.setattr(LocalTransport, "get", broken)
+    one_pass(ctx, [RetryBadChecksumTransfer, RetryStalledTransfer])
+    entry = entry_of(runsdb, run_id, "lab")
+    assert entry["status"] == ERROR and entry["attempts"] >= 1 and entry["next_attempt"] is None
+    assert {p.name: p.read_bytes() for p in lab.rglob("*.bin")} == content
+    assert not list((tmp_path / "lab/raw").glob(".*"))
+
+
+def test_repair_of_dead_repairer_taken_over(config, runsdb, tmp_path):
+    run_id, daq, lab = _bad_lab_copy(runsdb, tmp_path)
+    ctx = make_context(config(), "lab", runsdb)
+    one_pass(ctx, [CompareChecksums])
+    lab.rename(tmp_path / "lab/raw/.170101_0000.cax-partial")  # moved aside, then it died
+    past = utcnow() - dt.timedelta(minutes=5)
+    runsdb.update_entry(run_id, EntryKey("lab", "raw"), {
+        "status": "transferring", "lease_owner": "dead", "lease_expires": past})
+    one_pass(ctx, [RetryBadChecksumTransfer])
+    entry = entry_of(runsdb, run_id, "lab")
+    assert entry["status"] == TRANSFERRED and entry["checksum"] == independent_checksum(daq)
+
+
+def test_repair_good_copy_gone_before_repair_flagged_not_fetched(config, runsdb, tmp_path,
+                                                                 monkeypatch):
+    daq = write_dataset(tmp_path / "daq/raw/170101_0000")
+    lab = write_dataset(tmp_path / "lab/raw/170101_0000")
+    flip_byte(lab / "sub2/file_002.bin")
+    run_id = add_run(runsdb, 1, [])
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "daq", daq))
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "lab", lab))
+    ctx = make_context(config(), "lab", runsdb)
+    one_pass(ctx, [CompareChecksums])
+    assert entry_of(runsdb, run_id, "lab")["next_attempt"] is not None  # due for repair
+    runsdb.update_entry(run_id, EntryKey("daq", "raw"), {"status": ERROR})
+    spy = FetchSpy(monkeypatch)
+    one_pass(ctx, [RetryBadChecksumTransfer])
+    entry = entry_of(runsdb, run_id, "lab")
+    assert entry["status"] == ERROR and "no good copy" in entry["error"]
+    assert spy.calls == [] and len(list(lab.rglob("*.bin"))) == 5
+
+
+def test_repair_scrub_finds_changed_file_and_repairs_it(config, runsdb, tmp_path,
+                                                        monkeypatch):
+    daq = write_dataset(tmp_path / "daq/raw/170101_0000", files=10)
+    lab = write_dataset(tmp_path / "lab/raw/170101_0000", files=10)
+    run_id = add_run(runsdb, 1, [])
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "daq", daq))
+    old = utcnow() - dt.timedelta(days=40)
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "lab", lab, verified_time=old))
+    flip_byte(lab / "sub1/file_004.bin")  # bit rot after the copy was verified
+    spy = FetchSpy(monkeypatch)
+    ctx = make_context(config(scrub_bytes_per_pass=10**9), "lab", runsdb)
+    one_pass(ctx, [CompareChecksums, Scrub])
+    assert entry_of(runsdb, run_id, "lab")["status"] == ERROR
+    one_pass(ctx, [RetryBadChecksumTransfer])
+    assert [Path(remote).name for remote, _ in spy.calls] == ["file_004.bin"]
+    entry = entry_of(runsdb, run_id, "lab")
+    assert entry["status"] == TRANSFERRED and entry["verified_time"] > old
+    assert entry["checksum"] == independent_checksum(daq)
+
+
+def test_repair_scrub_only_copy_changed_flagged_and_kept(config, runsdb, tmp_path):
+    lab = write_dataset(tmp_path / "lab/raw/170101_0000")
+    run_id = add_run(runsdb, 1, [])
+    old = utcnow() - dt.timedelta(days=40)
+    runsdb.add_entry(run_id, registered(runsdb, run_id, "lab", lab, verified_time=old))
+    flip_byte(lab / "sub0/file_000.bin")
+    ctx = make_context(config(scrub_bytes_per_pass=10**9), "lab", runsdb)
+    one_pass(ctx, ALL)
+    entry = entry_of(runsdb, run_id, "lab")
+    assert entry["status"] == ERROR and "no good copy" in entry["error"]
+    assert len(list(lab.rglob("*.bin"))) == 5
+
+
+# -- Scrub and the idle pass -------------------------------------------------------------------
+
+
+def test_scrub_budget_limits_bytes_oldest_first(config, runsdb, tmp_path):
+    now = utcnow()
+    ids = []
+    for n in range(5):
+        path = write_dataset(tmp_path / f"lab/raw/run{n}", files=2, size=500, seed=n)
+        run_id = add_run(runsdb, n, [])
+        age = dt.timedelta(days=31 + n)  # run 4 is the oldest
+        runsdb.add_entry(run_id, registered(runsdb, run_id, "lab", path,
+                                            verified_time=now - age, size=1000))
+        ids.append(run_id)
+    ctx = make_context(config(scrub_bytes_per_pass=2500), "lab", runsdb)
+    one_pass(ctx, [Scrub])
+    fresh = [n for n, i in enumerate(ids)
+             if entry_of(runsdb, i, "lab")["verified_time"] > now - dt.timedelta(days=1)]
+    assert fresh == [3, 4]
+    one_pass(ctx, [Scrub])
+    fresh = [n for n, i in enumerate(ids)
+             if entry_of(runsdb, i, "lab")["verified_time"] > now - dt.timedelta(days=1)]
+    assert fresh == [1, 2, 3, 4]
+
+
+def test_scrub_off_by_default_selects_nothing(config, runsdb):
+    assert Scrub(make_context(config(), "lab", runsdb)).query() is None
+
+
+@pytest.mark.parametrize("runs", [2, 20])
+def test_idle_pass_constant_round_trips_and_no_runs_fetched(config, runsdb, tmp_path,
+                                                            monkeypatch, runs):
+    for n in range(runs):
+        daq = write_dataset(tmp_path / f"daq/raw/run{n}", files=1, seed=n)
+        lab = write_dataset(tmp_path / f"lab/raw/run{n}", files=1, seed=n)
+        run_id = add_run(runsdb, n, [])
+        runsdb.add_entry(run_id, registered(runsdb, run_id, "daq", daq))
+        runsdb.add_entry(run_id, registered(runsdb, run_id, "lab", lab))
+    ctx = make_context(config(scrub_bytes_per_pass=10**9), "lab", runsdb)
+    one_pass(ctx)  # compares every copy once
+    assert all(e.get("compared_checksum") for r in runsdb.find_runs({}) for e in r["data"]
+               if e["host"] == "lab")
+    fetched: list[int] = []
+    real = runsdb.find_runs
+    monkeypatch.setattr(runsdb, "find_runs",
+                        lambda *a, **k: fetched.append(len(found := real(*a, **k))) or found)
+    before = runsdb.round_trips
+    one_pass(ctx)
+    assert runsdb.round_trips - before == IDLE_ROUND_TRIPS
+    assert fetched and set(fetched) == {0}
+
+
+#: One query per task (RetryStalledTransfer: stalled entries and stuck errors) + heartbeat.
+IDLE_ROUND_TRIPS = 7
