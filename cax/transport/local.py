@@ -12,7 +12,9 @@ import errno
 import logging
 import os
 import stat
+import threading
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from cax.checksum import Manifest, scan_dataset
@@ -23,6 +25,8 @@ from cax.transport.base import Progress, StallWatch, Transport
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 4 * 2**20
+SYNC_THREADS = 8
+MAX_UNSYNCED_FILES = 256
 RETRYABLE_ERRNOS = {errno.ENOSPC, errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EDQUOT}
 
 
@@ -64,21 +68,28 @@ class LocalTransport(Transport):
             is_dir = stat.S_ISDIR(os.stat(src).st_mode)
         except OSError as exc:
             raise self._error(f"{what} source", src, exc) from exc
+        copier = _Copier(watch)
         try:
             siteops.prepare(str(dst), "dir" if is_dir else "file", replace=True)
-            if not is_dir:
-                return {".": _copy_file(src, dst, watch)}
-            return _copy_tree(src, dst, watch)
+            if is_dir:
+                manifest = _copy_tree(src, dst, copier)
+            else:
+                manifest = {".": copier.copy_file(src, dst)}
+            copier.sync_later(os.open(dst.parent, os.O_RDONLY | os.O_DIRECTORY))
+            copier.finish()
+            return manifest
         except _Stalled:
             raise self.stalled_error(what, dst) from None
         except OSError as exc:
             raise self._error(what, exc.filename or dst, exc) from exc
+        finally:
+            copier.pool.shutdown(wait=True)
 
     def _error(self, what: str, path: str | Path, exc: OSError) -> TransferError:
         return self.fail(what, path, exc.strerror or exc, exc.errno in RETRYABLE_ERRNOS)
 
 
-def _copy_tree(src: Path, dst: Path, watch: StallWatch) -> Manifest:
+def _copy_tree(src: Path, dst: Path, copier: _Copier) -> Manifest:
     """Copy the tree ``src`` to the new directory ``dst``; return its manifest.
 
     Like ``scan_dataset``, refuses symlinks and special files inside the tree: a copy would not
@@ -99,47 +110,73 @@ def _copy_tree(src: Path, dst: Path, watch: StallWatch) -> Manifest:
                 pending.append(rel / entry.name)
             elif entry.is_file(follow_symlinks=False):
                 key = (rel / entry.name).as_posix()
-                manifest[key] = _copy_file(Path(entry.path), target / entry.name, watch)
+                manifest[key] = copier.copy_file(Path(entry.path), target / entry.name)
             else:
                 raise OSError(errno.EINVAL, "symlink or special file in dataset", entry.path)
     for target, info in reversed(dirs):  # children first: filling a dir changes its mtime
         os.chmod(target, stat.S_IMODE(info.st_mode))
         os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
-        _fsync_dir(target)
-    _fsync_dir(dst.parent)
+        copier.sync_later(os.open(target, os.O_RDONLY | os.O_DIRECTORY))
     return manifest
 
 
-def _copy_file(src: Path, dst: Path, watch: StallWatch) -> tuple[int, str]:
-    """Copy one regular file with its mode and times, fsync it; return (size, adler32 hex)."""
-    buf = bytearray(BLOCK_BYTES)
-    view = memoryview(buf)
-    adler, size = 1, 0
-    watch.alive()  # time spent on the previous file (fsync) is not a stall
-    fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
-    with open(fd, "rb", buffering=0) as fin:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(src))
-        with open(dst, "wb", buffering=0) as fout:
-            while n := fin.readinto(buf):
-                if watch.stalled():  # this one read took longer than the stall timeout
-                    raise _Stalled
-                chunk = view[:n]
-                while chunk:
-                    chunk = chunk[fout.write(chunk) :]
-                adler = zlib.adler32(view[:n], adler)
-                size += n
-                watch.add(n)
-            os.fchmod(fout.fileno(), stat.S_IMODE(info.st_mode))
-            os.utime(fout.fileno(), ns=(info.st_atime_ns, info.st_mtime_ns))
-            os.fsync(fout.fileno())
-    return size, f"{adler:08x}"
+class _Copier:
+    """One copy operation: a reused buffer, the stall watch, and fsyncs in the background.
 
+    fsync one file after the other costs a journal commit each (measured: 1,000 files of 100 kB
+    took 4x longer); fsyncs issued from a few threads share commits and overlap the copying.
+    """
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def __init__(self, watch: StallWatch):
+        self.buf = bytearray(BLOCK_BYTES)  # one buffer per operation, not per file
+        self.view = memoryview(self.buf)
+        self.watch = watch
+        self.pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="cax-fsync")
+        self.slots = threading.BoundedSemaphore(MAX_UNSYNCED_FILES)  # bounds open descriptors
+        self.jobs: list[Future] = []
+
+    def copy_file(self, src: Path, dst: Path) -> tuple[int, str]:
+        """Copy one regular file with its mode and times; return (size, adler32 hex)."""
+        adler, size = 1, 0
+        self.watch.alive()  # time spent between files is not a stall
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+        with open(fd, "rb", buffering=0) as fin:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(src))
+            out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                while n := fin.readinto(self.buf):
+                    if self.watch.stalled():  # this one read took longer than the stall timeout
+                        raise _Stalled
+                    chunk = self.view[:n]
+                    while chunk:
+                        chunk = chunk[os.write(out, chunk) :]
+                    adler = zlib.adler32(self.view[:n], adler)
+                    size += n
+                    self.watch.add(n)
+                os.fchmod(out, stat.S_IMODE(info.st_mode))
+                os.utime(out, ns=(info.st_atime_ns, info.st_mtime_ns))
+            except BaseException:
+                os.close(out)
+                raise
+        self.sync_later(out)
+        return size, f"{adler:08x}"
+
+    def sync_later(self, fd: int) -> None:
+        """fsync and close ``fd`` in the background (this takes ownership of it)."""
+        self.slots.acquire()
+        self.jobs.append(self.pool.submit(self._sync, fd))
+
+    def _sync(self, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            self.slots.release()
+
+    def finish(self) -> None:
+        """Wait for every fsync; raise the first error."""
+        self.pool.shutdown(wait=True)
+        for job in self.jobs:
+            job.result()

@@ -43,6 +43,7 @@ from cax.transport.base import (
 log = logging.getLogger(__name__)
 
 MANIFEST_TIMEOUT_S = 4 * 3600.0
+POLL_S = 0.02  # how soon the end of rsync is noticed (small runs take well under a second)
 PROGRESS_PERIOD_S = 1.0  # rsync prints progress about once a second, not per block
 RETRYABLE_EXITS = {10, 12, 20, 24, 30, 35, 255}
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
@@ -121,7 +122,7 @@ class RsyncTransport(Transport):
         """Forward progress until rsync exits; return the error if it stalls or runs too long."""
         started = time.monotonic()
         while child.poll() is None:
-            time.sleep(0.1)
+            time.sleep(POLL_S)
             reader.forward(watch)
             error = None
             if watch.stalled():
@@ -215,8 +216,8 @@ class RsyncTransport(Transport):
         self._stop_master()
         if os.path.lexists(self._control):
             os.unlink(self._control)  # stale socket of a killed master
-        argv = ["ssh", *ssh.openssh_options(self.endpoint), "-N", "-o", "ControlMaster=yes",
-                "-o", f"ControlPath={self._control}", "-o", "ControlPersist=no", self._host]
+        argv = ["ssh", *ssh.openssh_options(self.endpoint, self._control, master=True), "-N",
+                self._host]
         child = self._master.enter_context(proc.popen(argv))
         deadline = time.monotonic() + self.endpoint.connect_timeout_s + 5
         while not os.path.exists(self._control):  # the socket appears once logged in

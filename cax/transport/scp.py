@@ -35,7 +35,7 @@ from cax.transport.base import (
 
 log = logging.getLogger(__name__)
 
-PUT_BUFF_BYTES = 16 * 2**10
+PUT_BUFF_BYTES = 64 * 2**10
 GET_BUFF_BYTES = 2**20
 MANIFEST_TIMEOUT_S = 4 * 3600.0  # reading a whole dataset on a slow site disk
 

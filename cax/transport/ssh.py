@@ -39,18 +39,32 @@ def destination_host(ep: Endpoint) -> str:
     return ep.hostname
 
 
-def openssh_options(ep: Endpoint, control_path: str | None = None) -> list[str]:
-    """Return OpenSSH client options (everything between ``ssh`` and the host)."""
+def _file_value(ep: Endpoint, path: str, quote: bool = True) -> str:
+    """Return ``path`` as an ssh option value: ``%`` is a token there, whitespace a separator
+    in ``-o`` values (not in ``-i``)."""
+    if '"' in path:
+        raise ConfigError(f"site {ep.site}: ssh cannot take a path with a double quote: {path!r}")
+    path = path.replace("%", "%%")
+    return f'"{path}"' if quote and any(c.isspace() for c in path) else path
+
+
+def openssh_options(ep: Endpoint, control_path: str | None = None, master: bool = False
+                    ) -> list[str]:
+    """Return OpenSSH client options (everything between ``ssh`` and the host).
+
+    With ``control_path``, share the connection of the ControlMaster listening there (or be it,
+    with ``master``); clients fall back to a direct connection when the master is gone.
+    """
     opts = ["-p", str(ep.port)]
     if ep.username:
         opts += ["-l", ep.username]
     if ep.key_file:
-        opts += ["-i", ep.key_file, "-o", "IdentitiesOnly=yes"]
+        opts += ["-i", _file_value(ep, ep.key_file, quote=False), "-o", "IdentitiesOnly=yes"]
     checking = "accept-new" if ep.accept_new_host_keys else "yes"
     for option in (
         "BatchMode=yes",
         f"StrictHostKeyChecking={checking}",
-        f"UserKnownHostsFile={ep.known_hosts_path}",
+        f"UserKnownHostsFile={_file_value(ep, ep.known_hosts_path)}",
         f"ConnectTimeout={max(1, round(ep.connect_timeout_s))}",
         f"ServerAliveInterval={SERVER_ALIVE_INTERVAL_S}",
         f"ServerAliveCountMax={SERVER_ALIVE_COUNT}",
@@ -61,8 +75,9 @@ def openssh_options(ep: Endpoint, control_path: str | None = None) -> list[str]:
     if ep.ciphers:
         opts += ["-c", ",".join(ep.ciphers)]
     if control_path:
-        # ControlMaster=no: use the master if it is there, else connect directly
-        opts += ["-o", f"ControlPath={control_path}", "-o", "ControlMaster=no"]
+        opts += ["-o", f"ControlPath={_file_value(ep, control_path)}"]
+        opts += ["-o", "ControlMaster=yes", "-o", "ControlPersist=no"] if master else \
+            ["-o", "ControlMaster=no"]
     return opts
 
 
@@ -70,9 +85,10 @@ def python_command(ep: Endpoint, script: str) -> str:
     """Return the remote command string that runs ``script`` with the site's python3.
 
     The remote side hands this string to the user's shell, so every word is quoted; the data
-    the script works on travels on stdin.
+    the script works on travels on stdin.  ``-I -S``: ignore PYTHON* variables and user/site
+    packages (the scripts need only the standard library) and start faster.
     """
-    return shlex.join([*shlex.split(ep.remote_python), "-c", script])
+    return shlex.join([*shlex.split(ep.remote_python), "-I", "-S", "-c", script])
 
 
 def siteops_request(*ops: list) -> str:
@@ -182,7 +198,11 @@ def connect_paramiko(ep: Endpoint) -> paramiko.SSHClient:
     except Exception as exc:
         client.close()
         raise paramiko_error(ep, "connect to", "", exc) from exc
-    client.get_transport().set_keepalive(SERVER_ALIVE_INTERVAL_S)
+    transport = client.get_transport()
+    transport.set_keepalive(SERVER_ALIVE_INTERVAL_S)
+    # paramiko leaves Nagle on: every small request (scp's per-file headers and acks, command
+    # start and exit) then waits for a delayed ACK; OpenSSH sets TCP_NODELAY too
+    transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return client
 
 

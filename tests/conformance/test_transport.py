@@ -418,3 +418,15 @@ def test_local_slow_read_aborted_as_stalled(tmp_path: Path, monkeypatch: pytest.
         with pytest.raises(TransferError) as err:
             t.put(src, str(tmp_path / "dst"))
     assert "stalled" in str(err.value) and err.value.retryable
+
+
+@pytest.mark.parametrize("method", SSH_METHODS)
+def test_ssh_config_paths_with_spaces_and_percent_work(sshd, method: str, tmp_path: Path):
+    odd = tmp_path / "keys dir %h"  # whitespace separates, % starts a token in ssh options
+    odd.mkdir()
+    key, known = odd / "id key", odd / "known hosts"
+    key.write_bytes(Path(sshd.key_file).read_bytes())
+    key.chmod(0o600)
+    known.write_bytes(Path(sshd.known_hosts).read_bytes())
+    with open_transport(sshd.endpoint(method, key_file=str(key), known_hosts=str(known))) as t:
+        assert t.exists(str(tmp_path))

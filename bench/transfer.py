@@ -1,0 +1,227 @@
+"""Benchmark cax's verified copies against OpenSSH scp, rsync and plain paramiko on loopback.
+
+Starts its own sshd on 127.0.0.1 (tests/sshd.py), writes two runs into a scratch directory:
+"1GiB" (20 x 50 MiB of os.urandom) and "1000files" (1,000 x 100 kB), and times, in one process
+and in alternating rounds (median reported):
+
+  openssh-scp     scp -r -c aes128-gcm@openssh.com          (unverified anchor)
+  openssh-rsync   rsync -a over ssh with the same cipher     (unverified)
+  paramiko-sftp   SFTPClient.put per file, gcm, big window   (unverified)
+  cax-<method>    Transport.put + manifest() at the destination compared with the source
+                  manifest (the one put returned, else scan_dataset of the source, timed
+                  separately as "scan")
+
+cax transports are opened once per method and reused across rounds, as the daemon does; the
+first connection (cold) is timed separately.  The destination is emptied (and synced) between
+runs, outside the timing.  The last line is ``ratio cax/scp <R>``: the wall time of the fastest
+verified cax SSH method over OpenSSH scp's, for the 1 GiB run (target <= 1.25).
+
+    .venv/bin/python bench/transfer.py [--rounds 3] [--dir /var/tmp/cax-bench] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import paramiko  # noqa: E402
+
+from cax import proc  # noqa: E402
+from cax.checksum import scan_dataset  # noqa: E402
+from cax.transport import ssh as cax_ssh  # noqa: E402
+from cax.transport.base import Transport, open_transport  # noqa: E402
+from tests.sshd import Sshd  # noqa: E402
+
+CIPHER = "aes128-gcm@openssh.com"
+WRITE_BYTES = 8 << 20
+
+
+def say(line: str) -> None:
+    print(line, flush=True)  # noqa: T201 - a benchmark reports on stdout
+
+
+def make_run(root: Path, files: int, file_bytes: int, nested: bool = False) -> Path:
+    """Write ``files`` random files of ``file_bytes`` each under ``root`` (in 10 sub-dirs if nested)."""
+    for i in range(files):
+        path = root / (f"d{i % 10}" if nested else "") / f"xe1t_{i:04d}.zip"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            left = file_bytes
+            while left:
+                f.write(os.urandom(min(WRITE_BYTES, left)))
+                left -= min(WRITE_BYTES, left)
+    return root
+
+
+def empty(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+class Bench:
+    """The methods under test for one sshd; each returns a dict of timed parts (s)."""
+
+    def __init__(self, sshd: Sshd, dest: Path, remote_python: str):
+        self.sshd, self.dest, self.remote_python = sshd, dest, remote_python
+        self.transports: dict[str, Transport] = {}
+        self.cold: dict[str, float] = {}
+        self.sftp = None
+
+    def openssh_scp(self, src: Path) -> dict:
+        opts = self.sshd.ssh_argv()[1:]  # the ssh options, minus "ssh"
+        opts[opts.index("-p")] = "-P"
+        argv = ["scp", "-q", "-r", "-c", CIPHER, *opts, str(src), f"root@127.0.0.1:{self.dest}"]
+        t0 = time.monotonic()
+        proc.run(argv, timeout=600)
+        return {"wall": time.monotonic() - t0}
+
+    def openssh_rsync(self, src: Path) -> dict:
+        rsh = shlex.join([*self.sshd.ssh_argv(), "-c", CIPHER])
+        argv = ["rsync", "-a", "-e", rsh, f"{src}/", f"root@127.0.0.1:{self.dest}/"]
+        t0 = time.monotonic()
+        proc.run(argv, timeout=600)
+        return {"wall": time.monotonic() - t0}
+
+    def paramiko_sftp(self, src: Path) -> dict:
+        if self.sftp is None:
+            client = cax_ssh.connect_paramiko(self.sshd.endpoint("scp"))  # gcm, 2^27 window
+            self.sftp = client.open_sftp()
+        t0 = time.monotonic()
+        self.sftp.mkdir(str(self.dest))
+        for root, dirs, files in os.walk(src):
+            target = self.dest / Path(root).relative_to(src)
+            for d in dirs:
+                self.sftp.mkdir(str(target / d))
+            for f in files:
+                self.sftp.put(os.path.join(root, f), str(target / f))
+        return {"wall": time.monotonic() - t0}
+
+    def cax(self, method: str) -> Callable[[Path], dict]:
+        def run(src: Path) -> dict:
+            if method not in self.transports:
+                t0 = time.monotonic()
+                ep = self.sshd.endpoint(method, remote_python=self.remote_python)
+                transport = open_transport(ep)
+                transport.exists("/")  # connect
+                self.cold[method] = time.monotonic() - t0
+                self.transports[method] = transport
+            transport = self.transports[method]
+            t0 = time.monotonic()
+            read = transport.put(src, str(self.dest))
+            t1 = time.monotonic()
+            expected = read if read is not None else scan_dataset(src)
+            t2 = time.monotonic()
+            got = transport.manifest(str(self.dest))
+            t3 = time.monotonic()
+            if got != expected:
+                raise SystemExit(f"cax-{method}: verification FAILED")
+            return {"wall": t3 - t0, "put": t1 - t0, "scan": t2 - t1, "manifest": t3 - t2}
+
+        return run
+
+    def close(self) -> None:
+        for transport in self.transports.values():
+            transport.close()
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "?")
+    versions = {"python": platform.python_version(), "paramiko": paramiko.__version__}
+    for tool, argv in (("openssh", ["ssh", "-V"]), ("rsync", ["rsync", "--version"])):
+        out = proc.run(argv, timeout=10, check=False)
+        versions[tool] = (out.stderr or out.stdout).splitlines()[0].strip()
+    return {"host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
+            "cpu": cpu, "versions": versions}
+
+
+def bench_run(bench: Bench, name: str, src: Path, rounds: int) -> dict:
+    """Time every method on ``src`` in alternating rounds; print and return medians."""
+    manifest = scan_dataset(src)  # also warms the page cache
+    nbytes, nfiles = sum(s for s, _ in manifest.values()), len(manifest)
+    methods = {
+        "openssh-scp": bench.openssh_scp, "openssh-rsync": bench.openssh_rsync,
+        "paramiko-sftp": bench.paramiko_sftp, "cax-scp": bench.cax("scp"),
+        "cax-rsync": bench.cax("rsync"), "cax-local": bench.cax("local"),
+    }
+    times: dict[str, list[dict]] = {m: [] for m in methods}
+    for _ in range(rounds):
+        for method, fn in methods.items():
+            empty(bench.dest)
+            times[method].append(fn(src))
+    empty(bench.dest)
+    say(f"\n== {name}: {nfiles} files, {nbytes / 1e6:.0f} MB, median of {rounds} rounds")
+    results = {}
+    anchor = statistics.median(r["wall"] for r in times["openssh-scp"])
+    for method, runs in times.items():
+        parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        wall = parts["wall"]
+        results[method] = {**{k: round(v, 3) for k, v in parts.items()},
+                           "MB/s": round(nbytes / 1e6 / wall, 1),
+                           "files/s": round(nfiles / wall), "ratio_to_scp": round(wall / anchor, 2),
+                           "walls": [round(r["wall"], 3) for r in runs]}
+        detail = "  ".join(f"{k} {v:.2f}" for k, v in parts.items() if k != "wall")
+        say(f"{method:14s} wall {wall:6.2f} s  {nbytes / 1e6 / wall:7.1f} MB/s  "
+            f"{nfiles / wall:7.0f} files/s  cax/scp {wall / anchor:5.2f}  {detail}")
+    return {"files": nfiles, "bytes": nbytes, "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", default="/var/tmp", help="scratch parent directory")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--remote-python", default="/usr/bin/python3",
+                        help="the site's remote_python (here a bare python3 over ssh finds the "
+                             "pyenv shim first in root's PATH, +60 ms per call)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cax-bench-", dir=args.dir))
+    sshd = Sshd(work / "sshd")
+    try:
+        t0 = time.monotonic()
+        runs = {"1GiB": make_run(work / "src" / "1GiB", 20, 50 * 2**20),
+                "1000files": make_run(work / "src" / "1000files", 1000, 100_000, nested=True)}
+        say(f"made test data in {time.monotonic() - t0:.1f} s under {work}")
+        sshd.start()
+        bench = Bench(sshd, work / "dst" / "run", args.remote_python)
+        (work / "dst").mkdir()
+        try:
+            report = {name: bench_run(bench, name, src, args.rounds) for name, src in runs.items()}
+        finally:
+            bench.close()
+        say(f"\ncold connect (s): {json.dumps({k: round(v, 3) for k, v in bench.cold.items()})}")
+        big = report["1GiB"]["results"]
+        best = min(("cax-scp", "cax-rsync"), key=lambda m: big[m]["wall"])
+        small = report["1000files"]["results"]
+        fastest_small = max(small[m]["files/s"] for m in ("cax-scp", "cax-rsync", "cax-local"))
+        say(f"targets: {best} {big[best]['ratio_to_scp']:.2f}x scp (<= 1.25); cax-scp "
+            f"{big['cax-scp']['MB/s']} MB/s vs paramiko-sftp {big['paramiko-sftp']['MB/s']} MB/s "
+            f"(>=); 1000files best verified {fastest_small} files/s (>= 1000)")
+        say(json.dumps({"bench": "transfer", "inputs": {"rounds": args.rounds, "cipher": CIPHER,
+                                   "remote_python": args.remote_python,
+                        "runs": {k: {"files": v["files"], "bytes": v["bytes"]}
+                                 for k, v in report.items()}},
+                        "machine": machine(), "results": report,
+                        "cold_connect_s": bench.cold}))
+        say(f"ratio cax/scp {big[best]['ratio_to_scp']:.2f}")
+    finally:
+        sshd.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
