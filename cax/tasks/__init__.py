@@ -5,10 +5,13 @@ from __future__ import annotations
 from cax.errors import ConfigError
 from cax.tasks.base import Context, Outcome, Task, run_task
 from cax.tasks.copy import CopyPull, CopyPush
+from cax.tasks.filesystem import AddSize, SetPermission
+from cax.tasks.purge import BufferPurger, PurgeProcessed
 from cax.tasks.report import Report
 
 #: Every work task, in pass order.  Report always runs last and is not listed here.
-TASKS: list[type[Task]] = [CopyPush, CopyPull]
+TASKS: list[type[Task]] = [CopyPush, CopyPull, SetPermission, AddSize, PurgeProcessed,
+                           BufferPurger]
 
 
 def select_tasks(wanted: tuple[str, ...] | None) -> list[type[Task]]:
