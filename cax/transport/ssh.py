@@ -39,13 +39,12 @@ def destination_host(ep: Endpoint) -> str:
     return ep.hostname
 
 
-def _file_value(ep: Endpoint, path: str, quote: bool = True) -> str:
-    """Return ``path`` as an ssh option value: ``%`` is a token there, whitespace a separator
-    in ``-o`` values (not in ``-i``)."""
+def _file_value(ep: Endpoint, path: str) -> str:
+    """Return ``path`` as a ``-o`` value: ``%`` starts a token there, whitespace separates."""
     if '"' in path:
         raise ConfigError(f"site {ep.site}: ssh cannot take a path with a double quote: {path!r}")
     path = path.replace("%", "%%")
-    return f'"{path}"' if quote and any(c.isspace() for c in path) else path
+    return f'"{path}"' if any(c.isspace() for c in path) else path
 
 
 def openssh_options(ep: Endpoint, control_path: str | None = None, master: bool = False
@@ -59,7 +58,8 @@ def openssh_options(ep: Endpoint, control_path: str | None = None, master: bool 
     if ep.username:
         opts += ["-l", ep.username]
     if ep.key_file:
-        opts += ["-i", _file_value(ep, ep.key_file, quote=False), "-o", "IdentitiesOnly=yes"]
+        # -o, not -i: -i takes the name literally but later expands % tokens in it
+        opts += ["-o", f"IdentityFile={_file_value(ep, ep.key_file)}", "-o", "IdentitiesOnly=yes"]
     checking = "accept-new" if ep.accept_new_host_keys else "yes"
     for option in (
         "BatchMode=yes",
