@@ -184,10 +184,12 @@ def test_addchecksum_two_daemons_never_checksum_same_entry(config, runsdb, tmp_p
         ids.append(add_run(runsdb, n, [{"host": "lab", "type": "raw", "status": VERIFYING,
                                         "location": str(path)}]))
     scanned: list[str] = []
+    workers: set[str] = set()
     real_scan = checksum_tasks.scan_dataset
 
     def slow_scan(path, **kw):
         scanned.append(str(path))
+        workers.add(threading.current_thread().name)
         time.sleep(0.01)  # let the other daemon try to take the same entry meanwhile
         return real_scan(path, **kw)
 
@@ -207,6 +209,7 @@ def test_addchecksum_two_daemons_never_checksum_same_entry(config, runsdb, tmp_p
     for t in threads:
         t.join()
     assert sorted(scanned) == sorted(set(scanned)) and len(scanned) == 12
+    assert len(workers) == 2  # both daemons did work: they really competed
     assert all(entry_of(runsdb, i, "lab")["status"] == TRANSFERRED for i in ids)
 
 
@@ -415,6 +418,16 @@ def test_repair_of_dead_repairer_taken_over(config, runsdb, tmp_path):
     one_pass(ctx, [RetryBadChecksumTransfer])
     entry = entry_of(runsdb, run_id, "lab")
     assert entry["status"] == TRANSFERRED and entry["checksum"] == independent_checksum(daq)
+
+
+def test_repair_dry_run_touches_nothing(config, runsdb, tmp_path, monkeypatch):
+    run_id, _daq, lab = _bad_lab_copy(runsdb, tmp_path)
+    one_pass(make_context(config(), "lab", runsdb), [CompareChecksums])
+    before = _stats(lab, skip="")
+    spy = FetchSpy(monkeypatch)
+    one_pass(make_context(config(), "lab", runsdb, dry_run=True), [RetryBadChecksumTransfer])
+    assert spy.calls == [] and _stats(lab, skip="") == before
+    assert entry_of(runsdb, run_id, "lab")["attempts"] == 0
 
 
 def test_repair_good_copy_gone_before_repair_flagged_not_fetched(config, runsdb, tmp_path,
