@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from cax.errors import ConfigError
 from cax.tasks.base import Context, Outcome, Task, run_task
+from cax.tasks.checksum import AddChecksum, CompareChecksums
 from cax.tasks.copy import CopyPull, CopyPush
 from cax.tasks.filesystem import AddSize, SetPermission
 from cax.tasks.purge import BufferPurger, PurgeProcessed
+from cax.tasks.repair import RetryBadChecksumTransfer
 from cax.tasks.report import Report
+from cax.tasks.scrub import Scrub
+from cax.tasks.stalled import RetryStalledTransfer
 
 #: Every work task, in pass order.  Report always runs last and is not listed here.
-TASKS: list[type[Task]] = [CopyPush, CopyPull, SetPermission, AddSize, PurgeProcessed,
-                           BufferPurger]
+#: New data is checksummed first so it can be pushed in the same pass; bad copies are found
+#: and repaired before anything is copied from them; scrubbing comes after purging, so it
+#: does not read data about to be deleted.
+TASKS: list[type[Task]] = [
+    AddChecksum, CompareChecksums, RetryStalledTransfer, RetryBadChecksumTransfer,
+    CopyPush, CopyPull, SetPermission, AddSize, PurgeProcessed, BufferPurger, Scrub,
+]
 
 
 def select_tasks(wanted: tuple[str, ...] | None) -> list[type[Task]]:

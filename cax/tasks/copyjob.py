@@ -2,9 +2,12 @@
 
 The life of a copy, as the runs DB sees it::
 
-    (no entry) -claim-> transferring -bytes in place-> verifying -checksums match-> transferred
-                               |                               |
-                               +-------- failure --------------+--> error (attempts, next_attempt)
+    (no entry) --claim--> transferring --every file's checksum matches--> transferred
+                               |
+                               +--> error (attempts, next_attempt) --retry due--> transferring
+
+  A copy stays ``transferring`` (leased) while it is verified: ``verifying`` is for data that
+  others put in place (the DAQ), which AddChecksum checksums, so the two never meet.
 
 * The claim is atomic: a new entry is added only if none exists for the destination, and an
   existing ``error`` (retry due) or ``transferring`` (lease expired) entry is taken over by one
@@ -37,7 +40,7 @@ from cax.config import Site
 from cax.errors import CaxError, ChecksumMismatchError, LeaseLostError, TransferError
 from cax.paths import checked_location, dataset_path, partial_path
 from cax.progress import ProgressBoard
-from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, VERIFYING, EntryKey
+from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey
 from cax.tasks.base import Context
 from cax.transport.base import Transport
 from cax.transport.pool import TransportPool
@@ -207,7 +210,6 @@ class CopyJob:
         finally:
             self.board.finish(tracker)
         keeper.check()
-        self._set(VERIFYING)
         actual = dest_ops.manifest(temp)
         bad = diff_manifests(expected, actual)
         if bad:
@@ -251,11 +253,6 @@ class CopyJob:
             raise ChecksumMismatchError(f"{self.plan.describe()}: data differ from the legacy "
                                         "sha512 checksum of the source entry")
 
-    def _set(self, status: str) -> None:
-        if not self.db.update_entry(self.plan.run_id, self.plan.dest_key, {"status": status},
-                                    owner=self.ctx.owner):
-            raise LeaseLostError(f"entry {self.plan.dest_key} is no longer ours")
-
     def _register(self, manifest: Manifest) -> None:
         plan, now = self.plan, self.ctx.now()
         checksum = dataset_checksum(manifest)
@@ -264,7 +261,8 @@ class CopyJob:
                   "size": sum(size for size, _ in manifest.values()), "file_count": len(manifest),
                   "transfer_end": now, "verified_time": now, "modified_time": now}
         if not self.db.update_entry(plan.run_id, plan.dest_key, fields, owner=self.ctx.owner,
-                                    release=True, unset=("error", "next_attempt")):
+                                    release=True, unset=("error", "next_attempt",
+                                                         "checksum_problem", "expected_checksum")):
             raise LeaseLostError(f"entry {plan.dest_key} changed hands before registration")
         log.info("%s: transferred and verified (%s, %d bytes)", plan.route(), checksum[:20],
                  fields["size"])

@@ -28,7 +28,7 @@ from cax.config import Config, Site
 from cax.errors import CaxError, ChecksumMismatchError, LeaseLostError, UnsafeNameError
 from cax.paths import checked_location, partial_path
 from cax.progress import ProgressBoard
-from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, VERIFYING, EntryKey, find_entry, run_label
+from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
 from cax.schema import TRANSFER_METHODS
 from cax.tasks.base import Context, Task
 from cax.tasks.copyjob import CopyJob, CopyPlan, LeaseKeeper, retry_conditions
@@ -219,7 +219,6 @@ class RepairJob(CopyJob):
         for rel in bad:
             self._refetch(remote, local, temp, rel, rel in expected)
             keeper.check()
-        self._set(VERIFYING)
         actual = local.manifest(temp)
         still = diff_manifests(expected, actual)
         if still:
