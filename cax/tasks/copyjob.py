@@ -88,6 +88,13 @@ def retry_conditions(site: Site, now: dt.datetime) -> dict[str, Any]:
             "next_attempt": {"$not": {"$gt": now}}}
 
 
+def short_reason(exc: BaseException, limit: int = 300) -> str:
+    """Return the first line of ``exc`` for the runs DB, shortened in the middle: the cause
+    usually comes last, after long paths."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= limit else f"{text[:100]} ... {text[-(limit - 105):]}"
+
+
 def backoff_s(site: Site, attempts: int) -> float:
     return min(site.retry_backoff * 2 ** max(attempts - 1, 0), MAX_BACKOFF_S)
 
@@ -271,7 +278,7 @@ class CopyJob:
         plan, now = self.plan, self.ctx.now()
         retryable = getattr(exc, "retryable", True) and not isinstance(exc, ValueError)
         stuck = not retryable or self.attempts >= self.ctx.site.max_attempts
-        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        reason = short_reason(exc)
         fields: dict[str, Any] = {"status": ERROR, "error": reason, "transfer_end": now,
                                   "modified_time": now}
         if stuck:

@@ -31,7 +31,7 @@ from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
 from cax.schema import TRANSFER_METHODS
 from cax.tasks.base import Context, Task
-from cax.tasks.copyjob import CopyJob, CopyPlan, LeaseKeeper, retry_conditions
+from cax.tasks.copyjob import CopyJob, CopyPlan, LeaseKeeper, retry_conditions, short_reason
 from cax.transport.base import Transport
 from cax.transport.pool import TransportPool
 
@@ -134,7 +134,7 @@ def record_unreadable(ctx: Context, run_id: Any, key: EntryKey, exc: Exception) 
     elif isinstance(exc, OSError):
         reason = f"data unreadable: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
     else:
-        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        reason = short_reason(exc)
     now = ctx.now()
     fields = {"status": ERROR, "error": reason, "next_attempt": now, "modified_time": now}
     if not ctx.runsdb.update_entry(run_id, key, fields, owner=ctx.owner, release=True,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import filecmp
+import subprocess
+import threading
+import time
 
 import pytest
 
@@ -60,16 +63,26 @@ def test_push_raw_and_processed_registered_with_checksum(method, ssh_sites, runs
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_pull_raw_from_remote_without_recorded_manifest(method, ssh_sites, runsdb, tmp_path):
+def test_pull_raw_and_processed_without_recorded_manifest(method, ssh_sites, runsdb, tmp_path):
     config = ssh_sites(method)
     raw = tmp_path / "remote/raw/170101_0200"
     make_dataset(raw, files=4)
     run_id = register(runsdb, 2, "remote", raw, manifest=False)
+    processed = tmp_path / "remote/processed/pax_v1/170101_0200.root"
+    processed.parent.mkdir(parents=True)
+    processed.write_bytes(b"events" * 10_000)
+    runsdb.add_entry(run_id, {"host": "remote", "type": "processed", "pax_version": "v1",
+                              "status": TRANSFERRED, "location": str(processed),
+                              "checksum": dataset_checksum(scan_dataset(processed))})
     result, _ = one_pass(config, "lab", runsdb)
     assert result.failed == 0, result.last_error
-    copy = find_entry(runsdb.find_run(run_id), EntryKey("lab", "raw"))
+    run = runsdb.find_run(run_id)
+    copy = find_entry(run, EntryKey("lab", "raw"))
     assert copy["status"] == TRANSFERRED and copy["source"] == "remote"
     assert trees_equal(raw, copy["location"])
+    proc_copy = find_entry(run, EntryKey("lab", "processed", "v1"))
+    assert proc_copy["status"] == TRANSFERRED
+    assert filecmp.cmp(processed, proc_copy["location"], shallow=False)
     assert not (tmp_path / "lab/raw" / ".170101_0200.cax-partial").exists()
 
 
@@ -130,27 +143,45 @@ def test_unknown_host_key_refused_with_clear_message(method, ssh_sites, runsdb, 
     assert not any((tmp_path / "remote/raw").iterdir())
 
 
-def test_permission_denied_at_destination(ssh_sites, runsdb, tmp_path):
-    config = ssh_sites("scp")
+@pytest.mark.parametrize("method", METHODS)
+def test_permission_denied_at_destination(method, ssh_sites, runsdb, tmp_path):
+    """An immutable destination directory refuses even root: a clear, non-retryable error."""
+    config = ssh_sites(method)
     raw = tmp_path / "daq/raw/170101_0600"
     make_dataset(raw, files=1)
     run_id = register(runsdb, 6, "daq", raw)
-    (tmp_path / "remote/raw").rmdir()
-    (tmp_path / "remote/raw").write_text("not a directory")  # root ignores mode bits
-    one_pass(config, "daq", runsdb)
-    entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
-    assert entry["status"] == ERROR
-    assert "Not a directory" in entry["error"] or "ermission" in entry["error"]
-
-
-def test_sshd_down_then_back_error_retried_completes(ssh_sites, runsdb, tmp_path, sshd):
-    config = ssh_sites("rsync")
-    raw = tmp_path / "daq/raw/170101_0700"
-    make_dataset(raw, files=2)
-    run_id = register(runsdb, 7, "daq", raw)
-    sshd.stop()
+    dest = tmp_path / "remote/raw"
+    if subprocess.run(["chattr", "+i", str(dest)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not supported here")
     try:
         one_pass(config, "daq", runsdb)
+    finally:
+        subprocess.run(["chattr", "-i", str(dest)], check=True)
+    entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
+    assert entry["status"] == ERROR and entry["next_attempt"] is None
+    assert "Operation not permitted" in entry["error"]
+    assert not any(dest.iterdir())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", METHODS)
+def test_sshd_stopped_mid_transfer_error_retried_completes(method, ssh_sites, runsdb, tmp_path,
+                                                           sshd):
+    config = ssh_sites(method)
+    raw = tmp_path / "daq/raw/170101_0700"
+    make_dataset(raw, files=12, size=4_000_000)
+    run_id = register(runsdb, 7, "daq", raw)
+    partial = tmp_path / "remote/raw/.170101_0700.cax-partial"
+    copying = threading.Thread(target=one_pass, args=(config, "daq", runsdb))
+    copying.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (partial.exists() and any(p.is_file() for p in partial.rglob("*"))):
+            assert time.monotonic() < deadline, "the copy never started"
+            time.sleep(0.01)
+        with sshd.frozen_sessions():  # hold it mid-way, then the server goes away
+            sshd.stop()
+        copying.join(60)
     finally:
         sshd.start()
     entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
