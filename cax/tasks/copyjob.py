@@ -135,6 +135,8 @@ class LeaseKeeper:
 class CopyJob:
     """Claim, copy, verify and register one dataset copy described by a CopyPlan."""
 
+    done_message = "transferred and verified"
+
     def __init__(self, ctx: Context, plan: CopyPlan, transports: TransportPool,
                  board: ProgressBoard):
         self.ctx, self.plan, self.transports, self.board = ctx, plan, transports, board
@@ -267,12 +269,17 @@ class CopyJob:
         fields = {"status": TRANSFERRED, "checksum": checksum,
                   "size": sum(size for size, _ in manifest.values()), "file_count": len(manifest),
                   "transfer_end": now, "verified_time": now, "modified_time": now}
-        if not self.db.update_entry(plan.run_id, plan.dest_key, fields, owner=self.ctx.owner,
-                                    release=True, unset=("error", "next_attempt",
-                                                         "checksum_problem", "expected_checksum")):
+        unset = ["error", "next_attempt", "checksum_problem", "expected_checksum"]
+        extra, drop = self._registration_extras(checksum)
+        if not self.db.update_entry(plan.run_id, plan.dest_key, {**fields, **extra},
+                                    owner=self.ctx.owner, release=True, unset=unset + drop):
             raise LeaseLostError(f"entry {plan.dest_key} changed hands before registration")
-        log.info("%s: transferred and verified (%s, %d bytes)", plan.route(), checksum[:20],
+        log.info("%s: %s (%s, %d bytes)", plan.route(), self.done_message, checksum[:20],
                  fields["size"])
+
+    def _registration_extras(self, checksum: str) -> tuple[dict[str, Any], list[str]]:
+        """Fields to set and to unset besides the usual ones when the copy is registered."""
+        return {}, []
 
     def _record_failure(self, exc: BaseException) -> None:
         plan, now = self.plan, self.ctx.now()

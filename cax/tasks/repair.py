@@ -185,6 +185,8 @@ class RepairJob(CopyJob):
     record (attempts, backoff) and the source manifest are CopyJob's.
     """
 
+    done_message = "repaired and verified"
+
     def __init__(self, ctx: Context, plan: CopyPlan, transports: TransportPool,
                  board: ProgressBoard, entry: dict[str, Any]):
         super().__init__(ctx, plan, transports, board)
@@ -276,23 +278,11 @@ class RepairJob(CopyJob):
             raise ChecksumMismatchError(f"{self.plan.describe()}: the repaired copy does not "
                                         f"match the reference {self.reference}")
 
-    def _register(self, manifest: Manifest) -> None:
-        plan, now = self.plan, self.ctx.now()
-        checksum = dataset_checksum(manifest)
-        self.db.save_manifest(plan.run_id, plan.dest_key, manifest, checksum, now)
-        fields = {"status": TRANSFERRED, "checksum": checksum,
-                  "size": sum(size for size, _ in manifest.values()), "file_count": len(manifest),
-                  "transfer_end": now, "verified_time": now, "modified_time": now}
-        unset = ["error", "next_attempt", *PROBLEM_FIELDS]
+    def _registration_extras(self, checksum: str) -> tuple[dict[str, Any], list[str]]:
+        """Record the comparison the repair settled, so CompareChecksums need not redo it."""
         if self.expected and self.reference != self.ctx.site.name:
-            fields["compared_checksum"] = compare_token(checksum, self.expected)
-        else:
-            unset.append("compared_checksum")
-        if not self.db.update_entry(plan.run_id, plan.dest_key, fields, owner=self.ctx.owner,
-                                    release=True, unset=unset):
-            raise LeaseLostError(f"entry {plan.dest_key} changed hands before registration")
-        log.info("%s: repaired from %s and verified (%s)", plan.describe(), plan.source.name,
-                 checksum[:20])
+            return {"compared_checksum": compare_token(checksum, self.expected)}, []
+        return {}, ["compared_checksum"]
 
 
 class RetryBadChecksumTransfer(Task):
