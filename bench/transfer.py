@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import paramiko  # noqa: E402
+import paramiko  # noqa: E402 - after the sys.path line, like the rest
 
 from cax import proc  # noqa: E402
 from cax.checksum import scan_dataset  # noqa: E402
@@ -54,7 +54,7 @@ def say(line: str) -> None:
 
 
 def make_run(root: Path, files: int, file_bytes: int, nested: bool = False) -> Path:
-    """Write ``files`` random files of ``file_bytes`` each under ``root`` (in 10 sub-dirs if nested)."""
+    """Write ``files`` random files of ``file_bytes`` under ``root`` (in 10 dirs if nested)."""
     for i in range(files):
         path = root / (f"d{i % 10}" if nested else "") / f"xe1t_{i:04d}.zip"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,14 +138,25 @@ class Bench:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "?")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        "?",
+    )
     versions = {"python": platform.python_version(), "paramiko": paramiko.__version__}
     for tool, argv in (("openssh", ["ssh", "-V"]), ("rsync", ["rsync", "--version"])):
         out = proc.run(argv, timeout=10, check=False)
         versions[tool] = (out.stderr or out.stdout).splitlines()[0].strip()
-    return {"host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
-            "cpu": cpu, "versions": versions}
+    return {
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "versions": versions,
+    }
 
 
 def bench_run(bench: Bench, name: str, src: Path, rounds: int) -> dict:
@@ -153,9 +164,12 @@ def bench_run(bench: Bench, name: str, src: Path, rounds: int) -> dict:
     manifest = scan_dataset(src)  # also warms the page cache
     nbytes, nfiles = sum(s for s, _ in manifest.values()), len(manifest)
     methods = {
-        "openssh-scp": bench.openssh_scp, "openssh-rsync": bench.openssh_rsync,
-        "paramiko-sftp": bench.paramiko_sftp, "cax-scp": bench.cax("scp"),
-        "cax-rsync": bench.cax("rsync"), "cax-local": bench.cax("local"),
+        "openssh-scp": bench.openssh_scp,
+        "openssh-rsync": bench.openssh_rsync,
+        "paramiko-sftp": bench.paramiko_sftp,
+        "cax-scp": bench.cax("scp"),
+        "cax-rsync": bench.cax("rsync"),
+        "cax-local": bench.cax("local"),
     }
     times: dict[str, list[dict]] = {m: [] for m in methods}
     for _ in range(rounds):
@@ -169,31 +183,41 @@ def bench_run(bench: Bench, name: str, src: Path, rounds: int) -> dict:
     for method, runs in times.items():
         parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         wall = parts["wall"]
-        results[method] = {**{k: round(v, 3) for k, v in parts.items()},
-                           "MB/s": round(nbytes / 1e6 / wall, 1),
-                           "files/s": round(nfiles / wall), "ratio_to_scp": round(wall / anchor, 2),
-                           "walls": [round(r["wall"], 3) for r in runs]}
+        results[method] = {
+            **{k: round(v, 3) for k, v in parts.items()},
+            "MB/s": round(nbytes / 1e6 / wall, 1),
+            "files/s": round(nfiles / wall),
+            "ratio_to_scp": round(wall / anchor, 2),
+            "walls": [round(r["wall"], 3) for r in runs],
+        }
         detail = "  ".join(f"{k} {v:.2f}" for k, v in parts.items() if k != "wall")
-        say(f"{method:14s} wall {wall:6.2f} s  {nbytes / 1e6 / wall:7.1f} MB/s  "
-            f"{nfiles / wall:7.0f} files/s  cax/scp {wall / anchor:5.2f}  {detail}")
+        say(
+            f"{method:14s} wall {wall:6.2f} s  {nbytes / 1e6 / wall:7.1f} MB/s  "
+            f"{nfiles / wall:7.0f} files/s  cax/scp {wall / anchor:5.2f}  {detail}"
+        )
     return {"files": nfiles, "bytes": nbytes, "results": results}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dir", default="/var/tmp", help="scratch parent directory")
+    parser.add_argument("--dir", default="/var/tmp", help="scratch parent directory")  # noqa: S108
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    parser.add_argument("--remote-python", default="/usr/bin/python3",
-                        help="the site's remote_python (here a bare python3 over ssh finds the "
-                             "pyenv shim first in root's PATH, +60 ms per call)")
+    parser.add_argument(
+        "--remote-python",
+        default="/usr/bin/python3",
+        help="the site's remote_python (here a bare python3 over ssh finds the "
+        "pyenv shim first in root's PATH, +60 ms per call)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cax-bench-", dir=args.dir))
     sshd = Sshd(work / "sshd")
     try:
         t0 = time.monotonic()
-        runs = {"1GiB": make_run(work / "src" / "1GiB", 20, 50 * 2**20),
-                "1000files": make_run(work / "src" / "1000files", 1000, 100_000, nested=True)}
+        runs = {
+            "1GiB": make_run(work / "src" / "1GiB", 20, 50 * 2**20),
+            "1000files": make_run(work / "src" / "1000files", 1000, 100_000, nested=True),
+        }
         say(f"made test data in {time.monotonic() - t0:.1f} s under {work}")
         sshd.start()
         bench = Bench(sshd, work / "dst" / "run", args.remote_python)
@@ -207,15 +231,29 @@ def main() -> None:
         best = min(("cax-scp", "cax-rsync"), key=lambda m: big[m]["wall"])
         small = report["1000files"]["results"]
         fastest_small = max(small[m]["files/s"] for m in ("cax-scp", "cax-rsync", "cax-local"))
-        say(f"targets: {best} {big[best]['ratio_to_scp']:.2f}x scp (<= 1.25); cax-scp "
+        say(
+            f"targets: {best} {big[best]['ratio_to_scp']:.2f}x scp (<= 1.25); cax-scp "
             f"{big['cax-scp']['MB/s']} MB/s vs paramiko-sftp {big['paramiko-sftp']['MB/s']} MB/s "
-            f"(>=); 1000files best verified {fastest_small} files/s (>= 1000)")
-        say(json.dumps({"bench": "transfer", "inputs": {"rounds": args.rounds, "cipher": CIPHER,
-                                   "remote_python": args.remote_python,
-                        "runs": {k: {"files": v["files"], "bytes": v["bytes"]}
-                                 for k, v in report.items()}},
-                        "machine": machine(), "results": report,
-                        "cold_connect_s": bench.cold}))
+            f"(>=); 1000files best verified {fastest_small} files/s (>= 1000)"
+        )
+        say(
+            json.dumps(
+                {
+                    "bench": "transfer",
+                    "inputs": {
+                        "rounds": args.rounds,
+                        "cipher": CIPHER,
+                        "remote_python": args.remote_python,
+                        "runs": {
+                            k: {"files": v["files"], "bytes": v["bytes"]} for k, v in report.items()
+                        },
+                    },
+                    "machine": machine(),
+                    "results": report,
+                    "cold_connect_s": bench.cold,
+                }
+            )
+        )
         say(f"ratio cax/scp {big[best]['ratio_to_scp']:.2f}")
     finally:
         sshd.stop()

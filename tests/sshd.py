@@ -73,7 +73,9 @@ class Sshd:
 
     def __init__(self, root: Path, port: int | None = None):
         if not os.access(SSHD_BIN, os.X_OK):
-            raise SshdUnavailableError(f"{SSHD_BIN} is not installed (apt-get install openssh-server)")
+            raise SshdUnavailableError(
+                f"{SSHD_BIN} is not installed (apt-get install openssh-server)"
+            )
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -89,8 +91,21 @@ class Sshd:
         for key in (host_key, Path(self.key_file)):
             if not key.exists():
                 subprocess.run(
-                    ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cax-test", "-f", str(key)],
-                    check=True, timeout=30, stdin=subprocess.DEVNULL,
+                    [
+                        "ssh-keygen",
+                        "-q",
+                        "-t",
+                        "ed25519",
+                        "-N",
+                        "",
+                        "-C",
+                        "cax-test",
+                        "-f",
+                        str(key),
+                    ],
+                    check=True,
+                    timeout=30,
+                    stdin=subprocess.DEVNULL,
                 )
         authorized = self.root / "authorized_keys"
         authorized.write_text(Path(self.key_file + ".pub").read_text())
@@ -103,7 +118,9 @@ class Sshd:
             "Subsystem sftp internal-sftp\nLogLevel VERBOSE\nMaxStartups 50\nMaxSessions 50\n"
         )
         host_pub = (self.root / "host_ed25519.pub").read_text().split()
-        Path(self.known_hosts).write_text(f"[{self.host}]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        Path(self.known_hosts).write_text(
+            f"[{self.host}]:{self.port} {host_pub[0]} {host_pub[1]}\n"
+        )
         Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # privsep dir, tmpfs
 
     def start(self) -> None:
@@ -113,12 +130,17 @@ class Sshd:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(  # absolute path: sshd refuses to re-exec otherwise
                 [SSHD_BIN, "-D", "-e", "-f", str(self.config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SshdUnavailableError(f"sshd exited with {self.proc.returncode}; see {self.log}")
+                raise SshdUnavailableError(
+                    f"sshd exited with {self.proc.returncode}; see {self.log}"
+                )
             try:
                 with socket.create_connection((self.host, self.port), timeout=1) as sock:
                     if sock.recv(64).startswith(b"SSH-"):
@@ -126,7 +148,9 @@ class Sshd:
             except OSError:
                 time.sleep(0.02)
         self.stop()
-        raise SshdUnavailableError(f"sshd did not answer on {self.host}:{self.port}; see {self.log}")
+        raise SshdUnavailableError(
+            f"sshd did not answer on {self.host}:{self.port}; see {self.log}"
+        )
 
     def session_pids(self) -> list[int]:
         """Return the per-connection processes (sshd children and the commands they run)."""
@@ -161,8 +185,13 @@ class Sshd:
         from cax.transport.base import Endpoint
 
         fields = dict(
-            site="testsite", method=method, hostname=self.host, port=self.port,
-            username=self.user, key_file=self.key_file, known_hosts=self.known_hosts,
+            site="testsite",
+            method=method,
+            hostname=self.host,
+            port=self.port,
+            username=self.user,
+            key_file=self.key_file,
+            known_hosts=self.known_hosts,
             connect_timeout_s=5,
         )
         fields.update(overrides)
@@ -171,9 +200,19 @@ class Sshd:
     def ssh_argv(self) -> list[str]:
         """Return an OpenSSH client argv prefix (for benchmarks and anchors)."""
         return [
-            "ssh", "-p", str(self.port), "-i", self.key_file, "-o", "IdentitiesOnly=yes",
-            "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
-            "-o", "StrictHostKeyChecking=yes",
+            "ssh",
+            "-p",
+            str(self.port),
+            "-i",
+            self.key_file,
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
         ]
 
 

@@ -43,7 +43,9 @@ PERMANENT_ERROR_RE = re.compile(
 )
 """Filesystem errors in a tool's message that trying again will not fix."""
 REMOTE_OP_TIMEOUT_S = 300.0
-"""Small site-side commands (rename, remove, exists); a manifest also gets a per-MB allowance."""
+"""Small site-side commands (prepare, stat, rename, remove, exists)."""
+MANIFEST_TIMEOUT_S = 4 * 3600.0
+"""Reading a whole dataset on a site; its size is not known beforehand (100 GB at 7 MB/s)."""
 
 
 @dataclass(frozen=True)
@@ -157,12 +159,13 @@ class Transport(ABC):
 
     @abstractmethod
     def exists(self, remote: str) -> bool:
-        """Return whether ``remote`` exists on the site.
+        """Return whether ``remote`` exists on the site (a symlink counts, even dangling).
 
-        A failure to find out raises TransferError: it never reads as "absent".
+        A failure to find out raises TransferError (network) or OSError (e.g. permission
+        denied on a parent): it never reads as "absent".
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold a connection
         """Release the connection (idempotent)."""
 
     def __enter__(self) -> Transport:

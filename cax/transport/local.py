@@ -30,7 +30,7 @@ MAX_UNSYNCED_FILES = 256
 RETRYABLE_ERRNOS = {errno.ENOSPC, errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EDQUOT}
 
 
-class _Stalled(Exception):
+class _StalledError(Exception):
     pass
 
 
@@ -78,7 +78,7 @@ class LocalTransport(Transport):
             copier.sync_later(os.open(dst.parent, os.O_RDONLY | os.O_DIRECTORY))
             copier.finish()
             return manifest
-        except _Stalled:
+        except _StalledError:
             raise self.stalled_error(what, dst) from None
         except OSError as exc:
             raise self._error(what, exc.filename or dst, exc) from exc
@@ -148,7 +148,7 @@ class _Copier:
             try:
                 while n := fin.readinto(self.buf):
                     if self.watch.stalled():  # this one read took longer than the stall timeout
-                        raise _Stalled
+                        raise _StalledError
                     chunk = self.view[:n]
                     while chunk:
                         chunk = chunk[os.write(out, chunk) :]

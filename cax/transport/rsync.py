@@ -31,34 +31,47 @@ import time
 from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from cax import proc
 from cax.checksum import REMOTE_MANIFEST_SCRIPT, Manifest, parse_remote_manifest
 from cax.errors import CommandError, TransferError
 from cax.transport import siteops, ssh
 from cax.transport.base import (
-    PERMANENT_ERROR_RE, REMOTE_OP_TIMEOUT_S, Progress, StallWatch, Transport, transfer_timeout_s,
+    MANIFEST_TIMEOUT_S,
+    PERMANENT_ERROR_RE,
+    REMOTE_OP_TIMEOUT_S,
+    Endpoint,
+    Progress,
+    StallWatch,
+    Transport,
+    transfer_timeout_s,
 )
+
+if TYPE_CHECKING:
+    from subprocess import CompletedProcess, Popen
 
 log = logging.getLogger(__name__)
 
-MANIFEST_TIMEOUT_S = 4 * 3600.0
 POLL_S = 0.02  # how soon the end of rsync is noticed (small runs take well under a second)
 PROGRESS_PERIOD_S = 1.0  # rsync prints progress about once a second, not per block
-RETRYABLE_EXITS = {10, 12, 20, 24, 30, 35, 255}
+RSYNC_TIMEOUT_EXIT = 30  # --timeout: no data moved for that long
+SSH_FAILURE_EXIT = 255
+RETRYABLE_EXITS = {10, 12, 20, 24, RSYNC_TIMEOUT_EXIT, 35, SSH_FAILURE_EXIT}  # I/O, protocol, net
+FILE_ERROR_EXITS = {11, 23}  # retryable unless the message names a permanent filesystem error
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
 
 
 class RsyncTransport(Transport):
     """Copy datasets with rsync over OpenSSH, sharing one SSH connection per transport."""
 
-    def __init__(self, endpoint, *, stall_timeout_s: float = 60.0):  # noqa: ANN001
+    def __init__(self, endpoint: Endpoint, *, stall_timeout_s: float = 60.0):
         super().__init__(endpoint, stall_timeout_s=stall_timeout_s)
         self._host = ssh.destination_host(endpoint)
         self._dir = tempfile.mkdtemp(prefix="cax-ssh-")  # 0700; socket paths must be short
         self._control = os.path.join(self._dir, "cm")
         self._master = ExitStack()
-        self._master_proc = None
+        self._master_proc: Popen | None = None
 
     # ---------------------------------------------------------------- data
 
@@ -67,8 +80,9 @@ class RsyncTransport(Transport):
         info = self.stat_source(local, "put")
         self._siteop("put", remote, ["prepare", remote, info["kind"], False])
         slash = "/" if info["kind"] == "dir" else ""
-        self._rsync("put", remote, f"{local}{slash}", self._remote_arg(remote) + slash,
-                    info, progress)
+        self._rsync(
+            "put", remote, (f"{local}{slash}", self._remote_arg(remote) + slash), info, progress
+        )
         return None
 
     def get(self, remote: str, local: Path, progress: Progress | None = None) -> Manifest | None:
@@ -79,73 +93,73 @@ class RsyncTransport(Transport):
         except OSError as exc:
             raise ssh.oserror_to_transfer(self.endpoint, "get to", str(local), exc) from exc
         slash = "/" if info["kind"] == "dir" else ""
-        self._rsync("get", remote, self._remote_arg(remote) + slash, f"{local}{slash}",
-                    info, progress)
+        self._rsync(
+            "get", remote, (self._remote_arg(remote) + slash, f"{local}{slash}"), info, progress
+        )
         return None
 
     def _remote_arg(self, remote: str) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"{host}:{remote}"
 
-    def _rsync(self, what: str, remote: str, src: str, dst: str, info: dict,
-               progress: Progress | None) -> None:
-        """Run one rsync, forwarding progress and aborting it when it stalls."""
+    def _rsync(
+        self, what: str, remote: str, args: tuple[str, str], info: dict, progress: Progress | None
+    ) -> None:
+        """Run one rsync of ``args`` (source, destination), forwarding progress.
+
+        Aborts it when no byte moved for the stall timeout (rsync's own ``--timeout`` usually
+        fires first) or it ran past the size-based time limit.
+        """
         self._ensure_master()
+        rsh = shlex.join(["ssh", *ssh.openssh_options(self.endpoint, self._control)])
         argv = [
-            "rsync", "-a", "--partial", "-s", "--info=progress2", "--outbuf=N",
+            "rsync",
+            "-a",
+            "--partial",
+            "-s",
+            "--info=progress2",
+            "--outbuf=N",
             f"--timeout={max(1, math.ceil(self.stall_timeout_s))}",
-            "-e", shlex.join(["ssh", *ssh.openssh_options(self.endpoint, self._control)]),
+            "-e",
+            rsh,
         ]
         if info["kind"] == "dir":
             argv.append("--delete")  # the result must be exactly the source
-        argv += ["--", src, dst]
         watch = StallWatch(self.stall_timeout_s + PROGRESS_PERIOD_S, progress)
         limit_s = transfer_timeout_s(info["size"])
-        with proc.popen(argv, merge_stderr=True) as child:
+        with proc.popen([*argv, "--", *args], merge_stderr=True) as child:
             reader = _OutputReader(child.stdout)
             try:
-                error = self._follow(child, reader, watch, limit_s, what, remote)
+                aborted = _follow(child, reader, watch, limit_s)
             finally:
-                if child.poll() is None or child.returncode != 0:
-                    # rsync's ssh handed our output pipe to the ControlMaster (fd passing):
-                    # only ending the master closes it when the peer hangs
+                if child.poll() is None:  # stalled, too slow, or the progress callback raised
+                    _stop_group(child)
+                if child.returncode != 0:
+                    # rsync's ssh handed our output pipe to the ControlMaster (fd passing), so
+                    # only ending the master closes it when the peer hangs; a failed copy
+                    # also leaves the shared connection suspect
                     self._stop_master()
                 _drain(child, reader)
             reader.forward(watch)
-        if error:
-            raise error
+        if aborted == "stalled":
+            raise self.stalled_error(what, remote)
+        if aborted:
+            raise self.fail(what, remote, f"rsync timed out after {limit_s:g} s", True)
         if child.returncode != 0:
             raise self._rsync_error(what, remote, child.returncode, reader.tail)
-
-    def _follow(self, child, reader: _OutputReader, watch: StallWatch, limit_s: float,  # noqa: ANN001
-                what: str, remote: str) -> TransferError | None:
-        """Forward progress until rsync exits; return the error if it stalls or runs too long."""
-        started = time.monotonic()
-        while child.poll() is None:
-            time.sleep(POLL_S)
-            reader.forward(watch)
-            error = None
-            if watch.stalled():
-                error = self.stalled_error(what, remote)
-            elif time.monotonic() - started > limit_s:
-                error = self.fail(what, remote, f"rsync timed out after {limit_s:g} s", True)
-            if error:
-                _kill_group(child, signal.SIGTERM)
-                return error
-        return None
 
     def _rsync_error(self, what: str, remote: str, code: int, tail: deque) -> TransferError:
         text = "\n".join(tail)
         known = ssh.classify_ssh_stderr(self.endpoint, text)
         if known:
             return TransferError(known[0], retryable=known[1])
-        if code == 30:
+        if code == RSYNC_TIMEOUT_EXIT:
             return self.stalled_error(what, remote)
         lines = [line.strip() for line in tail if line.strip()] or ["no output"]
         # rsync ends with a generic "rsync error: ... (code N)"; the cause is the line before
         cause = next((x for x in reversed(lines) if not x.startswith("rsync error:")), lines[-1])
         permanent = PERMANENT_ERROR_RE.search(text)
-        retryable = code in RETRYABLE_EXITS or (code in (11, 23) and not permanent)
+        retryable = code in RETRYABLE_EXITS or (code in FILE_ERROR_EXITS and not permanent)
         return self.fail(what, remote, f"rsync exited with {code}: {cause}", retryable)
 
     # ---------------------------------------------------------------- site operations
@@ -173,20 +187,26 @@ class RsyncTransport(Transport):
             raise ssh.oserror_to_transfer(self.endpoint, what, path, exc) from exc
 
     def _siteops(self, *ops: list, path: str) -> list:
-        result = self._python(ssh.SITEOPS_SOURCE, ssh.siteops_request(*ops), REMOTE_OP_TIMEOUT_S, path)
+        result = self._python(
+            ssh.SITEOPS_SOURCE, ssh.siteops_request(*ops), REMOTE_OP_TIMEOUT_S, path
+        )
         if result.returncode != 0 or not result.stdout.strip():
             raise self._command_error(ops[0][0], path, result.returncode, result.stderr)
         return ssh.siteops_results(result.stdout)
 
-    def _python(self, script: str, stdin: str, timeout_s: float, path: str):  # noqa: ANN202
+    def _python(self, script: str, stdin: str, timeout_s: float, path: str) -> CompletedProcess:
         """Run ``script`` with the site's python3 over the shared connection.
 
         The master holds our pipes while the command runs (fd passing), so a hung command is
         only cut loose by ending the master: a timer does that at the time limit.
         """
         self._ensure_master()
-        argv = ["ssh", *ssh.openssh_options(self.endpoint, self._control), self._host,
-                ssh.python_command(self.endpoint, script)]
+        argv = [
+            "ssh",
+            *ssh.openssh_options(self.endpoint, self._control),
+            self._host,
+            ssh.python_command(self.endpoint, script),
+        ]
         timer = threading.Timer(timeout_s, self._kill_master)
         timer.start()
         try:
@@ -195,7 +215,7 @@ class RsyncTransport(Transport):
             raise self.fail("run command for", path, exc, retryable=True) from exc
         finally:
             timer.cancel()
-        if result.returncode == 255:
+        if result.returncode == SSH_FAILURE_EXIT:
             self._stop_master()  # the connection failed: start afresh next time
         return result
 
@@ -204,8 +224,9 @@ class RsyncTransport(Transport):
         if known:
             return TransferError(known[0], retryable=known[1])
         last = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
-        tool = "ssh" if code == 255 else self.endpoint.remote_python
-        return self.fail(what, path, f"{tool} exited with {code}: {last}", retryable=code == 255)
+        failed = code == SSH_FAILURE_EXIT
+        tool = "ssh" if failed else self.endpoint.remote_python
+        return self.fail(what, path, f"{tool} exited with {code}: {last}", retryable=failed)
 
     # ---------------------------------------------------------------- connection
 
@@ -216,8 +237,12 @@ class RsyncTransport(Transport):
         self._stop_master()
         if os.path.lexists(self._control):
             os.unlink(self._control)  # stale socket of a killed master
-        argv = ["ssh", *ssh.openssh_options(self.endpoint, self._control, master=True), "-N",
-                self._host]
+        argv = [
+            "ssh",
+            *ssh.openssh_options(self.endpoint, self._control, master=True),
+            "-N",
+            self._host,
+        ]
         child = self._master.enter_context(proc.popen(argv))
         deadline = time.monotonic() + self.endpoint.connect_timeout_s + 5
         while not os.path.exists(self._control):  # the socket appears once logged in
@@ -226,7 +251,7 @@ class RsyncTransport(Transport):
                     child.kill()
                 code, stderr = child.wait(), child.stderr.read()
                 self._master.close()
-                raise self._command_error("connect to", "", code or 255, stderr)
+                raise self._command_error("connect to", "", code or SSH_FAILURE_EXIT, stderr)
             time.sleep(0.01)
         self._master_proc = child
 
@@ -249,7 +274,7 @@ class RsyncTransport(Transport):
 class _OutputReader(threading.Thread):
     """Read rsync's merged output: progress totals, plus the last lines for error messages."""
 
-    def __init__(self, stream):  # noqa: ANN001 - text stream; universal newlines split on \r
+    def __init__(self, stream: TextIO):  # text mode: universal newlines split rsync's \r lines
         super().__init__(name="cax-rsync-output", daemon=True)
         self.stream, self.total, self.messages = stream, 0, 0
         self.tail: deque[str] = deque(maxlen=25)
@@ -275,14 +300,39 @@ class _OutputReader(threading.Thread):
         self._sent_total, self._sent_messages = total, messages
 
 
-def _kill_group(child, sig: int) -> None:  # noqa: ANN001 - a Popen from proc.popen
+def _follow(child: Popen, reader: _OutputReader, watch: StallWatch, limit_s: float) -> str:
+    """Forward progress until rsync exits; return "" or why it was stopped (stalled, timeout)."""
+    started = time.monotonic()
+    while child.poll() is None:
+        time.sleep(POLL_S)
+        reader.forward(watch)
+        why = "stalled" if watch.stalled() else ""
+        if not why and time.monotonic() - started > limit_s:
+            why = "timeout"
+        if why:
+            return why
+    return ""
+
+
+def _stop_group(child: Popen) -> None:
+    """TERM rsync and its ssh, KILL them if they are still there after a grace period."""
+    _kill_group(child, signal.SIGTERM)
+    deadline = time.monotonic() + proc.KILL_GRACE_S
+    while child.poll() is None and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    if child.poll() is None:
+        _kill_group(child, signal.SIGKILL)
+        child.wait()
+
+
+def _kill_group(child: Popen, sig: int) -> None:
     try:
         os.killpg(child.pid, sig)  # proc.popen starts each command in its own session
     except ProcessLookupError:
         pass
 
 
-def _drain(child, reader: _OutputReader) -> None:  # noqa: ANN001 - a Popen
+def _drain(child: Popen, reader: _OutputReader) -> None:
     """Wait for rsync's output to end; kill what is left of its process group if it does not.
 
     proc.popen only cleans up a group whose leader still runs, and closing the stream while the

@@ -30,20 +30,25 @@ from cax.checksum import REMOTE_MANIFEST_SCRIPT, Manifest, parse_remote_manifest
 from cax.errors import TransferError
 from cax.transport import siteops, ssh
 from cax.transport.base import (
-    PERMANENT_ERROR_RE, REMOTE_OP_TIMEOUT_S, Progress, StallWatch, Transport, transfer_timeout_s,
+    MANIFEST_TIMEOUT_S,
+    PERMANENT_ERROR_RE,
+    REMOTE_OP_TIMEOUT_S,
+    Progress,
+    StallWatch,
+    Transport,
+    transfer_timeout_s,
 )
 
 log = logging.getLogger(__name__)
 
 PUT_BUFF_BYTES = 64 * 2**10
 GET_BUFF_BYTES = 2**20
-MANIFEST_TIMEOUT_S = 4 * 3600.0  # reading a whole dataset on a slow site disk
 
 
 class _HashingReader:
     """File wrapper that hashes what the scp client reads and reports it as progress."""
 
-    def __init__(self, raw, watch: StallWatch):  # noqa: ANN001 - a binary file
+    def __init__(self, raw, watch: StallWatch):
         self.raw, self.watch, self.adler, self.size = raw, watch, 1, 0
 
     def read(self, n: int) -> bytes:
@@ -83,7 +88,7 @@ class _HashingSCPClient(SCPClient):
 class ScpTransport(Transport):
     """Copy datasets with the scp protocol over one reused paramiko connection."""
 
-    def __init__(self, endpoint, *, stall_timeout_s: float = 60.0):  # noqa: ANN001
+    def __init__(self, endpoint, *, stall_timeout_s: float = 60.0):
         super().__init__(endpoint, stall_timeout_s=stall_timeout_s)
         self._client: paramiko.SSHClient | None = None
 
@@ -95,8 +100,13 @@ class ScpTransport(Transport):
         self._siteop("put", remote, ["prepare", remote, info["kind"], True])
         watch = StallWatch(self.stall_timeout_s, progress)
         with self._copying("put", remote, watch, info["size"]) as transport:
-            client = _HashingSCPClient(transport, local, watch, buff_size=PUT_BUFF_BYTES,
-                                       socket_timeout=self.stall_timeout_s + 5)
+            client = _HashingSCPClient(
+                transport,
+                local,
+                watch,
+                buff_size=PUT_BUFF_BYTES,
+                socket_timeout=self.stall_timeout_s + 5,
+            )
             client.put(str(local), remote, recursive=info["kind"] == "dir", preserve_times=True)
         return client.manifest
 
@@ -117,14 +127,19 @@ class ScpTransport(Transport):
             seen[path] = pos
 
         with self._copying("get", remote, watch, info["size"]) as transport:
-            client = SCPClient(transport, buff_size=GET_BUFF_BYTES, progress=on_progress,
-                               socket_timeout=self.stall_timeout_s + 5)
+            client = SCPClient(
+                transport,
+                buff_size=GET_BUFF_BYTES,
+                progress=on_progress,
+                socket_timeout=self.stall_timeout_s + 5,
+            )
             client.get(remote, str(local), recursive=info["kind"] == "dir", preserve_times=True)
         return None
 
     @contextmanager
-    def _copying(self, what: str, remote: str, watch: StallWatch, nbytes: int
-                 ) -> Iterator[paramiko.Transport]:
+    def _copying(
+        self, what: str, remote: str, watch: StallWatch, nbytes: int
+    ) -> Iterator[paramiko.Transport]:
         """Yield the connection for one copy, watched for stalls; translate its failures.
 
         The watchdog closes the connection when no byte moved for the stall timeout (or the
@@ -189,8 +204,9 @@ class ScpTransport(Transport):
             raise ssh.oserror_to_transfer(self.endpoint, what, path, exc) from exc
 
     def _siteops(self, *ops: list, path: str) -> list:
-        status, out, err = self._run(ssh.SITEOPS_SOURCE, ssh.siteops_request(*ops),
-                                     REMOTE_OP_TIMEOUT_S, path)
+        status, out, err = self._run(
+            ssh.SITEOPS_SOURCE, ssh.siteops_request(*ops), REMOTE_OP_TIMEOUT_S, path
+        )
         if status != 0 or not out.strip():
             raise self._helper_error(ops[0][0], path, status, err)
         return ssh.siteops_results(out)
@@ -240,7 +256,7 @@ class ScpTransport(Transport):
         self._drop()
 
 
-def _read_all(recv) -> bytes:  # noqa: ANN001 - channel.recv or channel.recv_stderr
+def _read_all(recv) -> bytes:
     chunks = []
     while chunk := recv(65536):
         chunks.append(chunk)

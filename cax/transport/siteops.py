@@ -63,7 +63,10 @@ def prepare(path: str, want: str, replace: bool) -> None:
 
 
 def stat_tree(path: str) -> dict:
-    """Return ``{"kind": ..., "size": total bytes, "files": count}``; FileNotFoundError if missing."""
+    """Return ``{"kind": "dir" or "file", "size": bytes, "files": count}`` of a dataset.
+
+    Raises FileNotFoundError if ``path`` is missing.
+    """
     info = os.stat(path)
     if not stat.S_ISDIR(info.st_mode):
         return {"kind": "file", "size": info.st_size, "files": 1}
@@ -112,8 +115,10 @@ def handle(request: dict) -> dict:
             results.append(OPS[op[0]](*op[1:]))
         except OSError as exc:
             return {
-                "results": results, "op": index, "errno": exc.errno or 0,
-                "error": "%s: %s" % (exc.strerror or exc, exc.filename or op[1]),
+                "results": results,
+                "op": index,
+                "errno": exc.errno or 0,
+                "error": f"{exc.strerror or exc}: {exc.filename or op[1]}",
             }
     return {"results": results}
 

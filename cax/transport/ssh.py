@@ -47,8 +47,9 @@ def _file_value(ep: Endpoint, path: str) -> str:
     return f'"{path}"' if any(c.isspace() for c in path) else path
 
 
-def openssh_options(ep: Endpoint, control_path: str | None = None, master: bool = False
-                    ) -> list[str]:
+def openssh_options(
+    ep: Endpoint, control_path: str | None = None, master: bool = False
+) -> list[str]:
     """Return OpenSSH client options (everything between ``ssh`` and the host).
 
     With ``control_path``, share the connection of the ControlMaster listening there (or be it,
@@ -76,8 +77,11 @@ def openssh_options(ep: Endpoint, control_path: str | None = None, master: bool 
         opts += ["-c", ",".join(ep.ciphers)]
     if control_path:
         opts += ["-o", f"ControlPath={_file_value(ep, control_path)}"]
-        opts += ["-o", "ControlMaster=yes", "-o", "ControlPersist=no"] if master else \
-            ["-o", "ControlMaster=no"]
+        opts += (
+            ["-o", "ControlMaster=yes", "-o", "ControlPersist=no"]
+            if master
+            else ["-o", "ControlMaster=no"]
+        )
     return opts
 
 
@@ -107,9 +111,7 @@ def siteops_results(stdout: str) -> list:
 
 def oserror_to_transfer(ep: Endpoint, what: str, path: str, exc: OSError) -> TransferError:
     """Wrap a filesystem error at the site: these do not go away by retrying."""
-    return TransferError(
-        f"{what} site {ep.site} ({ep.address}) {path}: {exc}", retryable=False
-    )
+    return TransferError(f"{what} site {ep.site} ({ep.address}) {path}: {exc}", retryable=False)
 
 
 def host_key_message(ep: Endpoint, changed: bool = False) -> str:
@@ -126,8 +128,12 @@ def host_key_message(ep: Endpoint, changed: bool = False) -> str:
 
 
 _HOST_KEY_UNKNOWN = re.compile(r"Host key verification failed|No \S+ host key is known")
-_HOST_KEY_CHANGED = re.compile(r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key for .* has changed")
-_AUTH_FAILED = re.compile(r"Permission denied \((publickey|password|keyboard)|Too many authentication")
+_HOST_KEY_CHANGED = re.compile(
+    r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key for .* has changed"
+)
+_AUTH_FAILED = re.compile(
+    r"Permission denied \((publickey|password|keyboard)|Too many authentication"
+)
 
 
 def classify_ssh_stderr(ep: Endpoint, stderr: str) -> tuple[str, bool] | None:
@@ -144,7 +150,8 @@ def classify_ssh_stderr(ep: Endpoint, stderr: str) -> tuple[str, bool] | None:
 def auth_message(ep: Endpoint) -> str:
     """Return the one-line explanation for a refused login."""
     key = ep.key_file or "the default keys/agent"
-    return f"authentication as {ep.username or 'default user'} to {ep.address} failed (site {ep.site}) with {key}"
+    user = ep.username or "the default user"
+    return f"authentication as {user} to {ep.address} failed (site {ep.site}) with {key}"
 
 
 class UnknownHostKeyError(paramiko.SSHException):
@@ -152,20 +159,26 @@ class UnknownHostKeyError(paramiko.SSHException):
 
 
 class _RefuseUnknownHostKey(paramiko.RejectPolicy):
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
         raise UnknownHostKeyError(f"{hostname} {key.get_name()} not in known_hosts")
 
 
-def _transport_factory(ep: Endpoint):  # noqa: ANN202 - paramiko's factory signature
+def _transport_factory(ep: Endpoint):
     def make(sock: socket.socket, **kwargs: object) -> paramiko.Transport:
         t = paramiko.Transport(
-            sock, default_window_size=WINDOW_BYTES, default_max_packet_size=MAX_PACKET_BYTES,
+            sock,
+            default_window_size=WINDOW_BYTES,
+            default_max_packet_size=MAX_PACKET_BYTES,
             **kwargs,
         )
         options = t.get_security_options()
         wanted = tuple(c for c in ep.ciphers if c in options.ciphers)
         if not wanted:
-            raise ConfigError(f"site {ep.site}: none of the ciphers {ep.ciphers} work with paramiko")
+            raise ConfigError(
+                f"site {ep.site}: none of the ciphers {ep.ciphers} work with paramiko"
+            )
         options.ciphers = wanted
         return t
 
@@ -181,7 +194,7 @@ def connect_paramiko(ep: Endpoint) -> paramiko.SSHClient:
             os.makedirs(os.path.dirname(known_hosts) or ".", mode=0o700, exist_ok=True)
             Path(known_hosts).touch(mode=0o600)
         client.load_host_keys(known_hosts)  # AutoAddPolicy saves new keys back to this file
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # noqa: S507 - site opted in
     else:
         if os.path.exists(known_hosts):
             client.load_host_keys(known_hosts)
@@ -189,10 +202,17 @@ def connect_paramiko(ep: Endpoint) -> paramiko.SSHClient:
     timeout = ep.connect_timeout_s
     try:
         client.connect(
-            destination_host(ep), port=ep.port, username=ep.username,
-            key_filename=ep.key_file, look_for_keys=ep.key_file is None,
-            allow_agent=ep.key_file is None, compress=False, timeout=timeout,
-            banner_timeout=timeout, auth_timeout=timeout, channel_timeout=timeout,
+            destination_host(ep),
+            port=ep.port,
+            username=ep.username,
+            key_filename=ep.key_file,
+            look_for_keys=ep.key_file is None,
+            allow_agent=ep.key_file is None,
+            compress=False,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            channel_timeout=timeout,
             transport_factory=_transport_factory(ep),
         )
     except Exception as exc:
@@ -206,7 +226,9 @@ def connect_paramiko(ep: Endpoint) -> paramiko.SSHClient:
     return client
 
 
-def paramiko_error(ep: Endpoint, what: str, path: str, exc: BaseException) -> TransferError | BaseException:
+def paramiko_error(
+    ep: Endpoint, what: str, path: str, exc: BaseException
+) -> TransferError | BaseException:
     """Translate a paramiko/socket exception into TransferError (others are returned as is)."""
     where = f"site {ep.site} ({ep.address}) {path}".rstrip()
     if isinstance(exc, TransferError | ConfigError):

@@ -312,7 +312,7 @@ def test_ssh_server_down_retryable_then_recovers(sshd, method: str, tmp_path: Pa
         assert same_tree(src, tmp_path / "dst")
 
 
-def _when_copy_starts(directory: Path, action) -> threading.Thread:  # noqa: ANN001
+def _when_copy_starts(directory: Path, action) -> threading.Thread:
     """Run ``action`` as soon as any file under ``directory`` has data (the copy is under way)."""
 
     def wait() -> None:
@@ -391,25 +391,25 @@ def test_local_slow_read_aborted_as_stalled(tmp_path: Path, monkeypatch: pytest.
     real_open = open
 
     class SlowFile:
-        def __init__(self, f):  # noqa: ANN001
+        def __init__(self, f):
             self.f, self.calls = f, 0
 
-        def readinto(self, buf):  # noqa: ANN001
+        def readinto(self, buf):
             self.calls += 1
             if self.calls == 2:
                 time.sleep(1.3)
             return self.f.readinto(buf)
 
-        def __getattr__(self, name):  # noqa: ANN001
+        def __getattr__(self, name):
             return getattr(self.f, name)
 
         def __enter__(self):
             return self
 
-        def __exit__(self, *exc):  # noqa: ANN002
+        def __exit__(self, *exc):
             self.f.close()
 
-    def slow_open(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    def slow_open(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
         return SlowFile(f) if "r" in mode and isinstance(file, int) else f
 
