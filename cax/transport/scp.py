@@ -168,6 +168,9 @@ class ScpTransport(Transport):
             if why:
                 raise self.fail(what, remote, f"timed out after {limit_s:g} s", True) from exc
             raise self._copy_error(what, remote, exc) from exc
+        except BaseException:
+            self._drop()  # e.g. the progress callback raised: the channel is mid-protocol
+            raise
         finally:
             done.set()
             thread.join()

@@ -430,3 +430,25 @@ def test_ssh_config_paths_with_spaces_and_percent_work(sshd, method: str, tmp_pa
     known.write_bytes(Path(sshd.known_hosts).read_bytes())
     with open_transport(sshd.endpoint(method, key_file=str(key), known_hosts=str(known))) as t:
         assert t.exists(str(tmp_path))
+
+
+class _Abort(Exception):
+    pass
+
+
+def test_transport_progress_callback_exception_aborts_and_transport_recovers(
+    transport: Transport, tmp_path: Path
+):
+    """The caller stops a copy from its progress callback (e.g. its lease was lost)."""
+    src = _big_sparse_dataset(tmp_path / "src", 64 * 2**20)
+
+    def abort(nbytes: int) -> None:
+        raise _Abort
+
+    started = time.monotonic()
+    with pytest.raises(_Abort):
+        transport.put(src, str(tmp_path / "dst"), abort)
+    assert time.monotonic() - started < 10
+    small = make_tree(tmp_path / "small")
+    transport.put(small, str(tmp_path / "dst"))  # the same transport still works
+    assert same_tree(small, tmp_path / "dst")
