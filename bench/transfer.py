@@ -17,8 +17,9 @@ first connection (cold) is timed separately.  paramiko-sftp uses cax's paramiko 
 (TCP_NODELAY, aes128-gcm, 2^27 window).  Every ssh command on a site pays that site's login
 shell start-up (here root's ~/.bashrc runs ``pyenv init``, about 80 ms); cax-rsync pays it three
 times per verified copy (prepare, rsync, manifest), the anchors once.  The destination is
-emptied (and synced) between runs, outside the timing.  The last line is ``ratio cax/scp <R>``: the wall time of the fastest
-verified cax SSH method over OpenSSH scp's, for the 1 GiB run (target <= 1.25).
+emptied (and synced) between runs, outside the timing.  The last line is ``ratio cax/scp <R>``:
+the wall time of the fastest verified cax SSH method over OpenSSH scp's, for the 1 GiB run
+(target <= 1.25).
 
     .venv/bin/python bench/transfer.py [--rounds 3] [--dir /var/tmp] [--keep]
         [--remote-python /usr/bin/python3]
