@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import paramiko
 from scp import SCPClient, SCPException
@@ -33,6 +34,7 @@ from cax.transport.base import (
     MANIFEST_TIMEOUT_S,
     PERMANENT_ERROR_RE,
     REMOTE_OP_TIMEOUT_S,
+    Endpoint,
     Progress,
     StallWatch,
     Transport,
@@ -48,7 +50,7 @@ GET_BUFF_BYTES = 2**20
 class _HashingReader:
     """File wrapper that hashes what the scp client reads and reports it as progress."""
 
-    def __init__(self, raw, watch: StallWatch):
+    def __init__(self, raw: BinaryIO, watch: StallWatch):
         self.raw, self.watch, self.adler, self.size = raw, watch, 1, 0
 
     def read(self, n: int) -> bytes:
@@ -88,7 +90,7 @@ class _HashingSCPClient(SCPClient):
 class ScpTransport(Transport):
     """Copy datasets with the scp protocol over one reused paramiko connection."""
 
-    def __init__(self, endpoint, *, stall_timeout_s: float = 60.0):
+    def __init__(self, endpoint: Endpoint, *, stall_timeout_s: float = 60.0):
         super().__init__(endpoint, stall_timeout_s=stall_timeout_s)
         self._client: paramiko.SSHClient | None = None
 
