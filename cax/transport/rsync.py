@@ -28,6 +28,7 @@ import signal
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
@@ -72,6 +73,8 @@ class RsyncTransport(Transport):
         self._control = os.path.join(self._dir, "cm")
         self._master = ExitStack()
         self._master_proc: Popen | None = None
+        # a transport that is never closed must not leave an ssh master running after us
+        weakref.finalize(self, _release, self._master, self._dir)
 
     # ---------------------------------------------------------------- data
 
@@ -235,6 +238,7 @@ class RsyncTransport(Transport):
         if self._master_proc is not None and self._master_proc.poll() is None:
             return
         self._stop_master()
+        os.makedirs(self._dir, mode=0o700, exist_ok=True)
         if os.path.lexists(self._control):
             os.unlink(self._control)  # stale socket of a killed master
         argv = [
@@ -298,6 +302,11 @@ class _OutputReader(threading.Thread):
         elif messages != self._sent_messages:
             watch.alive()
         self._sent_total, self._sent_messages = total, messages
+
+
+def _release(master: ExitStack, directory: str) -> None:
+    master.close()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _follow(child: Popen, reader: _OutputReader, watch: StallWatch, limit_s: float) -> str:
