@@ -89,7 +89,7 @@ def default_config_path() -> str:
 
 def make_owner(site: str) -> str:
     """Identify this daemon process in leases and heartbeats: site@host:pid:start."""
-    return f"{site}@{socket.getfqdn()}:{os.getpid()}:{int(time.time())}"
+    return f"{site}@{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
 
 
 def run_selector(run: int | None, name: str | None, datasets: tuple[str, ...] | None) -> dict:

@@ -74,7 +74,7 @@ class Daemon:
                 background.fail(failure)
             result.outcomes.append(background)
         self._report(result, started)
-        db_trouble = any("runs DB" in e for o in result.outcomes for e in o.errors)
+        db_trouble = any(o.db_errors for o in result.outcomes)
         self.db_failures = self.db_failures + 1 if db_trouble else 0
         log.info("pass %d: done, %d item(s) done, %d failed", self.passes,
                  sum(o.done for o in result.outcomes), result.failed)
@@ -92,7 +92,7 @@ class Daemon:
             Report(self.ctx).heartbeat(info)
         except CaxError as exc:
             log.warning("heartbeat not written: %s", exc)
-            result.outcomes.append(Outcome("Report", failed=1, errors=[str(exc)]))
+            result.outcomes.append(Outcome("Report", failed=1, db_errors=1, errors=[str(exc)]))
 
     def sleep_seconds(self) -> float:
         """The pause before the next pass: the configured one, longer after DB failures."""

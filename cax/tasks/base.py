@@ -51,6 +51,7 @@ class Outcome:
     task: str
     done: int = 0
     failed: int = 0
+    db_errors: int = 0
     errors: list[str] = field(default_factory=list)
 
     def fail(self, message: str) -> None:
@@ -111,6 +112,7 @@ def run_task(task: Task, ctx: Context) -> Outcome:
         except (CaxError, OSError) as exc:
             log.error("cannot select runs: %s", exc)
             outcome.fail(str(exc))
+            outcome.db_errors += isinstance(exc, RunsDBError)
             return outcome
         for run in runs:
             if ctx.stop.is_set():
@@ -136,6 +138,7 @@ def _run_one(task: Task, run: dict[str, Any], outcome: Outcome) -> None:
         except RunsDBError as exc:
             log.warning("runs DB problem: %s", exc)
             outcome.fail(f"{label}: {exc}")
+            outcome.db_errors += 1
         except (CaxError, OSError) as exc:
             log.error("%s", exc)
             outcome.fail(f"{label}: {exc}")

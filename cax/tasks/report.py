@@ -24,7 +24,7 @@ class Report(Task):
         """Record ``pass_info`` (pass number, times, per-task counts, last error)."""
         doc = {
             "site": self.site.name,
-            "host": socket.getfqdn(),
+            "host": socket.gethostname(),
             "pid": os.getpid(),
             "version": cax.__version__,
             "updated": self.ctx.now(),
