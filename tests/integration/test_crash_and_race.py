@@ -98,6 +98,7 @@ def test_two_daemons_of_one_site_racing_copy_each_run_once(ssh_sites, runsdb, tm
         assert scan_dataset(entry["location"]) == \
             scan_dataset(find_entry(run, EntryKey("remote", "raw"))["location"])
     both = [sum("transferred and verified" in line for line in open(log)) for _, log in daemons]
+    print(f"copies per daemon: {both}")
     assert all(both), f"one daemon did all the work: {both}"  # they really raced
 
 
