@@ -1,10 +1,12 @@
 """Transport with the real rsync over OpenSSH.
 
-Fastest method measured here (feasibility §2: rsync with aes128-gcm ~530 MB/s on loopback), and
-the only one that resumes: ``--partial`` keeps a half-copied file under its final name, and the
-next attempt reuses it as the delta basis (files already complete are skipped by size and
-mtime).  ``--append-verify`` was not chosen: it silently skips any destination file that is as
-long as the source, which turns a corrupt copy into a "complete" one until verification.
+The fastest cax method over SSH here (bench/transfer.py: as fast as plain OpenSSH rsync, 1,000
+small files at over 1,000 files/s verified), and the only one that resumes: ``--partial`` keeps
+a half-copied file under its final name, and the next attempt uses it as the delta basis (files
+already complete are skipped by size and mtime; a same-size, same-mtime file with other content
+is trusted until verification).  ``--append-verify`` was not chosen: it skips every destination
+file at least as long as the source, turning a corrupt copy into a "complete" one.
+``--whole-file`` and ``--inplace`` measured no faster on fresh copies and lose the delta resume.
 
 One OpenSSH ControlMaster per transport object (socket in a private temp dir) carries rsync and
 the small site commands (prepare, rename, remove, exists, manifest), so each costs no new SSH
