@@ -91,6 +91,28 @@ class ChecksumTask(Task):
     def path(self, entry: dict[str, Any]) -> str:
         return checked_location(self.site, entry.get("type", ""), entry.get("location"))
 
+    def checksum(self, run: dict[str, Any], entry: dict[str, Any]) -> tuple | None:
+        """Checksum our claimed local copy in the kind of its recorded checksum (adler32 if
+        it has none or one cax cannot verify), holding the lease while it reads.
+
+        Returns (checksum, manifest or None for legacy), or None when the data is missing or
+        unreadable, which is then recorded on the entry.
+        """
+        key, recorded = EntryKey.of(entry), entry.get("checksum")
+        try:
+            with LeaseKeeper(self.ctx, run["_id"], key) as keeper:
+                path = self.path(entry)
+                if kind_of(recorded):
+                    value, manifest = compute_checksum_like(path, recorded)
+                else:
+                    manifest = scan_dataset(path)
+                    value = dataset_checksum(manifest)
+                keeper.check()
+        except UNREADABLE as exc:
+            record_unreadable(self.ctx, run["_id"], key, exc)
+            return None
+        return value, manifest
+
     def good_fields(self, run: dict[str, Any], entry: dict[str, Any], checksum: str,
                     manifest: Manifest | None) -> dict[str, Any]:
         """Save the manifest (if known); return the fields of a verified copy."""
@@ -127,19 +149,12 @@ class AddChecksum(ChecksumTask):
     def verify(self, run: dict[str, Any], entry: dict[str, Any]) -> None:
         """Checksum our claimed entry; register it transferred, or error with the reason."""
         key, recorded = EntryKey.of(entry), entry.get("checksum")
-        try:
-            with LeaseKeeper(self.ctx, run["_id"], key) as keeper:
-                path = self.path(entry)
-                if recorded:
-                    value, manifest = compute_checksum_like(path, recorded)
-                    manifest = manifest if manifest is not None else scan_dataset(path)
-                else:
-                    manifest = scan_dataset(path)
-                    value = dataset_checksum(manifest)
-                keeper.check()
-        except UNREADABLE as exc:
-            record_unreadable(self.ctx, run["_id"], key, exc)
+        result = self.checksum(run, entry)
+        if result is None:
             return
+        value, manifest = result
+        if manifest is None:  # verified against a legacy checksum; keep per-file ones too
+            manifest = scan_dataset(self.path(entry))
         if recorded and value != recorded:
             log.error("%s: %s: checksum mismatch with the registered %s...; data kept",
                       run_label(run), key, str(recorded)[:20])

@@ -15,18 +15,14 @@ from typing import Any
 
 from cax.checksum import (
     Manifest,
-    compute_checksum_like,
-    dataset_checksum,
     diff_manifests,
-    scan_dataset,
 )
 from cax.clock import UTC, as_utc
 from cax.errors import CaxError
 from cax.runsdb import TRANSFERRED, EntryKey, run_label
 from cax.schema import DATA_TYPES
 from cax.tasks.checksum import UNREADABLE, ChecksumTask, describe_files, kind_of
-from cax.tasks.copyjob import LeaseKeeper
-from cax.tasks.repair import find_reference, mark_bad_copy, record_unreadable
+from cax.tasks.repair import find_reference, mark_bad_copy
 from cax.transport import siteops
 
 log = logging.getLogger(__name__)
@@ -89,18 +85,10 @@ class Scrub(ChecksumTask):
             return
         if not self.claim(run, entry, TRANSFERRED):
             return
-        try:
-            with LeaseKeeper(self.ctx, run["_id"], key) as keeper:
-                path = self.path(entry)
-                if kind_of(recorded):
-                    value, manifest = compute_checksum_like(path, recorded)
-                else:
-                    manifest = scan_dataset(path)
-                    value = dataset_checksum(manifest)
-                keeper.check()
-        except UNREADABLE as exc:
-            record_unreadable(self.ctx, run["_id"], key, exc)
+        result = self.checksum(run, entry)
+        if result is None:
             return
+        value, manifest = result
         if not recorded:  # a legacy copy registered without a checksum
             self.write(run, entry, self.good_fields(run, entry, value, manifest))
         elif not kind_of(recorded):
