@@ -2,8 +2,8 @@
 
 A dataset is a directory tree of raw files or one processed file.  Paths on the site are
 absolute POSIX strings; local paths are ``pathlib.Path``.  Backends live one per module
-(``local``, ``scp``, ``rsync``) and are found through ``open_transport`` by the method name in
-the site's config, imported only when used.
+(``local``, ``scp``, ``rsync``, ``openssh``) and are found through ``open_transport`` by the
+method name in the site's config, imported only when used.
 
 Errors, for every backend:
   * ``TransferError(retryable=True)``: network or SSH failure, dropped connection, stalled
@@ -53,7 +53,7 @@ class Endpoint:
     """How to reach a site; built from the site's cax.json section by the config code."""
 
     site: str
-    method: str  # "local" | "scp" | "rsync"
+    method: str  # "local" | "scp" | "rsync" | "openssh"
     hostname: str | None = None
     port: int = 22
     username: str | None = None
@@ -204,6 +204,7 @@ _BACKENDS = {
     "local": "cax.transport.local.LocalTransport",
     "scp": "cax.transport.scp.ScpTransport",
     "rsync": "cax.transport.rsync.RsyncTransport",
+    "openssh": "cax.transport.openssh.OpenSSHTransport",
 }
 
 

@@ -1,4 +1,4 @@
-"""One conformance suite for every transport backend (local, scp, rsync).
+"""One conformance suite for every transport backend (local, scp, rsync, openssh).
 
 The SSH backends talk to the loopback sshd fixture; since it runs on this machine, the "remote"
 paths are temp dirs here too, so results can be checked directly on disk.
@@ -23,8 +23,8 @@ from cax.transport.base import Endpoint, Transport, open_transport
 
 pytestmark = pytest.mark.timeout(60)
 
-METHODS = ["local", "scp", "rsync"]
-SSH_METHODS = ["scp", "rsync"]
+METHODS = ["local", "scp", "rsync", "openssh"]
+SSH_METHODS = ["scp", "rsync", "openssh"]
 # every character a shell would act on, and a command substitution spread over path components
 EVIL = "we ird 'q\" ;&|<>*?[x]`id` $HOME $(touch {marker})"
 

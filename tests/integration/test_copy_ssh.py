@@ -19,7 +19,7 @@ from cax.tasks import CopyPull, CopyPush
 from tests.conftest import edit_site, make_context
 from tests.integration.conftest import make_dataset, register
 
-METHODS = ["scp", "rsync"]
+METHODS = ["scp", "rsync", "openssh"]
 
 
 def trees_equal(a, b) -> bool:
