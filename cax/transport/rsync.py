@@ -19,7 +19,6 @@ read their path as JSON on stdin.  The ``-e`` string is built only from config v
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,13 +36,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from cax import proc
-from cax.checksum import REMOTE_MANIFEST_SCRIPT, Manifest, parse_remote_manifest
+from cax.checksum import Manifest
 from cax.errors import CommandError, TransferError
 from cax.transport import siteops, ssh
 from cax.transport.base import (
-    MANIFEST_TIMEOUT_S,
     PERMANENT_ERROR_RE,
-    REMOTE_OP_TIMEOUT_S,
     Endpoint,
     Progress,
     StallWatch,
@@ -65,7 +62,7 @@ FILE_ERROR_EXITS = {11, 23}  # retryable unless the message names a permanent fi
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
 
 
-class RsyncTransport(Transport):
+class RsyncTransport(ssh.SiteScripts, Transport):
     """Copy datasets with rsync over OpenSSH, sharing one SSH connection per transport."""
 
     def __init__(self, endpoint: Endpoint, *, stall_timeout_s: float = 60.0):
@@ -169,35 +166,10 @@ class RsyncTransport(Transport):
 
     # ---------------------------------------------------------------- site operations
 
-    def manifest(self, remote: str) -> Manifest:
-        request = json.dumps({"path": remote}) + "\n"
-        result = self._python(REMOTE_MANIFEST_SCRIPT, request, MANIFEST_TIMEOUT_S, remote)
-        if result.returncode not in (0, 1) or not result.stdout.strip():
-            raise self._command_error("manifest of", remote, result.returncode, result.stderr)
-        return parse_remote_manifest(result.stdout)
-
-    def rename(self, src: str, dst: str) -> None:
-        self._siteops(["rename", src, dst], path=src)
-
-    def remove(self, remote: str) -> None:
-        self._siteops(["remove", remote], path=remote)
-
-    def exists(self, remote: str) -> bool:
-        return self._siteops(["exists", remote], path=remote)[0]
-
-    def _siteop(self, what: str, path: str, *ops: list) -> list:
-        try:
-            return self._siteops(*ops, path=path)
-        except OSError as exc:
-            raise ssh.oserror_to_transfer(self.endpoint, what, path, exc) from exc
-
-    def _siteops(self, *ops: list, path: str) -> list:
-        result = self._python(
-            ssh.SITEOPS_SOURCE, ssh.siteops_request(*ops), REMOTE_OP_TIMEOUT_S, path
-        )
-        if result.returncode != 0 or not result.stdout.strip():
-            raise self._command_error(ops[0][0], path, result.returncode, result.stderr)
-        return ssh.siteops_results(result.stdout)
+    def _run_script(self, script: str, stdin: str, timeout_s: float,
+                    path: str) -> tuple[int, str, str]:
+        result = self._python(script, stdin, timeout_s, path)
+        return result.returncode, result.stdout, result.stderr
 
     def _python(self, script: str, stdin: str, timeout_s: float, path: str) -> CompletedProcess:
         """Run ``script`` with the site's python3 over the shared connection.
@@ -224,7 +196,7 @@ class RsyncTransport(Transport):
             self._stop_master()  # the connection failed: start afresh next time
         return result
 
-    def _command_error(self, what: str, path: str, code: int, stderr: str) -> TransferError:
+    def _script_error(self, what: str, path: str, code: int, stderr: str) -> TransferError:
         known = ssh.classify_ssh_stderr(self.endpoint, stderr)
         if known:
             return TransferError(known[0], retryable=known[1])
@@ -257,7 +229,7 @@ class RsyncTransport(Transport):
                     child.kill()
                 code, stderr = child.wait(), child.stderr.read()
                 self._master.close()
-                raise self._command_error("connect to", "", code or SSH_FAILURE_EXIT, stderr)
+                raise self._script_error("connect to", "", code or SSH_FAILURE_EXIT, stderr)
             time.sleep(0.01)
         self._master_proc = child
 

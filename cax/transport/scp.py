@@ -17,7 +17,6 @@ exists, manifest) runs fixed python3 scripts with the path as JSON on stdin.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -32,13 +31,11 @@ from typing import BinaryIO
 import paramiko
 from scp import SCPClient, SCPException
 
-from cax.checksum import REMOTE_MANIFEST_SCRIPT, Manifest, parse_remote_manifest
+from cax.checksum import Manifest
 from cax.errors import TransferError
 from cax.transport import siteops, ssh
 from cax.transport.base import (
-    MANIFEST_TIMEOUT_S,
     PERMANENT_ERROR_RE,
-    REMOTE_OP_TIMEOUT_S,
     Endpoint,
     Progress,
     StallWatch,
@@ -92,7 +89,7 @@ class _HashingSCPClient(SCPClient):
             self.manifest[key] = (reader.size, f"{reader.adler & 0xFFFFFFFF:08x}")
 
 
-class ScpTransport(Transport):
+class ScpTransport(ssh.SiteScripts, Transport):
     """Copy datasets with the scp protocol over one reused paramiko connection."""
 
     def __init__(self, endpoint: Endpoint, *, stall_timeout_s: float = 60.0):
@@ -190,43 +187,13 @@ class ScpTransport(Transport):
 
     # ---------------------------------------------------------------- site operations
 
-    def manifest(self, remote: str) -> Manifest:
-        request = json.dumps({"path": remote}) + "\n"
-        status, out, err = self._run(REMOTE_MANIFEST_SCRIPT, request, MANIFEST_TIMEOUT_S, remote)
-        if status not in (0, 1) or not out.strip():
-            raise self._helper_error("manifest of", remote, status, err)
-        return parse_remote_manifest(out)
-
-    def rename(self, src: str, dst: str) -> None:
-        self._siteops(["rename", src, dst], path=src)
-
-    def remove(self, remote: str) -> None:
-        self._siteops(["remove", remote], path=remote)
-
-    def exists(self, remote: str) -> bool:
-        return self._siteops(["exists", remote], path=remote)[0]
-
-    def _siteop(self, what: str, path: str, *ops: list) -> list:
-        """Run site operations for a copy; filesystem errors there are not retryable."""
-        try:
-            return self._siteops(*ops, path=path)
-        except OSError as exc:
-            raise ssh.oserror_to_transfer(self.endpoint, what, path, exc) from exc
-
-    def _siteops(self, *ops: list, path: str) -> list:
-        status, out, err = self._run(
-            ssh.SITEOPS_SOURCE, ssh.siteops_request(*ops), REMOTE_OP_TIMEOUT_S, path
-        )
-        if status != 0 or not out.strip():
-            raise self._helper_error(ops[0][0], path, status, err)
-        return ssh.siteops_results(out)
-
-    def _helper_error(self, what: str, path: str, status: int, err: str) -> TransferError:
+    def _script_error(self, what: str, path: str, status: int, err: str) -> TransferError:
         last = err.strip().splitlines()[-1] if err.strip() else "no output"
         reason = f"{self.endpoint.remote_python} exited with {status}: {last}"
         return self.fail(what, path, reason, retryable=status < 0)
 
-    def _run(self, script: str, stdin: str, timeout_s: float, path: str) -> tuple[int, str, str]:
+    def _run_script(self, script: str, stdin: str, timeout_s: float,
+                    path: str) -> tuple[int, str, str]:
         """Run ``script`` with the site's python3 over the connection; return (status, out, err).
 
         status is -1 when the connection closed before the command reported one.

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import paramiko
 
+from cax.checksum import REMOTE_MANIFEST_SCRIPT, Manifest, parse_remote_manifest
 from cax.errors import ConfigError, TransferError
 from cax.transport import siteops
-from cax.transport.base import Endpoint
+from cax.transport.base import MANIFEST_TIMEOUT_S, REMOTE_OP_TIMEOUT_S, Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -243,3 +244,45 @@ def paramiko_error(
         reason = str(exc) or type(exc).__name__
         return TransferError(f"{what} {where}: {reason}", retryable=True)
     return exc
+
+
+class SiteScripts:
+    """``manifest``, ``rename``, ``remove`` and ``exists`` done by the site-side scripts.
+
+    The SSH backends differ only in how a script runs on the site, which they provide as
+    ``_run_script(script, stdin, timeout_s, path) -> (status, stdout, stderr)``, and in how a
+    failed run becomes an error, ``_script_error(what, path, status, stderr)``.
+    """
+
+    endpoint: Endpoint
+
+    def manifest(self, remote: str) -> Manifest:
+        request = json.dumps({"path": remote}) + "\n"
+        status, out, err = self._run_script(REMOTE_MANIFEST_SCRIPT, request, MANIFEST_TIMEOUT_S,
+                                            remote)
+        if status not in (0, 1) or not out.strip():
+            raise self._script_error("manifest of", remote, status, err)
+        return parse_remote_manifest(out)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._siteops(["rename", src, dst], path=src)
+
+    def remove(self, remote: str) -> None:
+        self._siteops(["remove", remote], path=remote)
+
+    def exists(self, remote: str) -> bool:
+        return self._siteops(["exists", remote], path=remote)[0]
+
+    def _siteop(self, what: str, path: str, *ops: list) -> list:
+        """Run site operations for a copy; filesystem errors there are not retryable."""
+        try:
+            return self._siteops(*ops, path=path)
+        except OSError as exc:
+            raise oserror_to_transfer(self.endpoint, what, path, exc) from exc
+
+    def _siteops(self, *ops: list, path: str) -> list:
+        status, out, err = self._run_script(SITEOPS_SOURCE, siteops_request(*ops),
+                                            REMOTE_OP_TIMEOUT_S, path)
+        if status != 0 or not out.strip():
+            raise self._script_error(ops[0][0], path, status, err)
+        return siteops_results(out)
