@@ -91,12 +91,7 @@ class OpenSSHTransport(RsyncTransport):
         return None
 
     def get(self, remote: str, local: Path, progress: Progress | None = None) -> Manifest | None:
-        local = Path(local).absolute()
-        (info,) = self._siteop("get", remote, ["stat", remote])
-        try:
-            siteops.prepare(str(local), info["kind"], True)
-        except OSError as exc:
-            raise ssh.oserror_to_transfer(self.endpoint, "get to", str(local), exc) from exc
+        local, info = self._prepare_get(remote, local, replace=True)
         self._scp(
             "get",
             remote,

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, TextIO
 from cax import proc
 from cax.checksum import Manifest
 from cax.errors import CommandError, TransferError
-from cax.transport import siteops, ssh
+from cax.transport import ssh
 from cax.transport.base import (
     PERMANENT_ERROR_RE,
     Endpoint,
@@ -88,12 +88,7 @@ class RsyncTransport(ssh.SiteScripts, Transport):
         return None
 
     def get(self, remote: str, local: Path, progress: Progress | None = None) -> Manifest | None:
-        local = Path(local).absolute()
-        (info,) = self._siteop("get", remote, ["stat", remote])
-        try:
-            siteops.prepare(str(local), info["kind"], False)
-        except OSError as exc:
-            raise ssh.oserror_to_transfer(self.endpoint, "get to", str(local), exc) from exc
+        local, info = self._prepare_get(remote, local, replace=False)  # rsync resumes
         slash = "/" if info["kind"] == "dir" else ""
         self._rsync(
             "get", remote, (self._remote_arg(remote) + slash, f"{local}{slash}"), info, progress

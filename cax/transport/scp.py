@@ -33,7 +33,7 @@ from scp import SCPClient, SCPException
 
 from cax.checksum import Manifest
 from cax.errors import TransferError
-from cax.transport import siteops, ssh
+from cax.transport import ssh
 from cax.transport.base import (
     PERMANENT_ERROR_RE,
     Endpoint,
@@ -115,12 +115,7 @@ class ScpTransport(ssh.SiteScripts, Transport):
         return client.manifest
 
     def get(self, remote: str, local: Path, progress: Progress | None = None) -> Manifest | None:
-        local = Path(local).absolute()
-        (info,) = self._siteop("get", remote, ["stat", remote])
-        try:
-            siteops.prepare(str(local), info["kind"], True)
-        except OSError as exc:
-            raise ssh.oserror_to_transfer(self.endpoint, "get to", str(local), exc) from exc
+        local, info = self._prepare_get(remote, local, replace=True)
         watch = StallWatch(self.stall_timeout_s, progress)
         seen: dict[bytes, int] = {}
 

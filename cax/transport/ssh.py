@@ -273,6 +273,20 @@ class SiteScripts:
     def exists(self, remote: str) -> bool:
         return self._siteops(["exists", remote], path=remote)[0]
 
+    def _prepare_get(self, remote: str, local: Path, replace: bool) -> tuple[Path, dict]:
+        """Stat ``remote`` on the site and make ``local`` ready to receive it.
+
+        An earlier partial copy at ``local`` is removed when ``replace``, kept otherwise (for a
+        method that resumes).  Returns the absolute local path and the site's stat of remote.
+        """
+        local = Path(local).absolute()
+        (info,) = self._siteop("get", remote, ["stat", remote])
+        try:
+            siteops.prepare(str(local), info["kind"], replace)
+        except OSError as exc:
+            raise oserror_to_transfer(self.endpoint, "get to", str(local), exc) from exc
+        return local, info
+
     def _siteop(self, what: str, path: str, *ops: list) -> list:
         """Run site operations for a copy; filesystem errors there are not retryable."""
         try:
