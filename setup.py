@@ -27,7 +27,7 @@ setup(
         "scp>=0.14",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "docutils>=0.18"],
     },
     entry_points={
         "console_scripts": [

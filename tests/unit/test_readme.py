@@ -24,6 +24,19 @@ def test_readme_config_reference_matches_schema():
     assert section == reference_rst(), "run: python tests/unit/test_readme.py"
 
 
+def test_readme_is_valid_restructuredtext():
+    import docutils.core
+    import docutils.utils
+
+    problems: list[str] = []
+    settings = {"report_level": 5, "halt_level": 5, "warning_stream": False}
+    doctree = docutils.core.publish_doctree(README.read_text(), settings_overrides=settings)
+    for node in doctree.findall(docutils.nodes.system_message):
+        if node["level"] >= docutils.utils.Reporter.WARNING_LEVEL:
+            problems.append(node.astext())
+    assert not problems, problems
+
+
 def test_readme_names_every_task():
     from cax.tasks import TASKS
 
