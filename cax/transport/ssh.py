@@ -166,6 +166,23 @@ class _RefuseUnknownHostKey(paramiko.RejectPolicy):
         raise UnknownHostKeyError(f"{hostname} {key.get_name()} not in known_hosts")
 
 
+class _AcceptNewHostKey(paramiko.MissingHostKeyPolicy):
+    """OpenSSH's ``accept-new`` for sites that opted in: remember an unknown key, say so.
+
+    A key that differs from the one on record is still refused (paramiko raises
+    BadHostKeyException before asking this policy).
+    """
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        if client._host_keys_filename:  # noqa: SLF001 - the file load_host_keys() named
+            client.save_host_keys(client._host_keys_filename)  # noqa: SLF001
+        log.warning("accepted new host key of %s: %s %s", hostname, key.get_name(),
+                    key.fingerprint)
+
+
 def _transport_factory(ep: Endpoint):
     def make(sock: socket.socket, **kwargs: object) -> paramiko.Transport:
         t = paramiko.Transport(
@@ -194,8 +211,8 @@ def connect_paramiko(ep: Endpoint) -> paramiko.SSHClient:
         if not os.path.exists(known_hosts):
             os.makedirs(os.path.dirname(known_hosts) or ".", mode=0o700, exist_ok=True)
             Path(known_hosts).touch(mode=0o600)
-        client.load_host_keys(known_hosts)  # AutoAddPolicy saves new keys back to this file
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # noqa: S507 - site opted in
+        client.load_host_keys(known_hosts)  # new keys are saved back to this file
+        client.set_missing_host_key_policy(_AcceptNewHostKey())
     else:
         if os.path.exists(known_hosts):
             client.load_host_keys(known_hosts)
