@@ -87,8 +87,13 @@ def test_two_daemons_of_one_site_racing_copy_each_run_once(ssh_sites, runsdb, tm
         register(runsdb, 100 + n, "remote", path, manifest=n % 2 == 0)
 
     daemons = [start_daemon(config, "lab", tmp_path) for _ in range(2)]
-    for proc, log in daemons:
-        assert proc.wait(150) == 0, open(log).read()[-3000:]
+    try:
+        for proc, log in daemons:
+            assert proc.wait(150) == 0, open(log).read()[-3000:]
+    finally:
+        for proc, _ in daemons:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
     copies = [line for _, log in daemons for line in open(log)
               if "transferred and verified" in line]
     assert len(copies) == 50

@@ -155,10 +155,14 @@ def wait_for_heartbeat(runsdb, daemon):
 def test_signal_warm_stop_exits_zero(two_sites, runsdb, tmp_path, sig):
     """The real daemon, in its own process: a warm stop ends the loop with status 0."""
     daemon = start_daemon(two_sites, tmp_path)
-    wait_for_heartbeat(runsdb, daemon)
-    daemon.send_signal(sig)
-    assert daemon.wait(20) == 0
-    assert "stopped after 1 pass" in daemon.stderr.read()
+    try:
+        wait_for_heartbeat(runsdb, daemon)
+        daemon.send_signal(sig)
+        assert daemon.wait(20) == 0
+        assert "stopped after 1 pass" in daemon.stderr.read()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
 
 
 @pytest.mark.timeout(60)
@@ -183,12 +187,16 @@ def test_second_signal_is_a_cold_stop(two_sites, runsdb, tmp_path, monkeypatch):
     daemon = subprocess.Popen([sys.executable, str(stuck), "--config", str(two_sites),
                                "--host", "daq", str(marker)], stderr=subprocess.PIPE,
                               text=True, cwd=tmp_path)
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "m.started").exists():
-        assert time.monotonic() < deadline and daemon.poll() is None, daemon.stderr.read()
-        time.sleep(0.05)
-    daemon.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    assert daemon.poll() is None  # warm: still finishing the step
-    daemon.send_signal(signal.SIGTERM)
-    assert daemon.wait(10) == -signal.SIGTERM  # killed by the signal: the shell shows 143
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "m.started").exists():
+            assert time.monotonic() < deadline and daemon.poll() is None, daemon.stderr.read()
+            time.sleep(0.05)
+        daemon.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert daemon.poll() is None  # warm: still finishing the step
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(10) == -signal.SIGTERM  # killed by the signal: the shell shows 143
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
