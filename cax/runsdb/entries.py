@@ -53,6 +53,10 @@ class EntryKey:
             cond["pax_version"] = self.version
         return cond
 
+    def elem_match(self, **conditions: Any) -> dict[str, Any]:
+        """Return ``{"$elemMatch": ...}`` selecting this entry, with further ``conditions``."""
+        return {"$elemMatch": {**self.match(), **conditions}}
+
     def __str__(self) -> str:
         return f"{self.type}{'@' + self.version if self.version else ''} at {self.host}"
 

@@ -55,10 +55,6 @@ def _positional(fields: dict[str, Any]) -> dict[str, Any]:
     return {f"data.$.{name}": value for name, value in fields.items()}
 
 
-def _elem(key: EntryKey, **conditions: Any) -> dict[str, Any]:
-    return {"$elemMatch": {**key.match(), **conditions}}
-
-
 def _index_of(run: dict[str, Any] | None, key: EntryKey) -> int | None:
     """Return the position of the entry ``key`` in ``run["data"]``, or None."""
     entry = find_entry(run, key) if run else None
@@ -146,7 +142,7 @@ class RunsDB:
     def add_entry(self, run_id: Any, entry: dict[str, Any]) -> bool:
         """Add ``entry`` to the run unless an entry with its identity exists; say if added."""
         key = EntryKey.of(entry)
-        query = {"_id": run_id, "data": {"$not": _elem(key)}}
+        query = {"_id": run_id, "data": {"$not": key.elem_match()}}
         if self._skip("add entry", run_id, key):
             return self.runs.count_documents(query) == 1
         return self.runs.update_one(query, {"$push": {"data": entry}}).modified_count == 1
@@ -161,7 +157,7 @@ class RunsDB:
         Returns the claimed entry, or None if another daemon holds it or it changed state.
         ``conditions`` adds further conditions on the entry (e.g. a retry time that passed).
         """
-        match = _elem(key, **{"status": {"$in": list(statuses)},
+        match = key.elem_match(**{"status": {"$in": list(statuses)},
                               "lease_expires": _lease_free(now), **(conditions or {})})
         query = {"_id": run_id, "data": match}
         lease = {"lease_owner": owner, "lease_expires": now + dt.timedelta(seconds=lease_s),
@@ -184,7 +180,7 @@ class RunsDB:
         if self._skip("renew lease", run_id, key):
             return True
         result = self.runs.update_one(
-            {"_id": run_id, "data": _elem(key, lease_owner=owner)},
+            {"_id": run_id, "data": key.elem_match(lease_owner=owner)},
             {"$set": _positional({"lease_expires": now + dt.timedelta(seconds=lease_s),
                                   "modified_time": now})})
         return result.matched_count == 1
@@ -197,7 +193,7 @@ class RunsDB:
 
         ``release`` drops the lease in the same write.  Returns whether the entry matched.
         """
-        query = {"_id": run_id, "data": _elem(key, **({"lease_owner": owner} if owner else {}))}
+        query = {"_id": run_id, "data": key.elem_match(**({"lease_owner": owner} if owner else {}))}
         to_unset = list(unset) + (["lease_owner", "lease_expires"] if release else [])
         update: dict[str, Any] = {"$set": _positional(fields)}
         if to_unset:
@@ -240,7 +236,7 @@ class RunsDB:
             mine = {f"{at}.{name}": value for name, value in key.match().items()}
             mine.update({f"{at}.status": TRANSFERRED, f"{at}.lease_expires": _lease_free(now)})
             query = {"_id": run_id, "$and": [mine] + [
-                {"data": _elem(other, status=TRANSFERRED, **extra)} for other, extra in keep]}
+                {"data": other.elem_match(status=TRANSFERRED, **extra)} for other, extra in keep]}
             lease = {"status": PURGING, "lease_owner": owner, "modified_time": now,
                      "lease_expires": now + dt.timedelta(seconds=lease_s)}
             if self._skip("claim purge", run_id, key, owner):
@@ -259,7 +255,7 @@ class RunsDB:
     @_db_call
     def record_size(self, run_id: Any, key: EntryKey, size: int, file_count: int) -> bool:
         """Set ``size`` and ``file_count`` of a copy that is still ``transferred``."""
-        query = {"_id": run_id, "data": _elem(key, status=TRANSFERRED)}
+        query = {"_id": run_id, "data": key.elem_match(status=TRANSFERRED)}
         if self._skip("size", run_id, key, size, file_count):
             return True
         update = {"$set": _positional({"size": size, "file_count": file_count})}

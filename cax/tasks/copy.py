@@ -29,10 +29,6 @@ from cax.transport.pool import TransportPool
 log = logging.getLogger(__name__)
 
 
-def _elem(key: EntryKey, **conditions: Any) -> dict[str, Any]:
-    return {"data": {"$elemMatch": {**key.match(), **conditions}}}
-
-
 class CopyBase(Task):
     """What CopyPush and CopyPull share: per-type keys, the "needs a copy" test, scheduling."""
 
@@ -58,9 +54,9 @@ class CopyBase(Task):
         """Query parts: the destination ``key`` has no entry, a due retry, or a dead lease."""
         now = self.ctx.now()
         return [
-            {"data": {"$not": {"$elemMatch": key.match()}}},
-            _elem(key, status=ERROR, **retry_conditions(self.site, now)),
-            _elem(key, status=TRANSFERRING, lease_expires={"$lt": now}),
+            {"data": {"$not": key.elem_match()}},
+            {"data": key.elem_match(status=ERROR, **retry_conditions(self.site, now))},
+            {"data": key.elem_match(status=TRANSFERRING, lease_expires={"$lt": now})},
         ]
 
     def entry_needs_copy(self, entry: dict[str, Any] | None) -> bool:
@@ -127,7 +123,8 @@ class CopyPush(CopyBase):
             here = EntryKey(self.site.name, data_type, version)
             wanted = [q for p in peers for q in self.needs_copy(EntryKey(p.name, data_type,
                                                                          version))]
-            parts.append({"$and": [_elem(here, status=TRANSFERRED), {"$or": wanted}]})
+            parts.append({"$and": [{"data": here.elem_match(status=TRANSFERRED)},
+                                   {"$or": wanted}]})
         return {"$or": parts} if parts else None
 
     def each_run(self, run: dict[str, Any]) -> None:
@@ -152,7 +149,7 @@ class CopyPull(CopyBase):
             return None
         parts = []
         for data_type, version in self.kinds():
-            have = [_elem(EntryKey(p.name, data_type, version), status=TRANSFERRED)
+            have = [{"data": EntryKey(p.name, data_type, version).elem_match(status=TRANSFERRED)}
                     for p in peers]
             here = EntryKey(self.site.name, data_type, version)
             conditions = [{"$or": have}, {"$or": self.needs_copy(here)}]
