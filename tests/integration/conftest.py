@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,14 @@ def make_dataset(path: Path, files: int = 3, size: int = 100_000) -> None:
         target = path / ("sub" if i == 0 else "") / f"f{i:03d}.zip"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(os.urandom(size))
+
+
+def wait_for_partial_bytes(partial: Path, timeout: float = 30) -> None:
+    """Wait until a copy has written at least one file under its partial name."""
+    deadline = time.monotonic() + timeout
+    while not (partial.exists() and any(p.is_file() for p in partial.rglob("*"))):
+        assert time.monotonic() < deadline, "timed out waiting for bytes at the partial copy"
+        time.sleep(0.02)
 
 
 def register(runsdb: Any, number: int, site: str, location: Path, *, data_type: str = "raw",

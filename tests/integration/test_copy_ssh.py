@@ -6,7 +6,6 @@ import datetime as dt
 import filecmp
 import subprocess
 import threading
-import time
 
 import pytest
 
@@ -17,7 +16,7 @@ from cax.paths import partial_path
 from cax.runsdb import ERROR, TRANSFERRED, EntryKey, find_entry
 from cax.tasks import CopyPull, CopyPush
 from tests.conftest import edit_site, make_context
-from tests.integration.conftest import make_dataset, register
+from tests.integration.conftest import make_dataset, register, wait_for_partial_bytes
 
 METHODS = ["scp", "rsync", "openssh"]
 
@@ -175,10 +174,7 @@ def test_sshd_stopped_mid_transfer_error_retried_completes(method, ssh_sites, ru
     copying = threading.Thread(target=one_pass, args=(config, "daq", runsdb))
     copying.start()
     try:
-        deadline = time.monotonic() + 30
-        while not (partial.exists() and any(p.is_file() for p in partial.rglob("*"))):
-            assert time.monotonic() < deadline, "the copy never started"
-            time.sleep(0.01)
+        wait_for_partial_bytes(partial)
         with sshd.frozen_sessions():  # hold it mid-way, then the server goes away
             sshd.stop()
         copying.join(60)

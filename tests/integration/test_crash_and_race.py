@@ -16,9 +16,9 @@ from cax.clock import utcnow
 from cax.daemon import Daemon
 from cax.paths import partial_path
 from cax.runsdb import TRANSFERRED, EntryKey, find_entry
-from cax.tasks import CopyPull, CopyPush
+from cax.tasks import CopyPush
 from tests.conftest import edit_site, make_context
-from tests.integration.conftest import make_dataset, register
+from tests.integration.conftest import make_dataset, register, wait_for_partial_bytes
 
 
 def start_daemon(config, host, tmp_path, *extra):
@@ -26,13 +26,6 @@ def start_daemon(config, host, tmp_path, *extra):
     return subprocess.Popen([sys.executable, "-m", "cax", "--once", "--config", str(config),
                              "--host", host, "--log", "debug", *extra],
                             stdout=log, stderr=log, start_new_session=True), log.name
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @pytest.mark.timeout(120)
@@ -48,8 +41,7 @@ def test_kill_9_mid_transfer_then_new_pass_completes(method, ssh_sites, runsdb, 
 
     daemon, log = start_daemon(config, "daq", tmp_path)
     try:
-        wait_for(lambda: partial.exists() and any(p.is_file() for p in partial.rglob("*")),
-                 30, "bytes to arrive at the partial copy")
+        wait_for_partial_bytes(partial)
         with sshd.frozen_sessions():  # hold the copy mid-way, then kill the daemon
             os.killpg(daemon.pid, signal.SIGKILL)
             daemon.wait(10)

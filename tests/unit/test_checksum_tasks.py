@@ -362,6 +362,10 @@ def _bad_lab_copy(runsdb, tmp_path: Path, files: int = 20) -> tuple[Any, Path, P
     return run_id, daq, lab
 
 
+def _connection_reset(*args, **kwargs):
+    raise TransferError("connection reset", retryable=True)
+
+
 def test_repair_failure_backs_off_keeps_partial_then_resumes(config, runsdb, tmp_path,
                                                              monkeypatch):
     run_id, daq, lab = _bad_lab_copy(runsdb, tmp_path)
@@ -369,10 +373,7 @@ def test_repair_failure_backs_off_keeps_partial_then_resumes(config, runsdb, tmp
     ctx = make_context(config(), "lab", runsdb)
     one_pass(ctx, [CompareChecksums])
 
-    def broken(*args, **kwargs):
-        raise TransferError("connection reset", retryable=True)
-
-    monkeypatch.setattr(LocalTransport, "get", broken)
+    monkeypatch.setattr(LocalTransport, "get", _connection_reset)
     one_pass(ctx, [RetryBadChecksumTransfer, RetryStalledTransfer])
     entry = entry_of(runsdb, run_id, "lab")
     assert (entry["status"], entry["attempts"]) == (ERROR, 1)
@@ -396,10 +397,7 @@ def test_repair_stuck_after_last_attempt_data_put_back(config, runsdb, tmp_path,
     ctx = make_context(config(max_attempts=1), "lab", runsdb)
     one_pass(ctx, [CompareChecksums])
 
-    def broken(*args, **kwargs):
-        raise TransferError("connection reset", retryable=True)
-
-    monkeypatch.setattr(LocalTransport, "get", broken)
+    monkeypatch.setattr(LocalTransport, "get", _connection_reset)
     one_pass(ctx, [RetryBadChecksumTransfer, RetryStalledTransfer])
     entry = entry_of(runsdb, run_id, "lab")
     assert entry["status"] == ERROR and entry["attempts"] >= 1 and entry["next_attempt"] is None
