@@ -309,6 +309,9 @@ def _check_site_links(sites: list[dict], label: str, problems: list[str]) -> Non
     if not sites:
         problems.append(f"{label}: key 'sites': no sites configured")
     for site in sites:
+        if "processed" in (site.get("data_type") or []) and not site.get("processor_version"):
+            problems.append(f"{label}: site {site.get('name')!r} key 'processor_version': "
+                            "required when data_type includes 'processed'")
         for option in ("upload_options", "download_options"):
             targets = site.get(option)
             if not isinstance(targets, list):

@@ -58,7 +58,7 @@ SITE_KEYS: tuple[Key, ...] = (
     Key("download_options", ("list", "null"), [], "Sites this site pulls from, in order of "
         "preference.", items="str"),
     Key("processor_version", ("str", "null"), None, "Processed-data version this site handles, "
-        "e.g. v6.8.0 (stored as `pax_version`)."),
+        "e.g. v6.8.0 (stored as `pax_version`); required with data type processed."),
     Key("max_transfers", ("int",), 2, "Transfers this site's daemon runs at once.", minimum=1),
     Key("max_attempts", ("int",), 5, "Attempts before a failing copy is left in error as stuck.",
         minimum=1),

@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 
 from cax.clock import as_utc
 from cax.config import Site
-from cax.errors import ConfigError
 from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
 from cax.schema import TRANSFER_METHODS
@@ -41,14 +40,8 @@ class CopyBase(Task):
 
     def kinds(self) -> list[tuple[str, str | None]]:
         """The (data type, version) pairs this site copies."""
-        kinds = []
-        for data_type in self.site.data_type:
-            version = self.site.processor_version if data_type == "processed" else None
-            if data_type == "processed" and not version:
-                raise ConfigError(f"site {self.site.name}: data_type 'processed' needs "
-                                  "'processor_version' to know which version to copy")
-            kinds.append((data_type, version))
-        return kinds
+        return [(data_type, self.site.processor_version if data_type == "processed" else None)
+                for data_type in self.site.data_type]
 
     def needs_copy(self, key: EntryKey) -> list[dict[str, Any]]:
         """Query parts: the destination ``key`` has no entry, a due retry, or a dead lease."""

@@ -55,6 +55,8 @@ BAD_CONFIGS = [
     ("not a list or object", "42", ["cax.json", "expected a list of sites"]),
     ("broken JSON", '{"sites": [', ["cax.json", "line", "invalid JSON"]),
     ("no sites", {"sites": []}, ["no sites configured"]),
+    ("processed without version", [{**GOOD_SITE, "data_type": ["raw", "processed"]}],
+     ["site 'a' key 'processor_version'", "required when data_type includes 'processed'"]),
 ]
 
 
