@@ -270,18 +270,25 @@ def cax_mv(source: str, target: str, **site: Any) -> int:
 @click.option("--location", required=True, metavar="PATH", help="The dataset to delete.")
 @click.option("--run", "run_number", required=True, type=int, metavar="N",
               help="The run it belongs to.")
+@click.option("--force", is_flag=True,
+              help="Delete it even if no other site holds a verified copy (asks on a terminal).")
 @_site_options
 @guarded
-def cax_rm(location: str, run_number: int, **site: Any) -> int:
+def cax_rm(location: str, run_number: int, force: bool, **site: Any) -> int:
     """Delete a dataset of this site and remove its entry from the runs DB."""
     from cax import oneshot
 
+    def ask(question: str) -> bool:
+        try:
+            return click.confirm(question)
+        except click.Abort:
+            return False
+
     def body(ctx: Context) -> int:
-        result = oneshot.remove_dataset(ctx, os.path.abspath(location), run_number)
+        result = oneshot.remove_dataset(ctx, os.path.abspath(location), run_number, force=force,
+                                        confirm=ask if sys.stdin.isatty() else None)
         click.echo(f"removed {result.label}: {result.path}; verified copies at other sites: "
                    f"{result.other_copies}")
-        if not result.other_copies:
-            click.echo("cax: warning: no other site holds a verified copy of these data", err=True)
         return 0
 
     return _oneshot(body, **site)

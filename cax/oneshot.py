@@ -13,7 +13,8 @@ import errno
 import logging
 import os
 import posixpath
-import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from cax.errors import (
     LeaseLostError,
     UnsafeNameError,
 )
-from cax.paths import PARTIAL_SUFFIX, base_dir, checked_location, partial_path
+from cax.paths import base_dir, checked_location, parse_scratch, scratch_path
 from cax.runsdb import (
     PURGING,
     STATUSES,
@@ -39,14 +40,14 @@ from cax.runsdb import (
 )
 from cax.schema import DATA_TYPES
 from cax.tasks.base import Context
-from cax.tasks.purge import delete_and_pull
+from cax.runsdb.runs import Claim
+from cax.tasks.purge import delete_and_pull, verifiable
 from cax.transport import siteops
 from cax.transport.local import LocalTransport
 from cax.transport.pool import endpoint_for
 
 log = logging.getLogger(__name__)
 
-PARTIAL_NAME = re.compile(r"^\.(.+)" + re.escape(PARTIAL_SUFFIX) + "$")
 
 
 @dataclass(frozen=True)
@@ -130,29 +131,29 @@ def _refuse_without_db(ctx: Context, command: str) -> None:
                           "data that are no longer there; nothing done")
 
 
-def _claim(ctx: Context, found: Found, statuses: list[str], **fields: Any) -> None:
-    claimed = ctx.runsdb.claim_entry(
-        found.run["_id"], found.key, statuses=statuses, owner=ctx.owner, now=ctx.now(),
-        lease_s=ctx.config.lease_seconds, fields=fields or None,
+def _claim(ctx: Context, found: Found, statuses: list[str], **fields: Any) -> Claim:
+    claim = ctx.runsdb.claim(
+        found.run["_id"], found.key, owner=ctx.owner, statuses=statuses,
+        lease_s=ctx.config.lease_seconds, fields=fields or None, count_attempt=False,
         conditions={"location": found.entry.get("location")})
-    if not claimed:
+    if not claim:
         status = found.entry.get("status")
         raise CaxError(f"{found.label}: the {found.key} entry ({status}) is in use by "
                        f"{found.entry.get('lease_owner') or 'another process'} or has changed; "
                        "nothing done")
+    return claim
 
 
-def _release(ctx: Context, found: Found) -> None:
+def _release(ctx: Context, claim: Claim) -> None:
     try:
-        ctx.runsdb.update_entry(found.run["_id"], found.key, {"modified_time": ctx.now()},
-                                owner=ctx.owner, release=True)
+        ctx.runsdb.release(claim)
     except CaxError as exc:  # the lease expires by itself
-        log.warning("lease of %s not released: %s", found.key, exc)
+        log.warning("lease of %s not released: %s", claim.key, exc)
 
 
 def move_target(ctx: Context, found: Found, target: str) -> str:
     """Check where a copy may move: inside the same data directory (and processed version)."""
-    target = checked_location(ctx.site, found.key.type, target)
+    target = checked_location(ctx.site, found.key.type, target, found.key.version)
     base = base_dir(ctx.site, found.key.type, found.key.version)
     if not target.startswith(base + "/"):
         raise UnsafeNameError(f"{target}: a {found.key} copy must stay inside {base}")
@@ -176,20 +177,18 @@ def move_dataset(ctx: Context, source: str, target: str) -> MoveResult:
         raise ConfigError(f"{found.label}: the {found.key} entry is {found.entry.get('status')}; "
                           "only verified copies are moved")
     target = move_target(ctx, found, target)
-    _claim(ctx, found, [TRANSFERRED])
+    claim = _claim(ctx, found, [TRANSFERRED])
     try:
-        copied = _place(ctx, found, target)
+        copied = _place(ctx, found, target, claim.token)
     except BaseException:
-        _release(ctx, found)
+        _release(ctx, claim)
         raise
     try:
-        if not ctx.runsdb.update_entry(found.run["_id"], found.key,
-                                       {"location": target, "modified_time": ctx.now()},
-                                       owner=ctx.owner, release=True):
+        if not ctx.runsdb.relocate(claim, target):
             raise LeaseLostError(f"{found.key}: lease lost before the new location was recorded")
     except BaseException:
         _unplace(found.path, target, copied)
-        _release(ctx, found)
+        _release(ctx, claim)
         raise
     log.info("%s: %s moved from %s to %s", found.label, found.key, found.path, target)
     return MoveResult(found.label, found.path, target, copied, _drop_source(found, copied))
@@ -200,7 +199,7 @@ def _rename(source: str, target: str) -> None:
     siteops.rename(source, target)
 
 
-def _place(ctx: Context, found: Found, target: str) -> bool:
+def _place(ctx: Context, found: Found, target: str, token: str) -> bool:
     """Put the data at ``target``; return True if copied (the source still exists)."""
     os.makedirs(posixpath.dirname(target), exist_ok=True)
     try:
@@ -209,7 +208,7 @@ def _place(ctx: Context, found: Found, target: str) -> bool:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    temp = partial_path(target)
+    temp = scratch_path(target, token)
     transport = LocalTransport(endpoint_for(ctx.site, "local"),
                                stall_timeout_s=ctx.site.stall_timeout)
     read = transport.put(Path(found.path), temp)
@@ -246,18 +245,37 @@ def _drop_source(found: Found, copied: bool) -> str | None:
         return found.path
 
 
-def remove_dataset(ctx: Context, location: str, number: int) -> RemoveResult:
-    """Delete a local copy and its entry: entry to ``purging`` first, data, then the entry."""
+def other_verified_copies(found: Found) -> set[str]:
+    """The other sites holding a verified copy (a checksum cax can verify) of these data."""
+    key = found.key
+    return {e.get("host") for e in found.run.get("data") or ()
+            if e.get("host") != key.host and e.get("type") == key.type
+            and (key.version is None or e.get("pax_version") == key.version)
+            and e.get("status") == TRANSFERRED and verifiable(e.get("checksum"))}
+
+
+def remove_dataset(ctx: Context, location: str, number: int, *, force: bool = False,
+                   confirm: Callable[[str], bool] | None = None) -> RemoveResult:
+    """Delete a local copy and its entry: entry to ``purging`` first, data, then the entry.
+
+    The last verified copy of a run's data is deleted only with ``force`` (and, on a
+    terminal, after ``confirm``), never by accident.
+    """
     _refuse_without_db(ctx, "cax-rm")
     found = locate(ctx, location, number)
-    key = found.key
-    others = {e.get("host") for e in found.run.get("data") or ()
-              if e.get("host") != key.host and e.get("type") == key.type
-              and (key.version is None or e.get("pax_version") == key.version)
-              and e.get("status") == TRANSFERRED}
-    _claim(ctx, found, list(STATUSES), status=PURGING)
+    others = other_verified_copies(found)
+    if not others:
+        question = (f"{found.path} is the last verified copy of {found.label} {found.key.type} "
+                    "data; delete it anyway?")
+        if not force:
+            raise ConfigError(f"{found.path} is the last verified copy of {found.label} "
+                              f"{found.key.type} data; nothing deleted (--force deletes it)")
+        if confirm is not None and not confirm(question):
+            raise ConfigError("nothing deleted")
+    granted = time.monotonic()
+    claim = _claim(ctx, found, list(STATUSES), status=PURGING)
     log.info("%s: removing %s at %s", found.label, found.key, found.path)
-    delete_and_pull(ctx, found.run["_id"], found.key, found.path)
+    delete_and_pull(ctx, claim, found.path, granted)
     return RemoveResult(found.label, found.path, len(others))
 
 
@@ -302,8 +320,8 @@ def find_strays(ctx: Context) -> list[str]:
     strays = []
     for path in _dataset_paths(ctx.site):
         head, name = posixpath.split(path)
-        partial = PARTIAL_NAME.match(name)
-        if path in covered or (partial and posixpath.join(head, partial.group(1)) in busy):
+        scratch = parse_scratch(name)
+        if path in covered or (scratch and posixpath.join(head, scratch[0]) in busy):
             continue
         strays.append(path)
     return strays

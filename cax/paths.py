@@ -35,29 +35,70 @@ def dataset_path(site: Site, data_type: str, dataset: str, version: str | None =
     return posixpath.join(base_dir(site, data_type, version), safe_component(dataset, "dataset"))
 
 
-def partial_path(final: str) -> str:
-    """Return the temporary name a copy is written under before it is verified.
-
-    Stable (not random), so that an interrupted rsync can resume into it; hidden (leading
-    dot), so that users and the stray finder do not mistake it for a dataset.
-    """
+def scratch_path(final: str, token: str) -> str:
+    """Return where one claim writes before its result is verified: beside ``final``, hidden
+    (users and the stray finder do not take it for a dataset), and named by the claim's token,
+    so no other owner or attempt ever writes there.  A later attempt that resumes the bytes
+    (rsync) renames the previous attempt's scratch to its own first."""
     head, tail = posixpath.split(final)
-    return posixpath.join(head, f".{tail}{PARTIAL_SUFFIX}")
+    return posixpath.join(head, f".{tail}.{token}{PARTIAL_SUFFIX}")
 
 
-def checked_location(site: Site, data_type: str, location: object) -> str:
-    """Return ``location`` if it is a dataset inside ``site``'s directory for ``data_type``.
+def parse_scratch(name: str) -> tuple[str, str | None] | None:
+    """Return (final name, token) of a scratch name -- token None for the previous release's
+    ``.NAME.cax-partial`` -- or None if ``name`` is no scratch name."""
+    if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
+        return None
+    stem = name[1:-len(PARTIAL_SUFFIX)]
+    final, _, token = stem.rpartition(".")
+    if final and len(token) == 8 and all(c in "0123456789abcdef" for c in token):
+        return final, token
+    return (stem, None) if stem else None
 
-    Raises UnsafeNameError for anything else (relative, with ``..``, outside the directory),
-    so a corrupt or hostile runs-DB entry can never make cax read or delete elsewhere.
+
+def checked_location(site: Site, data_type: str, location: object,
+                     version: str | None = None) -> str:
+    """Return ``location`` if it is a dataset inside ``site``'s folder for ``data_type`` (for
+    processed data of a ``version``: directly in that version's folder).
+
+    Raises UnsafeNameError for anything else (relative, with ``..``, elsewhere, in another
+    version's folder), so a corrupt or hostile runs-DB entry can never make cax read or delete
+    elsewhere -- nor PurgeProcessed delete a newer version's data through an old entry.
     """
     base = site.data_dir(data_type)
     if not isinstance(location, str) or not location.startswith("/") or not base:
         raise UnsafeNameError(f"refusing {data_type} location {location!r} at site {site.name}")
     norm = posixpath.normpath(location)
-    base = posixpath.normpath(base)
-    if norm != location.rstrip("/") or not norm.startswith(base + "/"):
+    folder = base_dir(site, data_type, version)
+    inside = norm.startswith(folder + "/")
+    if version is not None and data_type != "raw":
+        inside = posixpath.dirname(norm) == folder  # not a sub-folder named like a version
+    if norm != location.rstrip("/") or not inside:
         raise UnsafeNameError(f"refusing {data_type} location {location!r} at site {site.name}: "
-                              f"not inside {base}")
+                              f"not inside {folder}")
     safe_component(posixpath.basename(norm), "dataset")
     return norm
+
+
+def dataset_name(run: dict, data_type: str, source_path: str) -> str:
+    """Return the name ``run``'s dataset has at every site, checked against its source.
+
+    The name derives from the run's identity -- its name, plus ``_MV`` for the muon veto, as
+    the original cax named them -- optionally followed by an extension (``.root``).  A source
+    named otherwise does not belong to this run, so copying it would put one run's data
+    where another's belongs.
+    """
+    name = safe_component(run.get("name"), "run name")
+    stem = name + ("_MV" if run.get("detector") == "muon_veto" else "")
+    base = posixpath.basename(source_path)
+    if base == stem or (base.startswith(stem + ".") and safe_component(base, "dataset")):
+        return base
+    raise UnsafeNameError(f"{data_type} location {source_path!r} does not belong to run "
+                          f"{run.get('number', '?')} ({name}): its dataset must be named {stem}")
+
+
+def entry_location(site: Site, entry: dict) -> str:
+    """Return the checked location of a data entry: in the folder of its type and version."""
+    data_type = entry.get("type", "")
+    version = entry.get("pax_version") if data_type != "raw" else None
+    return checked_location(site, data_type, entry.get("location"), version)

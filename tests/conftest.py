@@ -102,3 +102,10 @@ def make_context(config_path: Path, host: str, runsdb: Any, **kwargs: Any) -> Co
                    selector=run_selector(kwargs.pop("run", None), kwargs.pop("name", None),
                                          config.datasets_wanted),
                    background=Background(config.site.max_transfers), **kwargs)
+
+
+def advance_clock(runsdb: Any, seconds: float) -> None:
+    """Make the runs DB's clock run ``seconds`` ahead: time passing, as every lease sees it."""
+    real = runsdb.clock.server_time
+    runsdb.clock.server_time = lambda: real() + dt.timedelta(seconds=seconds)
+    runsdb.clock.sync()

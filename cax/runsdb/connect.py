@@ -78,7 +78,8 @@ def open_runsdb(uri: str | None, db_name: str = "run", runs_collection: str = "r
         client.admin_ping()
     except OSError as exc:
         raise RunsDBError(f"embedded runs DB at {path}: {exc}") from exc
-    runsdb = RunsDB(client[db_name], runs_collection, read_only=read_only)
+    runsdb = RunsDB(client[db_name], runs_collection, read_only=read_only,
+                    server_time=client.server_time)
     client.listener = runsdb.count_round_trip
     runsdb.client = client
     runsdb.ensure_indexes()
@@ -93,7 +94,8 @@ def _open_server(uri: str, db_name: str, runs_collection: str, read_only: bool,
     client = MongoClient(full, tz_aware=True, serverSelectionTimeoutMS=SERVER_TIMEOUT_MS,
                          connectTimeoutMS=SERVER_TIMEOUT_MS, socketTimeoutMS=120_000,
                          event_listeners=[counter], appname="cax")
-    runsdb = RunsDB(client[db_name], runs_collection, read_only=read_only)
+    runsdb = RunsDB(client[db_name], runs_collection, read_only=read_only,
+                    server_time=lambda: client.admin.command("hello")["localTime"])
     counter.runsdb = runsdb
     runsdb.client = client
     if check:

@@ -16,14 +16,17 @@ import copy
 import datetime as dt
 import functools
 import logging
+import secrets
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import PyMongoError
 
 from cax.errors import RunsDBError
-from cax.runsdb.entries import PURGING, TRANSFERRED, EntryKey, find_entry
+from cax.runsdb.dbclock import DBClock, ServerTime
+from cax.runsdb.entries import ERROR, PURGING, TRANSFERRED, TRANSFERRING, EntryKey, find_entry
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,16 @@ MANIFESTS_COLLECTION = "cax_manifests"
 NEWEST_FIRST = [("start", DESCENDING), ("number", DESCENDING)]
 #: The run fields tasks need; the DAQ's large sub-documents (reader, trigger, ...) stay behind.
 RUN_FIELDS = {"number": 1, "name": 1, "detector": 1, "start": 1, "end": 1, "tags": 1, "data": 1}
+#: Events kept in an entry's ``history`` (claims taken over, failures, resets by a person).
+HISTORY_KEPT = 20
+#: Fields of a lease; dropped together when work ends.
+LEASE_FIELDS = ("lease_owner", "lease_expires", "lease_token")
+#: Fields describing a failure; dropped when the entry is registered good.
+FAILURE_FIELDS = ("error", "error_kind", "next_attempt", "config_hash")
+#: Kinds of failure: ``transient`` is retried with backoff up to ``max_attempts``;
+#: ``permanent`` waits for a person (``cax retry``); ``config`` is retried once the
+#: configuration changed (its hash differs from ``config_hash``) or a person retries it.
+FAILURE_KINDS = ("transient", "permanent", "config")
 
 T = TypeVar("T")
 
@@ -67,16 +80,58 @@ def _lease_free(now: dt.datetime) -> dict[str, Any]:
     return {"$not": {"$gt": now}}
 
 
+@dataclass
+class Claim:
+    """A lease on one entry, held by ``owner`` for one attempt, named by ``token``.
+
+    Every later write of the work (renew, register, failure, release) matches the entry by
+    owner *and* token, so a daemon whose lease was taken over -- even by another thread of the
+    same process -- can change nothing.  Scratch paths derive from the token, so two owners
+    never write the same bytes.
+    """
+
+    run_id: Any
+    key: EntryKey
+    owner: str
+    token: str
+    attempts: int
+    entry: dict[str, Any]
+    #: The entry before this claim (None: this claim added it).
+    previous: dict[str, Any] | None = None
+
+    @property
+    def takeover(self) -> bool:
+        """Whether this claim took over work whose owner let its lease expire."""
+        return bool(self.previous and self.previous.get("lease_owner")
+                    and self.previous.get("status") in (TRANSFERRING, PURGING))
+
+
+def history_event(now: dt.datetime, event: str, by: str, detail: str | None = None
+                  ) -> dict[str, Any]:
+    """Return one ``history`` record: what happened to an entry, when, by whom."""
+    record = {"time": now, "event": event, "by": by}
+    if detail:
+        record["detail"] = detail[:300]
+    return record
+
+
 class RunsDB:
     """The runs DB as cax sees it: run documents, daemon heartbeats and file manifests."""
 
-    def __init__(self, db: Any, runs_collection: str = "runs_new", *, read_only: bool = False):
+    def __init__(self, db: Any, runs_collection: str = "runs_new", *, read_only: bool = False,
+                 server_time: ServerTime | None = None):
         self.runs = db[runs_collection]
         self.daemons = db[DAEMONS_COLLECTION]
         self.manifests = db[MANIFESTS_COLLECTION]
         self.read_only = read_only
         self.round_trips = 0
         self.client: Any = None
+        self.clock = DBClock(server_time)
+
+    @_db_call
+    def now(self) -> dt.datetime:
+        """The runs DB's clock: every lease, retry time and age is computed with it."""
+        return self.clock.now()
 
     def close(self) -> None:
         if self.client is not None:
@@ -217,40 +272,33 @@ class RunsDB:
 
     @_db_call
     def claim_purge(self, run_id: Any, key: EntryKey, *, keep: Sequence[tuple[EntryKey, dict]],
-                    owner: str, now: dt.datetime, lease_s: float) -> dict[str, Any] | None:
-        """Atomically turn our verified copy into ``purging`` (leased) while ``keep`` holds.
+                    owner: str, lease_s: float) -> Claim | None:
+        """Atomically turn our verified copy into ``purging`` (leased) while ``keep`` holds
+        and nobody reads it.
 
         ``keep`` names the other copies the purge decision counted, each with extra conditions
         (e.g. its checksum); every one must still be ``transferred`` in the same write, so two
-        sites purging each other's "other copy" at the same instant cannot both win.  The entry
-        is addressed by its index, re-checked by identity in the filter: a positional ``$``
-        would be ambiguous with several ``$elemMatch`` on ``data``.  Returns the claimed entry,
-        or None if anything changed.
+        sites purging each other's "other copy" at the same instant cannot both win.  No entry
+        of the run may be at work (``transferring`` under a live lease) ``reading`` our copy:
+        a push, pull, repair, processing job or tape backup still reading it.  Returns the
+        claim, or None if anything changed.
         """
-        for _ in range(3):  # the index moves only if an earlier entry was pulled meanwhile
-            run = self.runs.find_one({"_id": run_id}, {"data": 1})
-            index = _index_of(run, key)
-            if index is None:
-                return None
-            at = f"data.{index}"
-            mine = {f"{at}.{name}": value for name, value in key.match().items()}
-            mine.update({f"{at}.status": TRANSFERRED, f"{at}.lease_expires": _lease_free(now)})
-            query = {"_id": run_id, "$and": [mine] + [
-                {"data": other.elem_match(status=TRANSFERRED, **extra)} for other, extra in keep]}
-            lease = {"status": PURGING, "lease_owner": owner, "modified_time": now,
-                     "lease_expires": now + dt.timedelta(seconds=lease_s)}
-            if self._skip("claim purge", run_id, key, owner):
-                found = self.runs.find_one(query, {"data": 1})
-                return {**copy.deepcopy(found["data"][index]), **lease} if found else None
-            found = self.runs.find_one_and_update(
-                query, {"$set": {f"{at}.{name}": value for name, value in lease.items()}},
-                {"data": 1}, return_document=ReturnDocument.AFTER)
-            if found:
-                return found["data"][index]
-            again = self.runs.find_one({"_id": run_id}, {"data": 1})
-            if _index_of(again, key) == index:
-                return None
-        return None
+        now = self.now()
+        reader = {f"reading.{name}": value for name, value in key.match().items()}
+        requires = [(other, {"status": TRANSFERRED, **extra}) for other, extra in keep]
+        token = secrets.token_hex(4)
+        values = {"status": PURGING, "lease_owner": owner, "lease_token": token,
+                  "lease_expires": now + dt.timedelta(seconds=lease_s), "modified_time": now}
+        if self._skip("claim purge", run_id, key, owner):
+            return None
+        before = self._update_entry_at(
+            run_id, key, {"status": TRANSFERRED, "lease_expires": _lease_free(now)},
+            {"$set": values}, requires,
+            excludes=[{"status": TRANSFERRING, **reader, "lease_expires": {"$gt": now}}])
+        if before is None:
+            return None
+        return Claim(run_id, key, owner, token, int(before.get("attempts") or 0),
+                     {**copy.deepcopy(before), **values}, before)
 
     @_db_call
     def record_size(self, run_id: Any, key: EntryKey, size: int, file_count: int) -> bool:
@@ -287,6 +335,240 @@ class RunsDB:
                                {"_id": 0, "data.host": 1, "data.location": 1, "data.status": 1})
         return [{"location": e.get("location"), "status": e.get("status")}
                 for run in found for e in run.get("data") or () if e.get("host") == host]
+
+    # -- claimed work: the transitions of an entry under a lease -----------------------------
+
+    def _update_entry_at(self, run_id: Any, key: EntryKey, conditions: dict[str, Any],
+                         update: dict[str, dict[str, Any]],
+                         requires: Sequence[tuple[EntryKey, dict[str, Any]]] = (),
+                         excludes: Sequence[dict[str, Any]] = ()) -> dict[str, Any] | None:
+        """Atomically apply ``update`` (paths relative to the entry) to the entry ``key`` if it
+        meets ``conditions``, every ``requires`` entry meets its own and no entry of the run
+        matches any of ``excludes``; return the entry as it was before, or None.
+
+        Without ``requires``/``excludes`` the entry is addressed by the positional ``$``.  With
+        them it is addressed by its index, re-checked by identity in the same filter, because
+        ``$`` is ambiguous when several conditions on ``data`` are combined.
+        """
+        by_index = bool(requires or excludes)
+        for _ in range(3):  # the index moves only if an earlier entry was pulled meanwhile
+            if by_index:
+                run = self.runs.find_one({"_id": run_id}, {"data": 1})
+                index = _index_of(run, key)
+                if index is None:
+                    return None
+                at = f"data.{index}"
+                # the entry at the index has our identity, and (identities being unique in a
+                # run) it is the one meeting ``conditions``, which may hold operators ($or)
+                mine = {f"{at}.{name}": value for name, value in key.match().items()}
+                query = {"_id": run_id, "$and": [mine, {"data": key.elem_match(**conditions)}] + [
+                    {"data": other.elem_match(**extra)} for other, extra in requires] + [
+                    {"data": {"$not": {"$elemMatch": cond}}} for cond in excludes]}
+            else:
+                at = "data.$"
+                query = {"_id": run_id, "data": key.elem_match(**conditions)}
+            body = {op: {f"{at}.{name}": value for name, value in fields.items()}
+                    for op, fields in update.items() if fields}
+            before = self.runs.find_one_and_update(query, body, {"data": 1},
+                                                   return_document=ReturnDocument.BEFORE)
+            if before is not None:
+                return find_entry(before, key)
+            if not by_index:
+                return None
+            again = self.runs.find_one({"_id": run_id}, {"data": 1})
+            if _index_of(again, key) == index:
+                return None
+        return None
+
+    @_db_call
+    def claim(self, run_id: Any, key: EntryKey, *, owner: str, lease_s: float,
+              statuses: Iterable[str] = (), conditions: dict[str, Any] | None = None,
+              fields: dict[str, Any] | None = None, new_entry: dict[str, Any] | None = None,
+              requires: Sequence[tuple[EntryKey, dict[str, Any]]] = (),
+              count_attempt: bool = True) -> Claim | None:
+        """Lease the entry ``key`` for one attempt of work; None if another daemon has it.
+
+        With ``new_entry`` the entry is added (with ``fields`` and the lease) when the run has
+        none with its identity.  Otherwise, or if one exists, it is taken when its status is in
+        ``statuses``, its lease (if any) has expired by the runs DB's clock and it meets
+        ``conditions``; ``count_attempt`` counts the claim in ``attempts`` (a takeover of an
+        expired lease is an attempt too).  Every ``requires`` entry must meet its conditions
+        in the same atomic write (e.g. the source copy is still ``transferred``).
+        """
+        now = self.now()
+        token = secrets.token_hex(4)
+        lease = {"lease_owner": owner, "lease_expires": now + dt.timedelta(seconds=lease_s),
+                 "lease_token": token, "modified_time": now}
+        fields = dict(fields or {})
+        required = [{"data": other.elem_match(**extra)} for other, extra in requires]
+        if new_entry is not None:
+            entry = {**key.match(), "creation_time": now, "attempts": 1, **new_entry, **fields,
+                     **lease}
+            query = {"_id": run_id, "$and": [{"data": {"$not": key.elem_match()}}, *required]}
+            if self._skip("add entry", run_id, key):
+                added = self.runs.count_documents(query) == 1
+            else:
+                added = self.runs.update_one(query, {"$push": {"data": entry}}).modified_count == 1
+            if added:
+                return Claim(run_id, key, owner, token, 1, entry, None)
+        statuses = list(statuses)
+        if not statuses:
+            return None
+        match = {"status": {"$in": statuses}, "lease_expires": _lease_free(now),
+                 **(conditions or {})}
+        if self._skip("claim", run_id, key, owner):
+            run = self.runs.find_one({"_id": run_id, "$and": [{"data": key.elem_match(**match)},
+                                                               *required]}, {"data": 1})
+            before = find_entry(run, key) if run else None
+        else:
+            update: dict[str, dict[str, Any]] = {"$set": {**fields, **lease}}
+            if count_attempt:
+                update["$inc"] = {"attempts": 1}
+            before = self._update_entry_at(run_id, key, match, update, requires)
+        if before is None:
+            return None
+        attempts = int(before.get("attempts") or 0) + (1 if count_attempt else 0)
+        entry = {**copy.deepcopy(before), **fields, **lease, "attempts": attempts}
+        return Claim(run_id, key, owner, token, attempts, entry, before)
+
+    def _ours(self, claim: Claim) -> dict[str, Any]:
+        return {"lease_owner": claim.owner, "lease_token": claim.token}
+
+    @_db_call
+    def renew(self, claim: Claim, lease_s: float) -> bool:
+        """Extend the lease; False means it was taken over and the work must stop."""
+        if self._skip("renew lease", claim.run_id, claim.key):
+            return True
+        now = self.now()
+        result = self.runs.update_one(
+            {"_id": claim.run_id, "data": claim.key.elem_match(**self._ours(claim))},
+            {"$set": _positional({"lease_expires": now + dt.timedelta(seconds=lease_s),
+                                  "modified_time": now})})
+        return result.matched_count == 1
+
+    def _finish(self, claim: Claim, what: str, fields: dict[str, Any], unset: Iterable[str],
+                event: dict[str, Any] | None = None) -> bool:
+        """One write that ends (or changes) claimed work, only while the claim is ours."""
+        if self._skip(what, claim.run_id, claim.key, fields):
+            return True
+        update: dict[str, Any] = {"$set": _positional(fields)}
+        if event:
+            update["$push"] = {"data.$.history": {"$each": [event], "$slice": -HISTORY_KEPT}}
+        to_unset = [name for name in unset if name not in fields]
+        if to_unset:  # last: the embedded engine applies operators in order, and the filter
+            # that located the entry names fields this unsets
+            update["$unset"] = {f"data.$.{name}": "" for name in to_unset}
+        result = self.runs.update_one(
+            {"_id": claim.run_id, "data": claim.key.elem_match(**self._ours(claim))}, update)
+        return result.matched_count == 1
+
+    @_db_call
+    def update_claimed(self, claim: Claim, fields: dict[str, Any]) -> bool:
+        """Set fields of an entry we hold (e.g. a batch job id), keeping the lease."""
+        return self._finish(claim, "update", {**fields, "modified_time": self.now()}, ())
+
+    @_db_call
+    def register_verified(self, claim: Claim, fields: dict[str, Any],
+                          unset: Iterable[str] = ()) -> bool:
+        """Mark the work's result good (``transferred``) -- only if the claim is still ours.
+
+        The caller has verified every checksum; ``fields`` carry them (checksum, size, ...).
+        False means the claim was lost and nothing was written.
+        """
+        now = self.now()
+        fields = {"status": TRANSFERRED, "verified_time": now, "modified_time": now, **fields}
+        return self._finish(claim, "register", fields,
+                            [*LEASE_FIELDS, *FAILURE_FIELDS, *unset])
+
+    @_db_call
+    def record_failure(self, claim: Claim, reason: str, *, kind: str,
+                       retry_at: dt.datetime | None, config_hash: str | None = None,
+                       fields: dict[str, Any] | None = None, unset: Iterable[str] = ()) -> bool:
+        """Mark the attempt failed (``error``) and drop the lease, only if still ours.
+
+        ``retry_at`` None means no automatic retry: the entry waits for a person, or (kind
+        ``config``) for the configuration to change.
+        """
+        if kind not in FAILURE_KINDS:
+            raise ValueError(f"unknown failure kind {kind!r}")
+        now = self.now()
+        values = {"status": ERROR, "error": reason, "error_kind": kind, "next_attempt": retry_at,
+                  "modified_time": now, **(fields or {})}
+        if config_hash:
+            values["config_hash"] = config_hash
+        return self._finish(claim, "failure", values, [*LEASE_FIELDS, *unset],
+                            history_event(now, "failed", claim.owner, reason))
+
+    @_db_call
+    def release(self, claim: Claim, fields: dict[str, Any] | None = None,
+                unset: Iterable[str] = ()) -> bool:
+        """Drop the lease (keeping the status), only if still ours."""
+        return self._finish(claim, "release", {"modified_time": self.now(), **(fields or {})},
+                            [*LEASE_FIELDS, *unset])
+
+    @_db_call
+    def relocate(self, claim: Claim, location: str) -> bool:
+        """Record the new location of a copy we hold (``cax-mv``) and release it."""
+        return self._finish(claim, "relocate", {"location": location,
+                                                "modified_time": self.now()}, LEASE_FIELDS)
+
+    @_db_call
+    def remove_claimed(self, claim: Claim, status: str) -> bool:
+        """Remove the entry we hold in ``status`` (a finished purge)."""
+        if self._skip("remove entry", claim.run_id, claim.key):
+            return True
+        cond = {**claim.key.match(), **self._ours(claim), "status": status}
+        return self.runs.update_one({"_id": claim.run_id},
+                                    {"$pull": {"data": cond}}).modified_count == 1
+
+    @_db_call
+    def flag_bad_copy(self, claim: Claim, *, reference: str, expected: str, reason: str,
+                      failures: int, repair: bool) -> bool:
+        """Take a copy found to differ from ``expected`` out of ``transferred``.
+
+        ``repair``: a good copy exists, so the copy is due for per-file repair now; otherwise
+        it is flagged and kept (nothing deleted: it may be the last copy of those bytes) and
+        waits for a person.
+        """
+        now = self.now()
+        fields = {"status": ERROR, "checksum_problem": reference, "expected_checksum": expected,
+                  "checksum_failures": failures, "error": reason, "modified_time": now,
+                  "error_kind": "transient" if repair else "permanent",
+                  "attempts": 0, "next_attempt": now if repair else None}
+        return self._finish(claim, "flag bad copy", fields, [*LEASE_FIELDS, "compared_checksum"],
+                            history_event(now, "bad copy", claim.owner, reason))
+
+    @_db_call
+    def record_compared(self, run_id: Any, key: EntryKey, token: str) -> bool:
+        """Record that a copy's checksum was compared with its reference's (``token`` names
+        both checksums, so this needs no lease: a stale write cannot hide a change)."""
+        if self._skip("compared", run_id, key, token):
+            return True
+        return self.runs.update_one(
+            {"_id": run_id, "data": key.elem_match()},
+            {"$set": {"data.$.compared_checksum": token},
+             "$unset": {"data.$.checksum_failures": ""}}).matched_count == 1
+
+    @_db_call
+    def reset_entry(self, run_id: Any, key: EntryKey, *, by: str,
+                    now: dt.datetime | None = None) -> bool:
+        """Make a stuck ``error`` entry retryable at the next pass (``cax retry``).
+
+        Works for every kind of stuck entry: attempts used up, a permanent or configuration
+        error, a bad copy flagged and kept.  Deletes nothing; records who did it in the
+        entry's history.  An entry under a live lease is not touched.
+        """
+        now = now or self.now()
+        query = {"_id": run_id, "data": key.elem_match(status=ERROR,
+                                                       lease_expires=_lease_free(now))}
+        update = {"$set": _positional({"attempts": 0, "next_attempt": now, "modified_time": now,
+                                       "checksum_failures": 0}),
+                  "$unset": {"data.$.error_kind": "", "data.$.config_hash": ""},
+                  "$push": {"data.$.history": {"$each": [history_event(now, "retry", by)],
+                                               "$slice": -HISTORY_KEPT}}}
+        if self._skip("reset", run_id, key, by):
+            return self.runs.count_documents(query) == 1
+        return self.runs.update_one(query, update).matched_count == 1
 
     # -- heartbeats -----------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ list, so callers pass ``sort``/``limit`` as arguments rather than chaining curso
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import logging
 import os
@@ -81,6 +82,24 @@ class EmbeddedClient:
         """Match ``client.admin.command('ping')``: succeeds if the directory is usable."""
         if not self.read_only and not os.access(self.path, os.W_OK):
             raise PermissionError(f"runs DB directory {self.path} is not writable")
+
+    def server_time(self) -> dt.datetime:
+        """Return the store's clock: the kernel time of the machine that holds its files.
+
+        Read from the modification time the kernel stamps on a write, not from this process's
+        ``time.time()``, so every client of the store judges leases by the same clock, however
+        its own clock is set.
+        """
+        if self.read_only:  # writes nothing: a dry run's times are only logged
+            return dt.datetime.now(dt.timezone.utc)
+        clock = self.path / "clock"
+        fd = os.open(clock, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"t")
+            mtime_ns = os.fstat(fd).st_mtime_ns
+        finally:
+            os.close(fd)
+        return dt.datetime.fromtimestamp(mtime_ns / 1e9, tz=dt.timezone.utc)
 
     def close(self) -> None:
         with self._lock:

@@ -7,13 +7,14 @@ so an idle pass fetches no run documents at all, whatever the size of the runs D
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from cax.clock import utcnow
+from cax.claimed import config_fingerprint
 from cax.config import Config, Site
 from cax.errors import CaxError, RunsDBError
 from cax.logcontext import log_context
@@ -32,16 +33,26 @@ class Context:
     dry_run: bool = False
     selector: dict[str, Any] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
-    now: Callable[..., Any] = utcnow
+    #: The clock of every runs-DB decision: the runs DB's own (``RunsDB.now``) by default.
+    now: Callable[..., Any] = None  # type: ignore[assignment]
     background: Any = None  # cax.workers.Background, for work that outlives one pass
     once: bool = False  # one pass only: wait for a free transfer slot instead of skipping
     console: Callable[[str], None] | None = None  # live progress line on a terminal, if any
     transports: Any = None  # cax.transport.pool.TransportPool, made when first needed
     board: Any = None  # cax.progress.ProgressBoard of the running copies
 
+    def __post_init__(self) -> None:
+        if self.now is None:
+            self.now = self.runsdb.now
+
     @property
     def site(self) -> Site:
         return self.config.site
+
+    @functools.cached_property
+    def config_hash(self) -> str:
+        """Fingerprint of the sites' configuration, kept with errors it caused."""
+        return config_fingerprint(repr(self.config.sites))
 
 
 @dataclass

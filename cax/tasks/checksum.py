@@ -16,6 +16,7 @@ lease on the entry, so two daemons never read the same copy and no purge deletes
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from cax.checksum import (
@@ -26,12 +27,13 @@ from cax.checksum import (
     diff_manifests,
     scan_dataset,
 )
+from cax.claimed import FINAL_STEP_LEFT, Keeper
 from cax.errors import LeaseLostError, UnsafeNameError
-from cax.paths import checked_location
-from cax.runsdb import ERROR, TRANSFERRED, VERIFYING, EntryKey, run_label
+from cax.paths import entry_location
+from cax.runsdb import TRANSFERRED, VERIFYING, EntryKey, run_label
+from cax.runsdb.runs import Claim
 from cax.schema import DATA_TYPES
 from cax.tasks.base import Task
-from cax.tasks.copyjob import LeaseKeeper
 from cax.tasks.repair import (
     FILES_SHOWN,
     PROBLEM_FIELDS,
@@ -73,23 +75,39 @@ class ChecksumTask(Task):
         return [e for e in list(run.get("data") or ()) if e.get("host") == self.site.name
                 and e.get("status") == status and self.site.data_dir(e.get("type", ""))]
 
-    def claim(self, run: dict[str, Any], entry: dict[str, Any], status: str) -> bool:
+    def __init__(self, ctx: Any):
+        super().__init__(ctx)
+        self.held: dict[tuple[Any, EntryKey], Claim] = {}
+
+    def claim(self, run: dict[str, Any], entry: dict[str, Any], status: str) -> Claim | None:
         """Lease ``entry`` while it is still in ``status`` with the checksum we saw."""
         conditions = {} if status == VERIFYING else {"checksum": entry.get("checksum")}
-        return bool(self.db.claim_entry(
-            run["_id"], EntryKey.of(entry), statuses=[status], owner=self.ctx.owner,
-            now=self.ctx.now(), lease_s=self.ctx.config.lease_seconds, conditions=conditions))
+        key = EntryKey.of(entry)
+        claim = self.db.claim(run["_id"], key, owner=self.ctx.owner,
+                              lease_s=self.ctx.config.lease_seconds, statuses=[status],
+                              conditions=conditions, count_attempt=False)
+        if claim:
+            self._granted = time.monotonic()
+            self.held[(run["_id"], key)] = claim
+        return claim
+
+    def ours(self, run: dict[str, Any], entry: dict[str, Any]) -> Claim:
+        return self.held[(run["_id"], EntryKey.of(entry))]
 
     def write(self, run: dict[str, Any], entry: dict[str, Any], fields: dict[str, Any],
               unset: tuple[str, ...] = ()) -> None:
-        """Set fields of our claimed entry and release it."""
-        key = EntryKey.of(entry)
-        if not self.db.update_entry(run["_id"], key, {**fields, "modified_time": self.ctx.now()},
-                                    owner=self.ctx.owner, release=True, unset=unset):
-            raise LeaseLostError(f"entry {key} is no longer ours")
+        """Set fields of our claimed entry and release it (``transferred``: register it)."""
+        claim = self.held.pop((run["_id"], EntryKey.of(entry)))
+        if fields.get("status") == TRANSFERRED:
+            done = self.db.register_verified(claim, {k: v for k, v in fields.items()
+                                                     if k != "status"}, unset)
+        else:
+            done = self.db.release(claim, fields, unset)
+        if not done:
+            raise LeaseLostError(f"entry {claim.key} is no longer ours")
 
     def path(self, entry: dict[str, Any]) -> str:
-        return checked_location(self.site, entry.get("type", ""), entry.get("location"))
+        return entry_location(self.site, entry)
 
     def checksum(self, run: dict[str, Any], entry: dict[str, Any]) -> tuple | None:
         """Checksum our claimed local copy in the kind of its recorded checksum (adler32 if
@@ -98,27 +116,31 @@ class ChecksumTask(Task):
         Returns (checksum, manifest or None for legacy), or None when the data is missing or
         unreadable, which is then recorded on the entry.
         """
-        key, recorded = EntryKey.of(entry), entry.get("checksum")
+        recorded, claim = entry.get("checksum"), self.ours(run, entry)
         try:
-            with LeaseKeeper(self.ctx, run["_id"], key) as keeper:
+            with Keeper(self.db, claim, self.ctx.config.lease_seconds, self._granted) as keeper:
                 path = self.path(entry)
                 if kind_of(recorded):
                     value, manifest = compute_checksum_like(path, recorded)
                 else:
                     manifest = scan_dataset(path)
                     value = dataset_checksum(manifest)
-                keeper.check()
+                keeper.check(FINAL_STEP_LEFT)
         except UNREADABLE as exc:
-            record_unreadable(self.ctx, run["_id"], key, exc)
+            record_unreadable(self.ctx, self.held.pop((run["_id"], claim.key)), exc)
             return None
         return value, manifest
+
+    def mark_bad(self, run: dict[str, Any], entry: dict[str, Any], reference: dict[str, Any],
+                 reason: str) -> None:
+        claim = self.held.pop((run["_id"], EntryKey.of(entry)))
+        mark_bad_copy(self.ctx, run, claim, entry, reference, reason)
 
     def good_fields(self, run: dict[str, Any], entry: dict[str, Any], checksum: str,
                     manifest: Manifest | None) -> dict[str, Any]:
         """Save the manifest (if known); return the fields of a verified copy."""
         now = self.ctx.now()
-        fields: dict[str, Any] = {"status": TRANSFERRED, "checksum": checksum,
-                                  "verified_time": now}
+        fields: dict[str, Any] = {"status": TRANSFERRED, "checksum": checksum}
         if manifest is not None:
             self.db.save_manifest(run["_id"], EntryKey.of(entry), manifest,
                                   dataset_checksum(manifest), now)
@@ -158,12 +180,12 @@ class AddChecksum(ChecksumTask):
         if recorded and value != recorded:
             log.error("%s: %s: checksum mismatch with the registered %s...; data kept",
                       run_label(run), key, str(recorded)[:20])
-            self.write(run, entry, {"status": ERROR, "error": "checksum mismatch",
-                                    "attempts": self.site.max_attempts, "next_attempt": None})
+            claim = self.held.pop((run["_id"], key))
+            self.db.record_failure(claim, "checksum mismatch with the registered checksum; data "
+                                   "kept", kind="permanent", retry_at=None)
             return
         fields = self.good_fields(run, entry, value, manifest)
-        self.write(run, entry, fields, unset=("error", "next_attempt", "compared_checksum",
-                                              *PROBLEM_FIELDS))
+        self.write(run, entry, fields, unset=("compared_checksum", *PROBLEM_FIELDS))
         log.info("%s: %s: verifying -> transferred (%s, %d files)", run_label(run), key,
                  value[:20], fields["file_count"])
 
@@ -251,9 +273,7 @@ class CompareChecksums(ChecksumTask):
         else:
             log.debug("%s: %s matches the reference at %s", run_label(run), key,
                       reference["host"])
-        # not leased: the token names both checksums, so a stale write cannot hide a change
-        self.db.update_entry(run["_id"], key, {"compared_checksum": compare_token(ours, theirs)},
-                             unset=("checksum_failures",))
+        self.db.record_compared(run["_id"], key, compare_token(ours, theirs))
 
     def compare_from_disk(self, run: dict[str, Any], entry: dict[str, Any],
                           reference: dict[str, Any]) -> None:
@@ -264,12 +284,13 @@ class CompareChecksums(ChecksumTask):
             return
         if not self.claim(run, entry, TRANSFERRED):
             return
+        claim = self.ours(run, entry)
         try:
-            with LeaseKeeper(self.ctx, run["_id"], key) as keeper:
+            with Keeper(self.db, claim, self.ctx.config.lease_seconds, self._granted) as keeper:
                 value, manifest = compute_checksum_like(self.path(entry), theirs)
-                keeper.check()
+                keeper.check(FINAL_STEP_LEFT)
         except UNREADABLE as exc:
-            record_unreadable(self.ctx, run["_id"], key, exc)
+            record_unreadable(self.ctx, self.held.pop((run["_id"], key)), exc)
             return
         if value != theirs:
             self.mismatch(run, entry, reference, manifest, claimed=True)
@@ -294,5 +315,5 @@ class CompareChecksums(ChecksumTask):
             log.info("dry run: would mark %s for repair", key)
             return
         if claimed or self.claim(run, entry, TRANSFERRED):
-            mark_bad_copy(self.ctx, run, entry, reference,
+            self.mark_bad(run, entry, reference,
                           f"checksum differs from the reference {reference['host']}")

@@ -22,7 +22,10 @@ from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
 from cax.schema import TRANSFER_METHODS
 from cax.tasks.base import Task
-from cax.tasks.copyjob import CopyJob, CopyPlan, retry_conditions
+from cax.claimed import schedule
+from cax.errors import UnsafeNameError
+from cax.tasks.copyjob import CopyJob, CopyPlan, is_retry_due, make_plan, retry_conditions
+from cax.tasks.repair import is_good, repair_conditions, repair_due, repair_plan
 from cax.transport.pool import TransportPool
 
 log = logging.getLogger(__name__)
@@ -48,20 +51,23 @@ class CopyBase(Task):
         now = self.ctx.now()
         return [
             {"data": {"$not": key.elem_match()}},
-            {"data": key.elem_match(status=ERROR, **retry_conditions(self.site, now))},
-            {"data": key.elem_match(status=TRANSFERRING, lease_expires={"$lt": now})},
+            {"data": key.elem_match(status=ERROR, checksum_problem={"$exists": False},
+                                    **retry_conditions(self.site, now))},
+            {"data": key.elem_match(status=TRANSFERRING, checksum_problem={"$exists": False},
+                                    lease_expires={"$lt": now})},
         ]
 
     def entry_needs_copy(self, entry: dict[str, Any] | None) -> bool:
         """The same test as ``needs_copy``, on an entry already fetched."""
         if entry is None:
             return True
+        if entry.get("checksum_problem"):
+            return False  # a bad copy: repaired file by file, not copied again whole
         now = self.ctx.now()
         status = entry.get("status")
         if status == ERROR:
-            due = entry.get("next_attempt")
-            return entry.get("attempts", 0) < self.site.max_attempts and (
-                due is None or as_utc(due) <= now)
+            return int(entry.get("attempts") or 0) < self.site.max_attempts and is_retry_due(
+                entry, now)
         expires = entry.get("lease_expires")
         return status == TRANSFERRING and expires is not None and as_utc(expires) < now
 
@@ -73,33 +79,33 @@ class CopyBase(Task):
 
     def schedule(self, plan: CopyPlan) -> None:
         """Claim the destination entry and hand the copy to a background worker."""
-        background = self.ctx.background
-        key = f"{plan.run_id}/{plan.dest_key}"
-        if background.busy(key):
-            return
-        if self.ctx.dry_run:
-            log.info("dry run: would copy %s", plan.describe())
-            return
-        if background.full:
-            if not self.ctx.once:
-                log.debug("all %d transfer slots busy; %s waits for the next pass",
-                          background.max_workers, plan.describe())
-                return
-            background.wait_for_slot()
         if self.ctx.transports is None:
             self.ctx.transports = TransportPool(self.site.stall_timeout)
         if self.ctx.board is None:
             self.ctx.board = ProgressBoard(self.ctx.console)
         job = CopyJob(self.ctx, plan, self.ctx.transports, self.ctx.board)
-        if not job.claim():
-            log.debug("%s: claimed by another daemon", plan.describe())
-            return
-        background.submit(key, job.run)
+        schedule(self.ctx, f"{plan.run_id}/{plan.dest_key}", job, f"copy {plan.describe()}")
 
     def plan(self, run: dict[str, Any], data_type: str, version: str | None, source: Site,
              source_entry: dict[str, Any], dest: Site) -> CopyPlan:
-        return CopyPlan(run["_id"], run_label(run), data_type, version, source, source_entry,
-                        dest, self.push)
+        refuse_duplicates(self.db, run)
+        return make_plan(run, run_label(run), data_type, version, source, source_entry, dest,
+                         self.push)
+
+
+def refuse_duplicates(db: Any, run: dict[str, Any]) -> None:
+    """Refuse to copy a run whose name and detector, or number, another run document has:
+    their datasets would share one path at every site."""
+    others = db.find_runs({"_id": {"$ne": run["_id"]}, "$or": [
+        {"name": run.get("name"), "detector": run.get("detector")},
+        {"number": run.get("number"), "detector": run.get("detector")}]},
+        projection={"number": 1, "name": 1, "detector": 1}, limit=1)
+    if others:
+        other = others[0]
+        raise UnsafeNameError(f"{run_label(run)} and run document {other['_id']} "
+                              f"(run {other.get('number', '?')}, {other.get('name', '?')}) "
+                              "are duplicates (same name and detector, or same number); "
+                              "not copying either until one is removed")
 
 
 class CopyPush(CopyBase):
@@ -116,6 +122,8 @@ class CopyPush(CopyBase):
             here = EntryKey(self.site.name, data_type, version)
             wanted = [q for p in peers for q in self.needs_copy(EntryKey(p.name, data_type,
                                                                          version))]
+            wanted += [{"data": EntryKey(p.name, data_type, version).elem_match(
+                **repair_conditions(self.site, self.ctx.now()))} for p in peers]
             parts.append({"$and": [{"data": here.elem_match(status=TRANSFERRED)},
                                    {"$or": wanted}]})
         return {"$or": parts} if parts else None
@@ -126,9 +134,13 @@ class CopyPush(CopyBase):
             if not here or here.get("status") != TRANSFERRED:
                 continue
             for peer in self.peers():
-                if self.entry_needs_copy(find_entry(run, EntryKey(peer.name, data_type,
-                                                                  version))):
+                there = find_entry(run, EntryKey(peer.name, data_type, version))
+                if self.entry_needs_copy(there):
                     self.schedule(self.plan(run, data_type, version, self.site, here, peer))
+                elif there and repair_due(there, self.site, self.ctx.now()) \
+                        and is_good(here, there.get("expected_checksum") or ""):
+                    job = repair_plan(self.ctx, run, there, self.site, here, peer, push=True)
+                    schedule(self.ctx, f"{run['_id']}/{job.key}", job, job.label)
 
 
 class CopyPull(CopyBase):

@@ -9,22 +9,23 @@ The life of a copy, as the runs DB sees it::
   A copy stays ``transferring`` (leased) while it is verified: ``verifying`` is for data that
   others put in place (the DAQ), which AddChecksum checksums, so the two never meet.
 
-* The claim is atomic: a new entry is added only if none exists for the destination, and an
-  existing ``error`` (retry due) or ``transferring`` (lease expired) entry is taken over by one
-  ``find_one_and_update``.  A thread renews the lease while the copy runs.
-* Bytes go to a hidden partial name beside the destination and are renamed into place only
-  after every file's size and adler32 equal the source's.  The entry becomes ``transferred``
-  only after that, so a crash at any instant leaves nothing unverified marked good.
-* A failure records a short reason and the attempt count; the next attempt waits with
-  exponential backoff; after ``max_attempts`` (or at once for errors that retrying cannot fix)
-  the entry stays ``error`` and is reported as stuck.
+It is claimed work (``cax.claimed``): the lease is judged by the runs DB's clock and kept by a
+Keeper that aborts the transport when it cannot be renewed; bytes go to a scratch path named
+by the claim's token; every file's size and adler32 must equal the source's before the scratch
+is renamed into place and the entry registered, in a write that re-checks ownership.
+
+Paths are owned: the destination's name derives from the run (``paths.dataset_name``), and
+data already at the destination is removed only when the runs DB shows that no other entry
+claims that path.  While it runs, the copy's entry names the source copy in ``reading``, so
+the source cannot be purged under it; the claim itself requires the source to still be
+``transferred``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,23 +37,30 @@ from cax.checksum import (
     diff_manifests,
     legacy_dirhash,
 )
+from cax.claimed import ClaimedJob, Keeper
+from cax.clock import as_utc
 from cax.config import Site
-from cax.errors import CaxError, ChecksumMismatchError, LeaseLostError, TransferError
-from cax.paths import checked_location, dataset_path, partial_path
+from cax.errors import ChecksumMismatchError, TransferError, UnsafeNameError
+from cax.paths import checked_location, dataset_name, dataset_path, scratch_path
 from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey
+from cax.runsdb.runs import Claim
 from cax.tasks.base import Context
 from cax.transport.base import Transport
 from cax.transport.pool import TransportPool
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 6 * 3600
+#: Methods that resume into an earlier attempt's bytes (rsync ``--partial``).
+RESUMING_METHODS = ("rsync",)
 
 
 @dataclass(frozen=True)
 class CopyPlan:
-    """What to copy: one dataset of one run, from ``source`` to ``dest``; ``push`` or pull."""
+    """What to copy: one dataset of one run, from ``source`` to ``dest``; ``push`` or pull.
+
+    ``dataset`` is the dataset's name at every site, derived from the run's identity.
+    """
 
     run_id: Any
     label: str
@@ -62,6 +70,7 @@ class CopyPlan:
     source_entry: dict[str, Any]
     dest: Site
     push: bool
+    dataset: str
 
     @property
     def dest_key(self) -> EntryKey:
@@ -82,156 +91,204 @@ class CopyPlan:
         return f"{self.label} {self.route()}"
 
 
+def make_plan(run: dict[str, Any], label: str, data_type: str, version: str | None,
+              source: Site, source_entry: dict[str, Any], dest: Site, push: bool) -> CopyPlan:
+    """Plan a copy; raises UnsafeNameError if the source is not where this run's data goes."""
+    path = checked_location(source, data_type, source_entry.get("location"), version)
+    return CopyPlan(run["_id"], label, data_type, version, source, source_entry, dest, push,
+                    dataset_name(run, data_type, path))
+
+
+def retry_due(now: dt.datetime) -> dict[str, Any]:
+    """Condition on an entry whose retry is due: ``next_attempt`` passed, or never set (the
+    original cax's errors).  An explicit null means no automatic retry: it waits for a person
+    or for the configuration to change."""
+    return {"$or": [{"next_attempt": {"$exists": False}}, {"next_attempt": {"$lte": now}}]}
+
+
+def is_retry_due(entry: dict[str, Any], now: dt.datetime) -> bool:
+    """The Python twin of ``retry_due``."""
+    if "next_attempt" not in entry:
+        return True
+    due = entry["next_attempt"]
+    return isinstance(due, dt.datetime) and as_utc(due) <= now
+
+
 def retry_conditions(site: Site, now: dt.datetime) -> dict[str, Any]:
     """Conditions on an ``error`` entry whose next attempt is due and not yet stuck."""
-    return {"attempts": {"$not": {"$gte": site.max_attempts}},
-            "next_attempt": {"$not": {"$gt": now}}}
+    return {"attempts": {"$not": {"$gte": site.max_attempts}}, **retry_due(now)}
 
 
-def short_reason(exc: BaseException, limit: int = 300) -> str:
-    """Return the first line of ``exc`` for the runs DB, shortened in the middle: the cause
-    usually comes last, after long paths."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text if len(text) <= limit else f"{text[:100]} ... {text[-(limit - 105):]}"
+def same_machine(a: Site, b: Site) -> bool:
+    """Whether two sites' data live on one machine (the same host name, or both local)."""
+    return (a.hostname or "localhost") == (b.hostname or "localhost")
 
 
-def backoff_s(site: Site, attempts: int) -> float:
-    return min(site.retry_backoff * 2 ** max(attempts - 1, 0), MAX_BACKOFF_S)
+def overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
-class LeaseKeeper:
-    """Renews a lease in the background; ``lost`` turns true if another daemon took it over."""
-
-    def __init__(self, ctx: Context, run_id: Any, key: EntryKey):
-        self.ctx, self.run_id, self.key = ctx, run_id, key
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="cax-lease")
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        interval = self.ctx.config.lease_seconds / 3
-        while not self._stop.wait(interval):
-            try:
-                if not self.ctx.runsdb.renew_lease(self.run_id, self.key, self.ctx.owner,
-                                                   self.ctx.now(), self.ctx.config.lease_seconds):
-                    self.lost = True
-                    return
-            except CaxError as exc:  # a DB hiccup: the lease may still be renewed next time
-                log.warning("lease of %s not renewed: %s", self.key, exc)
-
-    def check(self) -> None:
-        if self.lost:
-            raise LeaseLostError(f"lease of {self.key} was taken over by another daemon")
-
-
-class CopyJob:
+class CopyJob(ClaimedJob):
     """Claim, copy, verify and register one dataset copy described by a CopyPlan."""
 
     done_message = "transferred and verified"
 
     def __init__(self, ctx: Context, plan: CopyPlan, transports: TransportPool,
                  board: ProgressBoard):
-        self.ctx, self.plan, self.transports, self.board = ctx, plan, transports, board
-        self.db = ctx.runsdb
-        self.attempts = 0
-        name = checked_location(plan.source, plan.data_type, plan.source_entry.get("location"))
-        self.source_path = name
-        self.dest_path = dataset_path(plan.dest, plan.data_type, Path(name).name, plan.version)
+        super().__init__(ctx)
+        self.plan, self.transports, self.board = plan, transports, board
+        self.run_id, self.key, self.label = plan.run_id, plan.dest_key, plan.describe()
+        self.source_path = checked_location(plan.source, plan.data_type,
+                                            plan.source_entry.get("location"), plan.version)
+        self.dest_path = dataset_path(plan.dest, plan.data_type, plan.dataset, plan.version)
+        self.scratch: str | None = None
+        self.writing = False  # bytes may be at the scratch path
 
     # -- claim (in the task's thread) ---------------------------------------------------------
 
-    def claim(self) -> bool:
-        """Take the destination entry for this daemon; False if another daemon has it."""
-        plan, now = self.plan, self.ctx.now()
-        fields = {"status": TRANSFERRING, "location": self.dest_path, "source": plan.source.name,
-                  "method": plan.remote.method, "transfer_start": now}
-        lease = {"lease_owner": self.ctx.owner,
-                 "lease_expires": now + dt.timedelta(seconds=self.ctx.config.lease_seconds)}
-        entry = {**plan.dest_key.match(), **fields, **lease, "checksum": None,
-                 "creation_time": now, "modified_time": now, "attempts": 1}
-        if plan.data_type != "raw":
-            entry["pax_version"] = plan.version
-        if self.db.add_entry(plan.run_id, entry):
-            self.attempts = 1
-            return True
-        lease_s = self.ctx.config.lease_seconds
-        for statuses, conditions in (
-            ([ERROR], retry_conditions(self.ctx.site, now)),
-            ([TRANSFERRING], {"lease_expires": {"$lt": now}}),
-        ):
-            got = self.db.claim_entry(plan.run_id, plan.dest_key, statuses=statuses,
-                                      owner=self.ctx.owner, now=now, lease_s=lease_s,
-                                      fields=fields, conditions=conditions, count_attempt=True)
-            if got:
-                self.attempts = got.get("attempts", 1)
-                return True
-        return False
+    def claim_fields(self) -> dict[str, Any]:
+        plan = self.plan
+        return {"status": TRANSFERRING, "location": self.dest_path, "source": plan.source.name,
+                "method": plan.remote.method, "transfer_start": self.ctx.now(),
+                "reading": plan.source_key.match()}
+
+    def source_still_good(self) -> list[tuple[EntryKey, dict[str, Any]]]:
+        """The claim requires the source copy to be verified, where it was, at that instant."""
+        return [(self.plan.source_key, {"status": TRANSFERRED,
+                                        "location": self.plan.source_entry.get("location")})]
+
+    def take(self) -> Claim | None:
+        """Add the destination entry, or take over a due retry or an expired lease."""
+        fields, requires, now = self.claim_fields(), self.source_still_good(), self.ctx.now()
+        claim = self.db.claim(self.run_id, self.key, owner=self.ctx.owner, lease_s=self.lease_s,
+                              new_entry={"checksum": None}, statuses=[ERROR],
+                              conditions=retry_conditions(self.ctx.site, now), fields=fields,
+                              requires=requires)
+        return claim or self.db.claim(self.run_id, self.key, owner=self.ctx.owner,
+                                      lease_s=self.lease_s, statuses=[TRANSFERRING],
+                                      conditions={"lease_expires": {"$lt": now}},
+                                      fields=fields, requires=requires)
 
     # -- the work (in a worker thread) --------------------------------------------------------
 
-    def run(self) -> bool:
-        """Do the claimed copy; record the outcome in the runs DB; return whether it succeeded."""
-        try:
-            with LeaseKeeper(self.ctx, self.plan.run_id, self.plan.dest_key) as keeper:
-                self._copy_verify_register(keeper)
-            return True
-        except LeaseLostError as exc:
-            log.warning("%s: %s; leaving it to the new owner", self.plan.route(), exc)
-        except (CaxError, OSError) as exc:
-            self._record_failure(exc)
-        except Exception as exc:  # a bug must not leave a claim dangling
-            log.exception("%s: unexpected error", self.plan.route())
-            self._record_failure(exc)
-        return False
+    def dest_ops(self, transport: Transport) -> Transport:
+        return transport if self.plan.push else self.transports.local(self.ctx.site)
 
-    def _copy_verify_register(self, keeper: LeaseKeeper) -> None:
+    def work(self, keeper: Keeper) -> None:
         plan = self.plan
+        assert self.claim is not None
+        self.refuse_own_source()
         transport = self.transports.get(plan.remote)
         local = self.transports.local(self.ctx.site)
-        dest_ops = transport if plan.push else local
+        dest_ops = self.dest_ops(transport)
+        stop = getattr(transport, "abort", None)
+        if stop is not None:
+            keeper.add_stopper(stop)
         expected = self._expected_manifest(transport, local)
-        temp = partial_path(self.dest_path)
-        if dest_ops.exists(self.dest_path):  # unregistered leftovers of an earlier attempt
-            log.info("removing unverified %s", dest_ops.where(self.dest_path))
-            dest_ops.remove(self.dest_path)
+        self.scratch = scratch_path(self.dest_path, self.claim.token)
+        self.adopt_previous_scratch(dest_ops)
+        if dest_ops.exists(self.dest_path):
+            self.clear_destination(dest_ops)
         total = sum(size for size, _ in expected.values())
-        log.info("%s: copying %d file(s), %d bytes (attempt %d)", plan.route(), len(expected),
-                 total, self.attempts)
+        log.info("%s: copying %d file(s), %d bytes (attempt %d of %d)", plan.route(),
+                 len(expected), total, self.attempts, self.max_attempts)
         tracker = self.board.start(f"{plan.label} {plan.data_type}->{plan.dest.name}", total)
 
         def progress(nbytes: int) -> None:
             tracker(nbytes)
             keeper.check()
 
+        self.writing = True
         try:
             if plan.push:
-                read = transport.put(Path(self.source_path), temp, progress)
+                read = transport.put(Path(self.source_path), self.scratch, progress)
             else:
-                read = transport.get(self.source_path, Path(temp), progress)
+                read = transport.get(self.source_path, Path(self.scratch), progress)
+        except TransferError:
+            keeper.check()  # an abort by the keeper reads as the lease lost, not a failure
+            raise
         finally:
             self.board.finish(tracker)
         keeper.check()
-        actual = dest_ops.manifest(temp)
+        actual = dest_ops.manifest(self.scratch)
         bad = diff_manifests(expected, actual)
         if bad:
             source_bad = read is not None and diff_manifests(expected, read)
-            dest_ops.remove(temp)
+            dest_ops.remove(self.scratch)
             where = "the source copy" if source_bad else "the copy"
             raise ChecksumMismatchError(
                 f"{plan.describe()}: {len(bad)} file(s) of {where} differ from the reference "
                 f"checksums: {', '.join(bad[:5])}", files=bad)
-        self._check_legacy(temp, dest_ops)
-        keeper.check()
-        dest_ops.rename(temp, self.dest_path)
+        self._check_legacy(self.scratch, dest_ops)
+        keeper.check(0.15)
+        dest_ops.rename(self.scratch, self.dest_path)
+        self.scratch = None
         self._register(actual)
+
+    def refuse_own_source(self) -> None:
+        """No copy ever writes into, or removes, its own source."""
+        plan = self.plan
+        if same_machine(plan.source, plan.dest) and overlaps(self.source_path, self.dest_path):
+            raise UnsafeNameError(f"{plan.describe()}: destination {self.dest_path} overlaps "
+                                  f"the source {self.source_path} on the same machine; check "
+                                  "the data directories of both sites")
+
+    def adopt_previous_scratch(self, dest_ops: Transport) -> None:
+        """Resume into the bytes of the previous attempt (rsync), or remove them.
+
+        Safe because the previous owner has stopped: it let its lease expire (and stops its
+        work well before that), or it recorded its failure and released the entry.
+        """
+        prev = self.claim.previous if self.claim else None
+        if not prev:
+            return
+        old = prev.get("partial") or (prev.get("lease_token") and
+                                      scratch_path(self.dest_path, prev["lease_token"]))
+        if not old or old == self.scratch or posixpath.dirname(old) != posixpath.dirname(
+                self.dest_path) or not dest_ops.exists(old):
+            return
+        if self.plan.remote.method in RESUMING_METHODS:
+            log.info("%s: resuming from the bytes of the previous attempt", self.plan.route())
+            dest_ops.rename(old, self.scratch)
+        else:
+            dest_ops.remove(old)
+
+    def clear_destination(self, dest_ops: Transport) -> None:
+        """Remove data at the destination path only if no entry but the one we hold claims it.
+
+        Our own entry's data there is an earlier attempt's, renamed but never registered.
+        Anything another entry (of any run) names is somebody's copy: refuse, touch nothing.
+        """
+        plan = self.plan
+        for run in self.db.find_runs_with_location(plan.dest.name, self.dest_path):
+            for entry in run.get("data") or ():
+                if entry.get("host") != plan.dest.name or entry.get("location", "").rstrip(
+                        "/") != self.dest_path:
+                    continue
+                if run["_id"] == plan.run_id and EntryKey.of(entry) == self.key:
+                    continue
+                raise UnsafeNameError(
+                    f"{plan.describe()}: {dest_ops.where(self.dest_path)} holds the "
+                    f"{entry.get('type')} data of run {run.get('number', '?')} "
+                    f"({run.get('name', '?')}, status {entry.get('status')}); not touching it")
+        log.info("removing unregistered data at %s", dest_ops.where(self.dest_path))
+        dest_ops.remove(self.dest_path)
+
+    def cleanup(self) -> None:
+        """After a failure: keep a resumable scratch for the next attempt, else remove it."""
+        if self.scratch is None or not self.writing:
+            return
+        if self.plan.remote.method in RESUMING_METHODS:
+            return
+        dest_ops = self.dest_ops(self.transports.get(self.plan.remote))
+        if dest_ops.exists(self.scratch):
+            dest_ops.remove(self.scratch)
+
+    def failure_fields(self) -> dict[str, Any]:
+        """Say where a resumable scratch waits for the next attempt."""
+        if self.scratch and self.writing and self.plan.remote.method in RESUMING_METHODS:
+            return {"partial": self.scratch}
+        return {}
 
     def _expected_manifest(self, transport: Transport, local: Transport) -> Manifest:
         """Return the per-file checksums the copy must have: the source's recorded ones.
@@ -246,8 +303,7 @@ class CopyJob:
             return recorded
         source_ops = local if plan.push else transport
         computed = source_ops.manifest(self.source_path)
-        if checksum and checksum_kind(checksum) == "adler32" \
-                and dataset_checksum(computed) != checksum:
+        if checksum and _kind(checksum) == "adler32" and dataset_checksum(computed) != checksum:
             raise ChecksumMismatchError(f"{plan.describe()}: the source copy does not match its "
                                         "registered checksum; not copying it")
         return computed
@@ -255,7 +311,7 @@ class CopyJob:
     def _check_legacy(self, temp: str, dest_ops: Transport) -> None:
         """Verify a copy of a source registered by the original cax against its sha512 dirhash."""
         checksum = self.plan.source_entry.get("checksum")
-        if not checksum or checksum_kind(checksum) != "sha512-dirhash":
+        if not checksum or _kind(checksum) != "sha512-dirhash":
             return
         path = temp if not self.plan.push else self.source_path
         if legacy_dirhash(path) != checksum:
@@ -266,14 +322,11 @@ class CopyJob:
         plan, now = self.plan, self.ctx.now()
         checksum = dataset_checksum(manifest)
         self.db.save_manifest(plan.run_id, plan.dest_key, manifest, checksum, now)
-        fields = {"status": TRANSFERRED, "checksum": checksum,
-                  "size": sum(size for size, _ in manifest.values()), "file_count": len(manifest),
-                  "transfer_end": now, "verified_time": now, "modified_time": now}
-        unset = ["error", "next_attempt", "checksum_problem", "expected_checksum"]
+        fields = {"checksum": checksum, "size": sum(size for size, _ in manifest.values()),
+                  "file_count": len(manifest), "transfer_end": now}
+        unset = ("checksum_problem", "expected_checksum", "partial", "reading")
         extra, drop = self._registration_extras(checksum)
-        if not self.db.update_entry(plan.run_id, plan.dest_key, {**fields, **extra},
-                                    owner=self.ctx.owner, release=True, unset=unset + drop):
-            raise LeaseLostError(f"entry {plan.dest_key} changed hands before registration")
+        self.register({**fields, **extra}, unset + tuple(drop))
         log.info("%s: %s (%s, %d bytes)", plan.route(), self.done_message, checksum[:20],
                  fields["size"])
 
@@ -281,27 +334,10 @@ class CopyJob:
         """Fields to set and to unset besides the usual ones when the copy is registered."""
         return {}, []
 
-    def _record_failure(self, exc: BaseException) -> None:
-        plan, now = self.plan, self.ctx.now()
-        retryable = getattr(exc, "retryable", True) and not isinstance(exc, ValueError)
-        stuck = not retryable or self.attempts >= self.ctx.site.max_attempts
-        reason = short_reason(exc)
-        fields: dict[str, Any] = {"status": ERROR, "error": reason, "transfer_end": now,
-                                  "modified_time": now}
-        if stuck:
-            fields["attempts"] = max(self.attempts, self.ctx.site.max_attempts)
-            fields["next_attempt"] = None
-            log.error("%s: failed, stuck after %d attempt(s): %s", plan.route(),
-                      self.attempts, reason)
-        else:
-            fields["next_attempt"] = now + dt.timedelta(seconds=backoff_s(self.ctx.site,
-                                                                          self.attempts))
-            log.warning("%s: attempt %d failed, retrying after %s: %s", plan.route(),
-                        self.attempts, fields["next_attempt"].strftime("%H:%M:%S"), reason)
-        if isinstance(exc, TransferError):
-            self.transports.discard(plan.remote)
-        try:
-            self.db.update_entry(plan.run_id, plan.dest_key, fields, owner=self.ctx.owner,
-                                 release=True)
-        except CaxError as db_exc:  # the lease will expire and the copy be taken over
-            log.error("%s: failure not recorded: %s", plan.route(), db_exc)
+
+def _kind(checksum: Any) -> str | None:
+    """The kind of a recorded checksum, None for formats cax cannot verify."""
+    try:
+        return checksum_kind(checksum)
+    except ValueError:
+        return None

@@ -18,7 +18,7 @@ from typing import Any
 
 from cax import proc
 from cax.errors import ConfigError
-from cax.paths import checked_location
+from cax.paths import entry_location
 from cax.runsdb import TRANSFERRED, EntryKey
 from cax.schema import DATA_TYPES
 from cax.tasks.base import Task
@@ -56,7 +56,7 @@ class AddSize(Task):
         key = EntryKey.of(entry)
         size, count = entry.get("size"), entry.get("file_count")
         if size is None or count is None:
-            path = checked_location(self.site, key.type, entry.get("location"))
+            path = entry_location(self.site, entry)
             info = siteops.stat_tree(path)
             size, count = info["size"], info["files"]
             if self.ctx.dry_run:
@@ -163,7 +163,7 @@ class SetPermission(Task):
         if entry.get("permissions_applied") == digest:
             return
         key = EntryKey.of(entry)
-        path = checked_location(self.site, key.type, entry.get("location"))
+        path = entry_location(self.site, entry)
         if self.ctx.dry_run:
             log.info("dry run: would set permissions %s on %s", dict(settings), path)
             return

@@ -20,18 +20,20 @@ import datetime as dt
 import logging
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from cax.checksum import checksum_kind
+from cax.claimed import Keeper
 from cax.clock import as_utc
 from cax.config import Config
 from cax.errors import CaxError, LeaseLostError
 from cax.logcontext import log_context
-from cax.paths import checked_location
+from cax.paths import entry_location
 from cax.runsdb import PURGING, TRANSFERRED, EntryKey, find_entry, run_label
 from cax.tasks.base import Context, Task
-from cax.tasks.copyjob import LeaseKeeper
+from cax.runsdb.runs import Claim
 from cax.transport import siteops
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,23 @@ def _keep(entry: dict[str, Any]) -> tuple[EntryKey, dict[str, Any]]:
     return EntryKey.of(entry), extra
 
 
+def verifiable(checksum: Any) -> str | None:
+    """The kind of a checksum cax can verify (adler32, the original's sha512), else None.
+
+    A copy counts as verified only with one: a ``transferred`` entry without a checksum, or
+    with ``n/a``, ``ADLER32:...`` or a ruciax ``:a:b:c``, proves nothing about its bytes.
+    """
+    try:
+        kind = checksum_kind(checksum)
+    except (ValueError, TypeError):
+        return None
+    return kind if kind in ("adler32", "sha512-dirhash") else None
+
+
 def _same_data(ours: dict[str, Any], other: dict[str, Any]) -> bool:
     """False if both copies carry checksums of one kind that differ: that copy is not ours."""
     a, b = ours.get("checksum"), other.get("checksum")
-    return not (a and b and checksum_kind(a) == checksum_kind(b) and a != b)
+    return not (verifiable(a) and verifiable(a) == verifiable(b) and a != b)
 
 
 def verified_others(run: dict[str, Any], policy: PurgePolicy) -> list[dict[str, Any]]:
@@ -89,7 +104,12 @@ def verified_others(run: dict[str, Any], policy: PurgePolicy) -> list[dict[str, 
         if (entry.get("type") == "raw" and entry.get("status") == TRANSFERRED
                 and host != policy.site and host in policy.known_sites
                 and host not in found and _same_data(ours, entry)):
-            found[host] = entry
+            if verifiable(entry.get("checksum")):
+                found[host] = entry
+            else:
+                log.info("%s: the raw copy at %s has no checksum cax can verify (%r); it "
+                         "does not count as a copy", run_label(run), host,
+                         str(entry.get("checksum"))[:40])
     return [found[host] for host in sorted(found)]
 
 
@@ -138,7 +158,7 @@ def decide_processed_purge(run: dict[str, Any], site: str, version: str) -> Purg
         return _no("no verified copy of that version here")
     newer = [e for e in run.get("data") or ()
              if e.get("host") == site and e.get("type") == "processed"
-             and e.get("status") == TRANSFERRED
+             and e.get("status") == TRANSFERRED and verifiable(e.get("checksum"))
              and (parse_version(e.get("pax_version")) or ()) > old]
     if not newer:
         return _no("no newer version here")
@@ -156,60 +176,62 @@ class Purger:
     def purge(self, run: dict[str, Any], key: EntryKey, decision: PurgeDecision) -> bool:
         """Purge our copy ``key`` of ``run`` as ``decision`` allows; return whether it went."""
         entry = find_entry(run, key) or {}
-        path = checked_location(self.ctx.site, key.type, entry.get("location"))
+        path = entry_location(self.ctx.site, entry)
+        if self.db.read_only and not self.ctx.dry_run:
+            log.warning("not purging %s: runs DB updates are disabled", path)
+            return False
         if self.ctx.dry_run:
             log.info("dry run: would purge %s %s at %s (%s)", run_label(run), key.type, path,
                      decision.reason)
             return False
-        if self.db.read_only:
-            log.warning("not purging %s: runs DB updates are disabled", path)
-            return False
-        now = self.ctx.now()
-        claimed = self.db.claim_purge(run["_id"], key, keep=decision.keep, owner=self.ctx.owner,
-                                      now=now, lease_s=self.ctx.config.lease_seconds)
-        if not claimed:
-            log.info("not purged: the copies changed since the decision; next pass decides again")
+        granted = time.monotonic()
+        claim = self.db.claim_purge(run["_id"], key, keep=decision.keep, owner=self.ctx.owner,
+                                    lease_s=self.ctx.config.lease_seconds)
+        if not claim:
+            log.info("not purged: the copies changed since the decision, or a transfer is "
+                     "reading it; the next pass decides again")
             return False
         log.info("purging %s %s at %s (%s)", run_label(run), key, path, decision.reason)
-        delete_and_pull(self.ctx, run["_id"], key, path)
+        delete_and_pull(self.ctx, claim, path, granted)
         return True
 
     def resume(self, run: dict[str, Any], key: EntryKey) -> bool:
         """Finish a purge whose daemon died (its ``purging`` entry's lease has expired)."""
         entry = find_entry(run, key) or {}
-        path = checked_location(self.ctx.site, key.type, entry.get("location"))
+        path = entry_location(self.ctx.site, entry)
         if self.ctx.dry_run:
             log.info("dry run: would finish purging %s at %s", key, path)
             return False
         if self.db.read_only:
             log.warning("not finishing the purge of %s: runs DB updates are disabled", path)
             return False
-        claimed = self.db.claim_entry(run["_id"], key, statuses=[PURGING], owner=self.ctx.owner,
-                                      now=self.ctx.now(), lease_s=self.ctx.config.lease_seconds)
-        if not claimed:
+        granted = time.monotonic()
+        claim = self.db.claim(run["_id"], key, owner=self.ctx.owner, statuses=[PURGING],
+                              lease_s=self.ctx.config.lease_seconds, count_attempt=False)
+        if not claim:
             return False
         log.info("finishing the interrupted purge of %s at %s", key, path)
-        delete_and_pull(self.ctx, run["_id"], key, path)
+        delete_and_pull(self.ctx, claim, path, granted)
         return True
 
 
-def delete_and_pull(ctx: Context, run_id: Any, key: EntryKey, path: str) -> None:
+def delete_and_pull(ctx: Context, claim: Claim, path: str, granted: float) -> None:
     """Delete the data of a copy we hold as ``purging``; then remove its manifest and entry.
 
     If the deletion fails the entry stays ``purging`` (the data are no longer whole) with its
     lease dropped, so the next pass finishes the job.
     """
     try:
-        with LeaseKeeper(ctx, run_id, key) as keeper:
+        with Keeper(ctx.runsdb, claim, ctx.config.lease_seconds, granted) as keeper:
             siteops.remove(path)
             keeper.check()
     except OSError:
-        ctx.runsdb.update_entry(run_id, key, {"modified_time": ctx.now()}, owner=ctx.owner,
-                                release=True)
+        ctx.runsdb.release(claim)
         raise
-    ctx.runsdb.remove_manifest(run_id, key)
-    if not ctx.runsdb.remove_entry(run_id, key, owner=ctx.owner, status=PURGING):
-        raise LeaseLostError(f"{key}: data deleted, but the entry changed hands before removal")
+    ctx.runsdb.remove_manifest(claim.run_id, claim.key)
+    if not ctx.runsdb.remove_claimed(claim, PURGING):
+        raise LeaseLostError(f"{claim.key}: data deleted, but the entry changed hands before "
+                             "removal")
 
 
 def _stale_purge(host: str, data_type: str, now: dt.datetime) -> dict[str, Any]:

@@ -22,16 +22,26 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from cax.checksum import Manifest, checksum_kind, dataset_checksum, diff_manifests, legacy_dirhash
+from cax.checksum import Manifest, dataset_checksum, diff_manifests, legacy_dirhash
 from cax.clock import as_utc
 from cax.config import Config, Site
 from cax.errors import CaxError, ChecksumMismatchError, LeaseLostError, UnsafeNameError
-from cax.paths import checked_location, partial_path
+from cax.claimed import Keeper, schedule, short_reason
+from cax.paths import entry_location, scratch_path
 from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
 from cax.schema import TRANSFER_METHODS
 from cax.tasks.base import Context, Task
-from cax.tasks.copyjob import CopyJob, CopyPlan, LeaseKeeper, retry_conditions, short_reason
+from cax.runsdb.runs import Claim
+from cax.tasks.copyjob import (
+    CopyJob,
+    CopyPlan,
+    _kind,
+    is_retry_due,
+    make_plan,
+    retry_conditions,
+    retry_due,
+)
 from cax.transport.base import Transport
 from cax.transport.pool import TransportPool
 
@@ -95,7 +105,18 @@ def good_copies(config: Config, run: dict[str, Any], key: EntryKey,
     return found
 
 
-def mark_bad_copy(ctx: Context, run: dict[str, Any], entry: dict[str, Any],
+def pushers_with_good_copy(config: Config, run: dict[str, Any], key: EntryKey,
+                           expected: str | None) -> list[Site]:
+    """Sites that push to ``key``'s site and hold a good copy: they repair it by pushing."""
+    if not expected:
+        return []
+    return [site for site in config.sites if key.host in site.upload_options
+            and site.method in TRANSFER_METHODS and site.name != key.host
+            and (entry := find_entry(run, EntryKey(site.name, key.type, key.version)))
+            and is_good(entry, expected)]
+
+
+def mark_bad_copy(ctx: Context, run: dict[str, Any], claim: Claim, entry: dict[str, Any],
                   reference: dict[str, Any], reason: str) -> None:
     """Take our claimed copy out of ``transferred``: due for repair, or flagged and kept.
 
@@ -103,31 +124,27 @@ def mark_bad_copy(ctx: Context, run: dict[str, Any], entry: dict[str, Any],
     changed on disk with no other reference).  A copy that went bad more than ``max_attempts``
     times is flagged too, so that a bad source cannot make it loop forever.
     """
-    key, now, site = EntryKey.of(entry), ctx.now(), ctx.site
+    key, site = EntryKey.of(entry), ctx.site
     expected, where = reference["checksum"], reference["host"]
     failures = int(entry.get("checksum_failures") or 0) + 1
-    fields: dict[str, Any] = {"status": ERROR, "checksum_problem": where,
-                              "expected_checksum": expected, "checksum_failures": failures,
-                              "modified_time": now}
+    repair = failures <= site.max_attempts and bool(good_copies(ctx.config, run, key, expected)
+                                                    or pushers_with_good_copy(ctx.config, run,
+                                                                              key, expected))
     if failures > site.max_attempts:
-        fields.update(error=f"{reason}, again after {failures - 1} repairs; left for a human",
-                      attempts=site.max_attempts, next_attempt=None)
-    elif good_copies(ctx.config, run, key, expected):
-        fields.update(error=reason, attempts=0, next_attempt=now)
-    else:
-        fields.update(error=f"checksum differs from the reference {where}; no good copy to "
-                            "repair from", attempts=site.max_attempts, next_attempt=None)
-    if not ctx.runsdb.update_entry(run["_id"], key, fields, owner=ctx.owner, release=True,
-                                   unset=("compared_checksum",)):
+        reason = f"{reason}, again after {failures - 1} repairs; left for a human"
+    elif not repair:
+        reason = f"checksum differs from the reference {where}; no good copy to repair from"
+    if not ctx.runsdb.flag_bad_copy(claim, reference=where, expected=expected, reason=reason,
+                                    failures=failures, repair=repair):
         raise LeaseLostError(f"entry {key} is no longer ours")
-    what = "due for repair" if fields["next_attempt"] else "flagged and kept, not retried"
-    log.error("%s: %s: %s; %s", run_label(run), key, fields["error"], what)
+    what = "due for repair" if repair else "flagged and kept, not retried"
+    log.error("%s: %s: %s; %s", run_label(run), key, reason, what)
 
 
-def record_unreadable(ctx: Context, run_id: Any, key: EntryKey, exc: Exception) -> None:
+def record_unreadable(ctx: Context, claim: Claim, exc: Exception) -> None:
     """Mark our claimed copy ``error`` because its data is missing or unreadable.
 
-    ``next_attempt`` is now, so the copy tasks fetch it again (within ``max_attempts``).
+    The retry is due now, so the copy tasks fetch it again (within ``max_attempts``).
     """
     if isinstance(exc, FileNotFoundError):
         reason = f"data missing: {exc.filename or exc}"
@@ -135,12 +152,10 @@ def record_unreadable(ctx: Context, run_id: Any, key: EntryKey, exc: Exception) 
         reason = f"data unreadable: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
     else:
         reason = short_reason(exc)
-    now = ctx.now()
-    fields = {"status": ERROR, "error": reason, "next_attempt": now, "modified_time": now}
-    if not ctx.runsdb.update_entry(run_id, key, fields, owner=ctx.owner, release=True,
-                                   unset=("compared_checksum",)):
-        raise LeaseLostError(f"entry {key} is no longer ours")
-    log.error("%s: %s", key, reason)
+    if not ctx.runsdb.record_failure(claim, reason, kind="transient", retry_at=ctx.now(),
+                                     unset=("compared_checksum",)):
+        raise LeaseLostError(f"entry {claim.key} is no longer ours")
+    log.error("%s: %s", claim.key, reason)
 
 
 def check_relpath(rel: str) -> str:
@@ -152,37 +167,47 @@ def check_relpath(rel: str) -> str:
 
 
 def repair_conditions(site: Site, now: dt.datetime) -> dict[str, Any]:
-    """Conditions on an entry due for repair: marked, not stuck, retry due, lease free.
-
-    ``transferring`` is included for a repair whose daemon died (its lease expired).
-    """
+    """Conditions on an entry due for repair: marked, lease free, and either an ``error``
+    whose retry is due or a ``transferring`` whose repairer died (its lease expired; the
+    claim counts that attempt and gives up when none are left)."""
     return {"status": {"$in": REPAIRABLE}, "checksum_problem": {"$exists": True},
-            "lease_expires": {"$not": {"$gt": now}}, **retry_conditions(site, now)}
+            "lease_expires": {"$not": {"$gt": now}}, **retry_due(now),
+            "$nor": [{"status": ERROR, "attempts": {"$gte": site.max_attempts}}]}
 
 
 def repair_due(entry: dict[str, Any], site: Site, now: dt.datetime) -> bool:
     """The Python twin of ``repair_conditions``."""
-    due, lease = entry.get("next_attempt"), entry.get("lease_expires")
+    lease = entry.get("lease_expires")
+    spent = entry.get("status") == ERROR and int(entry.get("attempts") or 0) >= site.max_attempts
     return (entry.get("status") in REPAIRABLE and bool(entry.get("checksum_problem"))
-            and int(entry.get("attempts") or 0) < site.max_attempts
-            and (due is None or as_utc(due) <= now) and (lease is None or as_utc(lease) <= now))
+            and not spent and is_retry_due(entry, now)
+            and (lease is None or as_utc(lease) <= now))
 
 
-def unstage(local: Transport, final: str) -> None:
+def staged_copy(entry: dict[str, Any], final: str) -> list[str]:
+    """Where an earlier repair attempt may have staged the copy: its scratch names."""
+    names = [entry.get("partial"), entry.get("lease_token") and scratch_path(final,
+                                                                            entry["lease_token"])]
+    return [n for n in names if n and posixpath.dirname(n) == posixpath.dirname(final)]
+
+
+def unstage(ops: Transport, final: str, staged: list[str]) -> None:
     """Put a copy that will not be repaired back under its own name: never delete its data."""
-    temp = partial_path(final)
     try:
-        if local.exists(temp) and not local.exists(final):
-            local.rename(temp, final)
+        for temp in staged:
+            if ops.exists(temp) and not ops.exists(final):
+                ops.rename(temp, final)
+                return
     except (CaxError, OSError) as exc:
-        log.error("cannot move %s back to %s: %s", temp, final, exc)
+        log.error("cannot move the staged copy back to %s: %s", final, exc)
 
 
 class RepairJob(CopyJob):
-    """Replace only the bad files of our copy from a good copy, then verify every file.
+    """Replace only the bad files of a copy from a good copy, then verify every file.
 
-    A CopyJob whose destination is the existing local entry: the claim, the lease, the failure
-    record (attempts, backoff) and the source manifest are CopyJob's.
+    A CopyJob whose destination is an existing entry marked bad: this site's own (pulling the
+    good files) or, for a pushed copy, a peer's (pushing them).  The copy is moved to the
+    claim's scratch name while it is repaired, and moved back after every file verified.
     """
 
     done_message = "repaired and verified"
@@ -190,87 +215,106 @@ class RepairJob(CopyJob):
     def __init__(self, ctx: Context, plan: CopyPlan, transports: TransportPool,
                  board: ProgressBoard, entry: dict[str, Any]):
         super().__init__(ctx, plan, transports, board)
-        self.dest_path = checked_location(ctx.site, plan.data_type, entry.get("location"))
+        self.dest_path = entry_location(plan.dest, entry)
         self.reference = entry.get("checksum_problem")
         self.expected = entry.get("expected_checksum")
+        self.label = f"{plan.label} repair of {plan.dest_key} from {plan.source.name}"
 
-    def claim(self) -> bool:
-        """Lease our entry while it is due for repair; False if another daemon has it."""
-        plan, now = self.plan, self.ctx.now()
-        fields = {"status": TRANSFERRING, "source": plan.source.name,
-                  "method": plan.source.method, "transfer_start": now}
-        conditions = {"checksum_problem": {"$exists": True},
-                      **retry_conditions(self.ctx.site, now)}
-        got = self.db.claim_entry(plan.run_id, plan.dest_key, statuses=REPAIRABLE,
-                                  owner=self.ctx.owner, now=now,
-                                  lease_s=self.ctx.config.lease_seconds, fields=fields,
-                                  conditions=conditions, count_attempt=True)
-        self.attempts = got.get("attempts", 1) if got else 0
-        return bool(got)
+    def take(self) -> Claim | None:
+        """Lease the entry while it is due for repair (or its repairer died)."""
+        now, fields = self.ctx.now(), {**self.claim_fields(), "location": self.dest_path}
+        common = {"checksum_problem": {"$exists": True}}
+        kw = dict(owner=self.ctx.owner, lease_s=self.lease_s, fields=fields,
+                  requires=self.source_still_good())
+        return (self.db.claim(self.run_id, self.key, statuses=[ERROR],
+                              conditions={**common, **retry_conditions(self.ctx.site, now)}, **kw)
+                or self.db.claim(self.run_id, self.key, statuses=[TRANSFERRING],
+                                 conditions={**common, "lease_expires": {"$lt": now}}, **kw))
 
-    def _copy_verify_register(self, keeper: LeaseKeeper) -> None:
-        remote = self.transports.get(self.plan.source)
+    def work(self, keeper: Keeper) -> None:
+        plan = self.plan
+        assert self.claim is not None
+        transport = self.transports.get(plan.remote)
         local = self.transports.local(self.ctx.site)
-        expected = self._expected_manifest(remote, local)
-        temp = partial_path(self.dest_path)
-        self._stage(local, temp)
-        bad = diff_manifests(expected, local.manifest(temp))
-        log.info("%s: re-fetching %d of %d file(s) from %s (attempt %d): %s", self.plan.label,
-                 len(bad), len(expected), self.plan.source.name, self.attempts,
+        dest_ops = self.dest_ops(transport)
+        stop = getattr(transport, "abort", None)
+        if stop is not None:
+            keeper.add_stopper(stop)
+        expected = self._expected_manifest(transport, local)
+        self.scratch = scratch_path(self.dest_path, self.claim.token)
+        self._stage(dest_ops)
+        bad = diff_manifests(expected, dest_ops.manifest(self.scratch))
+        log.info("%s: re-fetching %d of %d file(s) (attempt %d of %d): %s", self.label,
+                 len(bad), len(expected), self.attempts, self.max_attempts,
                  ", ".join(bad[:FILES_SHOWN]) + (" ..." if len(bad) > FILES_SHOWN else ""))
         for rel in bad:
-            self._refetch(remote, local, temp, rel, rel in expected)
+            self._refetch(transport, dest_ops, rel, rel in expected)
             keeper.check()
-        actual = local.manifest(temp)
+        actual = dest_ops.manifest(self.scratch)
         still = diff_manifests(expected, actual)
         if still:
-            raise ChecksumMismatchError(f"{self.plan.describe()}: {len(still)} file(s) still "
+            raise ChecksumMismatchError(f"{plan.describe()}: {len(still)} file(s) still "
                                         f"differ after repair: {', '.join(still[:5])}", still)
-        self._check_expected(temp, actual)
-        keeper.check()
-        local.rename(temp, self.dest_path)
+        self._check_expected(self.scratch, actual, dest_ops)
+        keeper.check(0.15)
+        dest_ops.rename(self.scratch, self.dest_path)
+        self.scratch = None
         self._register(actual)
 
-    def _stage(self, local: Transport, temp: str) -> None:
-        """Move the copy to its partial name (an earlier attempt may have done it already)."""
-        if local.exists(self.dest_path):
-            if local.exists(temp):
-                local.remove(temp)
-            local.rename(self.dest_path, temp)
-        elif not local.exists(temp):
-            raise FileNotFoundError(2, "copy to repair is gone", self.dest_path)
+    def _stage(self, ops: Transport) -> None:
+        """Move the copy to our scratch name (an earlier attempt may have staged it)."""
+        assert self.scratch is not None
+        if ops.exists(self.dest_path):
+            ops.rename(self.dest_path, self.scratch)
+            return
+        for old in staged_copy(self.claim.previous or {}, self.dest_path):
+            if ops.exists(old):
+                ops.rename(old, self.scratch)
+                return
+        raise FileNotFoundError(2, "copy to repair is gone", self.dest_path)
 
-    def _refetch(self, remote: Transport, local: Transport, temp: str, rel: str,
-                 wanted: bool) -> None:
-        """Replace one bad file of the partial copy by the good one (or delete an extra one).
+    def _refetch(self, transport: Transport, ops: Transport, rel: str, wanted: bool) -> None:
+        """Replace one bad file of the staged copy by the good one (or delete an extra one).
 
         The good file arrives under a hidden name first, so a failed fetch leaves the bad file
         in place; the next attempt finds the leftover as an extra file and deletes it.
         """
         check_relpath(rel)
-        target = temp if rel == "." else posixpath.join(temp, rel)
-        if wanted:
-            head, tail = posixpath.split(target)
-            fetched = posixpath.join(head, f".{tail}{FETCH_SUFFIX}")
-            source = self.source_path if rel == "." else posixpath.join(self.source_path, rel)
-            remote.get(source, Path(fetched))
-            local.remove(target)
-            local.rename(fetched, target)
+        assert self.scratch is not None
+        target = self.scratch if rel == "." else posixpath.join(self.scratch, rel)
+        if not wanted:
+            ops.remove(target)
+            return
+        head, tail = posixpath.split(target)
+        fetched = posixpath.join(head, f".{tail}{FETCH_SUFFIX}")
+        source = self.source_path if rel == "." else posixpath.join(self.source_path, rel)
+        if self.plan.push:
+            transport.put(Path(source), fetched)
         else:
-            local.remove(target)
+            transport.get(source, Path(fetched))
+        ops.remove(target)
+        ops.rename(fetched, target)
 
-    def _record_failure(self, exc: BaseException) -> None:
-        """As CopyJob; a repair that will not be retried puts the data back in place first."""
-        retryable = getattr(exc, "retryable", True) and not isinstance(exc, ValueError)
-        if not retryable or self.attempts >= self.ctx.site.max_attempts:
-            unstage(self.transports.local(self.ctx.site), self.dest_path)
-        super()._record_failure(exc)
+    def cleanup(self) -> None:
+        """Keep the staged copy for the next attempt: it is the only copy of those bytes."""
 
-    def _check_expected(self, temp: str, actual: Manifest) -> None:
+    def failure_fields(self) -> dict[str, Any]:
+        return {"partial": self.scratch} if self.scratch else {}
+
+    def on_stuck(self) -> None:
+        """A repair that will not be retried puts the data back in place first."""
+        ops = self.dest_ops(self.transports.get(self.plan.remote))
+        staged = [self.scratch] if self.scratch else staged_copy(self.claim.previous or {},
+                                                                 self.dest_path)
+        unstage(ops, self.dest_path, staged)
+
+    def _check_expected(self, temp: str, actual: Manifest, ops: Transport) -> None:
         """Verify the whole repaired copy against the checksum it must have."""
         if not self.expected:
             return
-        if checksum_kind(self.expected) == "sha512-dirhash":
+        if _kind(self.expected) == "sha512-dirhash":
+            if self.plan.push:
+                return  # the remote copy's files all match the good copy's manifest
             good = legacy_dirhash(temp) == self.expected
         else:
             good = dataset_checksum(actual) == self.expected
@@ -280,13 +324,29 @@ class RepairJob(CopyJob):
 
     def _registration_extras(self, checksum: str) -> tuple[dict[str, Any], list[str]]:
         """Record the comparison the repair settled, so CompareChecksums need not redo it."""
-        if self.expected and self.reference != self.ctx.site.name:
+        if self.expected and self.reference != self.plan.dest.name:
             return {"compared_checksum": compare_token(checksum, self.expected)}, []
         return {}, ["compared_checksum"]
 
 
+def repair_plan(ctx: Context, run: dict[str, Any], entry: dict[str, Any], source: Site,
+                source_entry: dict[str, Any], dest: Site, push: bool) -> RepairJob:
+    key = EntryKey.of(entry)
+    plan = make_plan(run, run_label(run), key.type, key.version, source, source_entry, dest,
+                     push)
+    if ctx.transports is None:
+        ctx.transports = TransportPool(ctx.site.stall_timeout)
+    if ctx.board is None:
+        ctx.board = ProgressBoard(ctx.console)
+    return RepairJob(ctx, plan, ctx.transports, ctx.board, entry)
+
+
 class RetryBadChecksumTransfer(Task):
-    """Repair local copies that differ from their reference, file by file, from a good copy."""
+    """Repair local copies that differ from their reference, file by file, from a good copy.
+
+    Bad copies at peers this site pushes to are repaired by CopyPush, by pushing the good
+    files, so a pushed copy is repaired the same way whichever side can reach the other.
+    """
 
     def query(self) -> dict[str, Any] | None:
         conditions = repair_conditions(self.site, self.ctx.now())
@@ -309,47 +369,24 @@ class RetryBadChecksumTransfer(Task):
             self.flag(run, entry)
             return
         site, source_entry = sources[0]
-        plan = CopyPlan(run["_id"], run_label(run), key.type, key.version, site, source_entry,
-                        self.site, push=False)
-        if self.ctx.transports is None:
-            self.ctx.transports = TransportPool(self.site.stall_timeout)
-        if self.ctx.board is None:
-            self.ctx.board = ProgressBoard(self.ctx.console)
-        self.start(RepairJob(self.ctx, plan, self.ctx.transports, self.ctx.board, entry))
-
-    def start(self, job: RepairJob) -> None:
-        """Claim and run the repair: in a background worker if there is one, else here."""
-        background = self.ctx.background
-        name = f"{job.plan.run_id}/{job.plan.dest_key}"
-        if background is not None:
-            if background.busy(name):
-                return
-            if background.full:
-                if not self.ctx.once:
-                    return  # every slot is copying; the repair stays due for the next pass
-                background.wait_for_slot()
-        if not job.claim():
-            log.debug("%s: claimed by another daemon", job.plan.describe())
-            return
-        if background is None:
-            job.run()
-        else:
-            background.submit(name, job.run)
+        job = repair_plan(self.ctx, run, entry, site, source_entry, self.site, push=False)
+        schedule(self.ctx, f"{run['_id']}/{key}", job, job.label)
 
     def flag(self, run: dict[str, Any], entry: dict[str, Any]) -> None:
         """No good copy can be fetched (any more): keep the data, stop retrying, report it."""
-        key, now = EntryKey.of(entry), self.ctx.now()
-        if not self.db.claim_entry(run["_id"], key, statuses=REPAIRABLE, owner=self.ctx.owner,
-                                   now=now, lease_s=self.ctx.config.lease_seconds,
-                                   conditions={"checksum_problem": {"$exists": True}}):
+        key = EntryKey.of(entry)
+        claim = self.db.claim(run["_id"], key, owner=self.ctx.owner,
+                              lease_s=self.ctx.config.lease_seconds, statuses=REPAIRABLE,
+                              conditions={"checksum_problem": {"$exists": True}},
+                              count_attempt=False)
+        if not claim:
             return
         if self.ctx.transports is None:
             self.ctx.transports = TransportPool(self.site.stall_timeout)
-        unstage(self.ctx.transports.local(self.site),
-                checked_location(self.site, key.type, entry.get("location")))
-        reference = entry.get("checksum_problem")
-        fields = {"status": ERROR, "error": f"checksum differs from the reference {reference}; "
-                  "no good copy to repair from", "attempts": self.site.max_attempts,
-                  "next_attempt": None, "modified_time": now}
-        self.db.update_entry(run["_id"], key, fields, owner=self.ctx.owner, release=True)
-        log.error("%s: %s: %s; flagged and kept", run_label(run), key, fields["error"])
+        path = entry_location(self.site, entry)
+        unstage(self.ctx.transports.local(self.site), path, staged_copy(entry, path))
+        reason = (f"checksum differs from the reference {entry.get('checksum_problem')}; "
+                  "no good copy to repair from")
+        self.db.record_failure(claim, reason, kind="permanent", retry_at=None)
+        log.error("%s: %s: %s; flagged and kept (`cax retry` once a good copy exists)",
+                  run_label(run), key, reason)

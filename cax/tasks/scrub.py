@@ -22,7 +22,7 @@ from cax.errors import CaxError
 from cax.runsdb import TRANSFERRED, EntryKey, run_label
 from cax.schema import DATA_TYPES
 from cax.tasks.checksum import UNREADABLE, ChecksumTask, describe_files, kind_of
-from cax.tasks.repair import find_reference, mark_bad_copy
+from cax.tasks.repair import find_reference
 from cax.transport import siteops
 
 log = logging.getLogger(__name__)
@@ -113,5 +113,5 @@ class Scrub(ChecksumTask):
         if reference is None or reference.get("host") == self.site.name \
                 or not kind_of(reference.get("checksum")):
             reference = entry  # no other reference: the copy's own recorded checksums
-        mark_bad_copy(self.ctx, run, entry, reference,
+        self.mark_bad(run, entry, reference,
                       f"data changed on disk since verified ({describe_files(files)})")

@@ -25,10 +25,19 @@ def make_dataset(path: Path, files: int = 3, size: int = 100_000) -> None:
         target.write_bytes(os.urandom(size))
 
 
-def wait_for_partial_bytes(partial: Path, timeout: float = 30) -> None:
-    """Wait until a copy has written at least one file under its partial name."""
+def scratches(final: Path) -> list[Path]:
+    """The scratch copies (any owner, any attempt) of the dataset that belongs at ``final``."""
+    return sorted(final.parent.glob(f".{final.name}.*.cax-partial"))
+
+
+def wait_for_partial_bytes(final: Path, timeout: float = 30) -> Path:
+    """Wait until a copy to ``final`` has written at least one file under a scratch name;
+    return that scratch path."""
     deadline = time.monotonic() + timeout
-    while not (partial.exists() and any(p.is_file() for p in partial.rglob("*"))):
+    while True:
+        for partial in scratches(final):
+            if any(p.is_file() for p in partial.rglob("*")):
+                return partial
         assert time.monotonic() < deadline, "timed out waiting for bytes at the partial copy"
         time.sleep(0.02)
 

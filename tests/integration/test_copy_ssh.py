@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import filecmp
+import os
 import subprocess
 import threading
 
@@ -12,10 +13,10 @@ import pytest
 from cax.checksum import dataset_checksum, scan_dataset
 from cax.clock import utcnow
 from cax.daemon import Daemon
-from cax.paths import partial_path
+from cax.paths import parse_scratch
 from cax.runsdb import ERROR, TRANSFERRED, EntryKey, find_entry
 from cax.tasks import CopyPull, CopyPush
-from tests.conftest import edit_site, make_context
+from tests.conftest import advance_clock, edit_site, make_context
 from tests.integration.conftest import make_dataset, register, wait_for_partial_bytes
 
 METHODS = ["scp", "rsync", "openssh"]
@@ -119,8 +120,8 @@ def test_flipped_byte_at_destination_is_detected_not_registered(ssh_sites, runsd
     assert not (tmp_path / "remote/raw/170101_0400").exists()
     assert result.failed == 1
     monkeypatch.setattr(RsyncTransport, "put", real_put)
-    later = utcnow() + dt.timedelta(hours=1)
-    one_pass(config, "daq", runsdb, now=lambda: later)
+    advance_clock(runsdb, 3600)
+    one_pass(config, "daq", runsdb)
     entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
     assert entry["status"] == TRANSFERRED and entry["attempts"] == 2
     assert trees_equal(raw, entry["location"])
@@ -138,7 +139,8 @@ def test_unknown_host_key_refused_with_clear_message(method, ssh_sites, runsdb, 
     entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
     assert entry["status"] == ERROR
     assert "host key" in entry["error"]
-    assert entry["attempts"] >= 5 and entry["next_attempt"] is None  # stuck: retrying won't help
+    # stuck: retrying won't help
+    assert entry["error_kind"] == "permanent" and entry["next_attempt"] is None
     assert not any((tmp_path / "remote/raw").iterdir())
 
 
@@ -170,11 +172,10 @@ def test_sshd_stopped_mid_transfer_error_retried_completes(method, ssh_sites, ru
     raw = tmp_path / "daq/raw/170101_0700"
     make_dataset(raw, files=12, size=4_000_000)
     run_id = register(runsdb, 7, "daq", raw)
-    partial = tmp_path / "remote/raw/.170101_0700.cax-partial"
     copying = threading.Thread(target=one_pass, args=(config, "daq", runsdb))
     copying.start()
     try:
-        wait_for_partial_bytes(partial)
+        wait_for_partial_bytes(tmp_path / "remote/raw/170101_0700")
         with sshd.frozen_sessions():  # hold it mid-way, then the server goes away
             sshd.stop()
         copying.join(60)
@@ -185,8 +186,8 @@ def test_sshd_stopped_mid_transfer_error_retried_completes(method, ssh_sites, ru
     assert entry["next_attempt"] > utcnow()  # backoff, not an immediate retry
     one_pass(config, "daq", runsdb)  # not yet due: nothing happens
     assert find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))["status"] == ERROR
-    later = utcnow() + dt.timedelta(hours=1)
-    one_pass(config, "daq", runsdb, now=lambda: later)
+    advance_clock(runsdb, 3600)
+    one_pass(config, "daq", runsdb)
     entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
     assert entry["status"] == TRANSFERRED and entry["attempts"] == 2
 
@@ -198,9 +199,9 @@ def test_stuck_after_max_attempts_is_not_retried(ssh_sites, runsdb, tmp_path, ss
     run_id = register(runsdb, 8, "daq", raw)
     sshd.stop()
     try:
-        for hours in (0, 1, 2, 3):
-            later = utcnow() + dt.timedelta(hours=hours)
-            one_pass(config, "daq", runsdb, now=lambda later=later: later)
+        for _ in range(4):
+            one_pass(config, "daq", runsdb)
+            advance_clock(runsdb, 3600)
     finally:
         sshd.start()
     entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
@@ -221,7 +222,8 @@ def test_partial_name_used_and_final_path_only_after_verification(ssh_sites, run
     def spy(self, remote):
         final = str(tmp_path / "remote/raw/170101_0900")
         seen[remote] = (tmp_path / "remote/raw/170101_0900").exists()
-        assert remote == partial_path(final)
+        assert parse_scratch(os.path.basename(remote))[0] == "170101_0900"
+        assert os.path.dirname(remote) == os.path.dirname(final)
         return real_manifest(self, remote)
 
     monkeypatch.setattr(RsyncTransport, "manifest", spy)

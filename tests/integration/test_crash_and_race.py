@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import signal
 import subprocess
@@ -12,12 +11,10 @@ import time
 import pytest
 
 from cax.checksum import scan_dataset
-from cax.clock import utcnow
 from cax.daemon import Daemon
-from cax.paths import partial_path
 from cax.runsdb import TRANSFERRED, EntryKey, find_entry
 from cax.tasks import CopyPush
-from tests.conftest import edit_site, make_context
+from tests.conftest import advance_clock, edit_site, make_context
 from tests.integration.conftest import make_dataset, register, wait_for_partial_bytes
 
 
@@ -37,11 +34,10 @@ def test_kill_9_mid_transfer_then_new_pass_completes(method, ssh_sites, runsdb, 
     make_dataset(raw, files=12, size=4_000_000)
     run_id = register(runsdb, 1, "daq", raw)
     final = tmp_path / "remote/raw/170102_0100"
-    partial = tmp_path / "remote/raw" / os.path.basename(partial_path(str(final)))
 
     daemon, log = start_daemon(config, "daq", tmp_path)
     try:
-        wait_for_partial_bytes(partial)
+        partial = wait_for_partial_bytes(final)
         with sshd.frozen_sessions():  # hold the copy mid-way, then kill the daemon
             os.killpg(daemon.pid, signal.SIGKILL)
             daemon.wait(10)
@@ -59,8 +55,8 @@ def test_kill_9_mid_transfer_then_new_pass_completes(method, ssh_sites, runsdb, 
     assert find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))["status"] != \
         TRANSFERRED
     # ...after it, the next pass does, and completes the copy.
-    later = utcnow() + dt.timedelta(seconds=60)
-    ctx = make_context(config, "daq", runsdb, once=True, now=lambda: later)
+    advance_clock(runsdb, 60)
+    ctx = make_context(config, "daq", runsdb, once=True)
     result = Daemon(ctx, [CopyPush]).run_pass(wait_background=True)
     ctx.transports.close_all()
     entry = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))

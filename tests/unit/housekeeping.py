@@ -36,12 +36,14 @@ def make_dataset(path: Path, files: int = 3, size: int = 1000) -> Path:
 
 def copy_entry(host: str, location: Path | str, *, data_type: str = "raw",
                version: str | None = None, status: str = TRANSFERRED,
-               **fields: Any) -> dict[str, Any]:
-    """A data entry; its checksum is computed when ``location`` exists here."""
+               like: Path | None = None, **fields: Any) -> dict[str, Any]:
+    """A data entry; its checksum is computed when ``location`` exists here (or, for a copy
+    elsewhere, from the local dataset it is ``like``)."""
     entry = {"host": host, "type": data_type, "status": status, "location": str(location),
              "creation_time": utcnow(), **fields}
-    if Path(location).exists() and "checksum" not in fields:
-        entry["checksum"] = dataset_checksum(scan_dataset(Path(location)))
+    model = Path(location) if Path(location).exists() else like
+    if model is not None and "checksum" not in fields:
+        entry["checksum"] = dataset_checksum(scan_dataset(model))
     if version:
         entry["pax_version"] = version
     return entry

@@ -19,6 +19,7 @@ from cax.checksum import dataset_checksum, scan_dataset
 from cax.clock import utcnow
 from cax.daemon import Daemon
 from cax.errors import TransferError
+from cax.paths import parse_scratch
 from cax.runsdb import ERROR, TRANSFERRED, VERIFYING, EntryKey, find_entry
 from cax.tasks import checksum as checksum_tasks
 from cax.tasks.checksum import AddChecksum, CompareChecksums
@@ -26,7 +27,7 @@ from cax.tasks.repair import RetryBadChecksumTransfer
 from cax.tasks.scrub import Scrub
 from cax.tasks.stalled import RetryStalledTransfer
 from cax.transport.local import LocalTransport
-from tests.conftest import make_context, make_run, write_config
+from tests.conftest import advance_clock, make_context, make_run, write_config
 
 ALL = [AddChecksum, CompareChecksums, RetryBadChecksumTransfer, Scrub, RetryStalledTransfer]
 
@@ -101,7 +102,9 @@ def registered(runsdb, run_id, host: str, path: Path, **extra: Any) -> dict[str,
 
 
 def add_run(runsdb, number: int, entries: list[dict[str, Any]]) -> Any:
-    runsdb.insert_runs([make_run(number, data=entries)])
+    located = [e["location"] for e in entries if isinstance(e.get("location"), str)]
+    name = Path(located[0]).name.split(".")[0] if located else "170101_0000"
+    runsdb.insert_runs([make_run(number, name=name, data=entries)])
     return runsdb.find_runs({"number": number})[0]["_id"]
 
 
@@ -161,8 +164,9 @@ def test_addchecksum_recorded_checksum_mismatch_error_data_kept(config, runsdb, 
     one_pass(make_context(config(), "daq", runsdb), [AddChecksum])
     entry = entry_of(runsdb, run_id, "daq")
     assert (entry["status"], entry["error"], entry["checksum"]) == (
-        ERROR, "checksum mismatch", legacy)
-    assert entry["attempts"] >= 5  # stuck: no copy task may replace (delete) it
+        ERROR, "checksum mismatch with the registered checksum; data kept", legacy)
+    # stuck: no copy task may replace (delete) it
+    assert entry["next_attempt"] is None and entry["error_kind"] == "permanent"
     assert len(list(path.rglob("*.bin"))) == 5
 
 
@@ -312,8 +316,10 @@ def test_repair_flipped_byte_in_100_file_run_refetches_only_that_file(
     ctx = make_context(config(), "lab", runsdb)
     with caplog.at_level(logging.ERROR):
         one_pass(ctx, [AddChecksum, CompareChecksums, RetryBadChecksumTransfer])
-    assert spy.calls == [(str(daq / "sub0/file_042.bin"), str(
-        tmp_path / "lab/raw/.170101_0000.cax-partial/sub0/.file_042.bin.cax-fetch"))]
+    assert [(remote, Path(local).relative_to(tmp_path / "lab/raw").parts[1:])
+            for remote, local in spy.calls] == [(str(daq / "sub0/file_042.bin"),
+                                                 ("sub0", ".file_042.bin.cax-fetch"))]
+    assert parse_scratch(Path(spy.calls[0][1]).parts[-3]) is not None
     assert _stats(lab, skip="file_042.bin") == before  # the other 99 files were not touched
     entry = entry_of(runsdb, run_id, "lab")
     reference = entry_of(runsdb, run_id, "daq")
@@ -346,7 +352,7 @@ def test_repair_no_good_copy_flags_and_keeps_data(config, runsdb, tmp_path, monk
     assert entry["status"] == ERROR
     assert entry["error"] == ("checksum differs from the reference daq; no good copy to "
                               "repair from")
-    assert entry["attempts"] >= 5 and entry["next_attempt"] is None
+    assert entry["next_attempt"] is None and entry["error_kind"] == "permanent"
     assert spy.calls == []
     assert {p: p.read_bytes() for p in lab.rglob("*.bin")} == content
 
@@ -369,7 +375,6 @@ def _connection_reset(*args, **kwargs):
 def test_repair_failure_backs_off_keeps_partial_then_resumes(config, runsdb, tmp_path,
                                                              monkeypatch):
     run_id, daq, lab = _bad_lab_copy(runsdb, tmp_path)
-    partial = tmp_path / "lab/raw/.170101_0000.cax-partial"
     ctx = make_context(config(), "lab", runsdb)
     one_pass(ctx, [CompareChecksums])
 
@@ -378,12 +383,14 @@ def test_repair_failure_backs_off_keeps_partial_then_resumes(config, runsdb, tmp
     entry = entry_of(runsdb, run_id, "lab")
     assert (entry["status"], entry["attempts"]) == (ERROR, 1)
     assert entry["next_attempt"] > utcnow() and entry["checksum_problem"] == "daq"
+    (partial,) = (tmp_path / "lab/raw").glob(".170101_0000.*.cax-partial")
     assert partial.is_dir() and not lab.exists()  # kept for the retry, which resumes from it
+    assert entry["partial"] == str(partial)
     monkeypatch.undo()
     spy = FetchSpy(monkeypatch)
     one_pass(ctx, [RetryBadChecksumTransfer])
     assert entry_of(runsdb, run_id, "lab")["status"] == ERROR  # backing off
-    ctx.now = lambda: utcnow() + dt.timedelta(hours=1)
+    advance_clock(runsdb, 3600)
     one_pass(ctx, [RetryBadChecksumTransfer])
     assert [Path(remote).name for remote, _ in spy.calls] == ["file_003.bin"]
     entry = entry_of(runsdb, run_id, "lab")
@@ -409,10 +416,11 @@ def test_repair_of_dead_repairer_taken_over(config, runsdb, tmp_path):
     run_id, daq, lab = _bad_lab_copy(runsdb, tmp_path)
     ctx = make_context(config(), "lab", runsdb)
     one_pass(ctx, [CompareChecksums])
-    lab.rename(tmp_path / "lab/raw/.170101_0000.cax-partial")  # moved aside, then it died
+    lab.rename(tmp_path / "lab/raw/.170101_0000.0badf00d.cax-partial")  # moved aside, then died
     past = utcnow() - dt.timedelta(minutes=5)
     runsdb.update_entry(run_id, EntryKey("lab", "raw"), {
-        "status": "transferring", "lease_owner": "dead", "lease_expires": past})
+        "status": "transferring", "lease_owner": "dead", "lease_expires": past,
+        "lease_token": "0badf00d"})
     one_pass(ctx, [RetryBadChecksumTransfer])
     entry = entry_of(runsdb, run_id, "lab")
     assert entry["status"] == TRANSFERRED and entry["checksum"] == independent_checksum(daq)

@@ -55,7 +55,7 @@ def entry_at(runsdb, run_id, key=RAW_A):
 @pytest.fixture
 def raw(tmp_path, runsdb):
     path = make_dataset(tmp_path / "a/raw/run1")
-    run_id = insert(runsdb, 1, copy_entry("a", path), copy_entry("b", "/b/raw/run1"))
+    run_id = insert(runsdb, 1, copy_entry("a", path), copy_entry("b", "/b/raw/run1", like=path))
     return path, run_id
 
 
@@ -76,14 +76,10 @@ def test_cax_mv_moves_data_and_records_location(config, runsdb, raw, tmp_path):
 def test_cax_mv_db_update_failure_moves_data_back(config, runsdb, raw, tmp_path, monkeypatch):
     path, run_id = raw
     target = tmp_path / "a/raw/run1b"
-    real_update = RunsDB.update_entry
+    def failing(self, claim, location):
+        raise RunsDBError("runs DB: relocate: connection reset")
 
-    def failing(self, run_id, key, fields, **kw):
-        if "location" in fields:
-            raise RunsDBError("runs DB: update_entry: connection reset")
-        return real_update(self, run_id, key, fields, **kw)
-
-    monkeypatch.setattr(RunsDB, "update_entry", failing)
+    monkeypatch.setattr(RunsDB, "relocate", failing)
     ctx = make_context(config, "a", runsdb)
     with pytest.raises(RunsDBError):
         oneshot.move_dataset(ctx, str(path), str(target))
@@ -118,7 +114,7 @@ def test_cax_mv_across_filesystems_copies_verifies_and_rolls_back(
 
     monkeypatch.setattr(oneshot, "_rename", cross_device)
     if db_fails:
-        monkeypatch.setattr(RunsDB, "update_entry", lambda *a, **k: False)
+        monkeypatch.setattr(RunsDB, "relocate", lambda *a, **k: False)
     ctx = make_context(config, "a", runsdb)
     if db_fails:
         with pytest.raises(oneshot.LeaseLostError):

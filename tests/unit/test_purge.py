@@ -32,7 +32,7 @@ from cax.tasks.purge import (
     decide_raw_purge,
     parse_version,
 )
-from tests.conftest import make_context, make_run
+from tests.conftest import advance_clock, make_context, make_run
 from tests.unit.housekeeping import copy_entry, make_dataset, make_sites
 
 OLD = utcnow() - dt.timedelta(days=30)
@@ -53,7 +53,11 @@ def insert(runsdb, run):
 POLICY = PurgePolicy("a", 2, 7, frozenset({"ref"}), frozenset({"a", "b", "c", "ref", "tsm"}))
 
 
+GOOD = "adler32:" + "a" * 64
+
+
 def entries(*hosts, status=TRANSFERRED, **fields):
+    fields.setdefault("checksum", GOOD)
     return [{"host": h, "type": "raw", "status": status, "location": f"/{h}/raw/r", **fields}
             for h in hosts]
 
@@ -99,7 +103,7 @@ def test_parse_version_compares_numerically():
 
 def processed(host, version, status=TRANSFERRED):
     return {"host": host, "type": "processed", "pax_version": version, "status": status,
-            "location": f"/{host}/processed/pax_{version}/r.root"}
+            "location": f"/{host}/processed/pax_{version}/r.root", "checksum": GOOD}
 
 
 @pytest.mark.parametrize("data, purge", [
@@ -138,7 +142,8 @@ def scenarios(draw):
 
 def verified(run, hosts):
     return {e["host"] for e in run["data"]
-            if e["type"] == "raw" and e["status"] == TRANSFERRED and e["host"] in hosts}
+            if e["type"] == "raw" and e["status"] == TRANSFERRED and e["host"] in hosts
+            and e.get("checksum")}
 
 
 @settings(max_examples=300, deadline=None,
@@ -159,14 +164,15 @@ def test_purge_decision_and_claim_never_drop_below_min_copies(runsdb, scenario):
         if not decision.purge:
             return
         before = runsdb.find_run(run_id)
-        if not runsdb.claim_purge(run_id, EntryKey(site, "raw"), keep=decision.keep,
-                                  owner=site, now=now, lease_s=60):
+        claim = runsdb.claim_purge(run_id, EntryKey(site, "raw"), keep=decision.keep,
+                                   owner=site, lease_s=60)
+        if not claim:
             return
         others = verified(before, set(SITES) - {site})
         assert len(others) >= scenario.min_copies[site]
         assert site not in scenario.refs or others & scenario.refs
         assert scenario.age >= scenario.purge_days[site]
-        assert runsdb.remove_entry(run_id, EntryKey(site, "raw"), owner=site, status=PURGING)
+        assert runsdb.remove_claimed(claim, PURGING)
         purged.append(site)
 
     decisions = {}
@@ -202,7 +208,7 @@ def test_buffer_purger_enough_copies_deletes_data_then_entry_and_manifest(
         sites, runsdb, tmp_path):
     here, there = dataset(tmp_path, "c"), dataset(tmp_path, "b")
     run_id = insert(runsdb, raw_run(1, copy_entry("c", here), copy_entry("b", there),
-                                    copy_entry("tsm", "/tape/run1")))
+                                    copy_entry("tsm", "/tape/run1", like=here)))
     runsdb.save_manifest(run_id, EntryKey("c", "raw"), {}, "x", utcnow())
     result = Daemon(make_context(sites, "c", runsdb), [BufferPurger]).run_pass()
     assert result.failed == 0
@@ -216,9 +222,9 @@ def test_buffer_purger_enough_copies_deletes_data_then_entry_and_manifest(
 def test_buffer_purger_too_few_copies_or_young_run_keeps_data(sites, runsdb, tmp_path):
     young = dataset(tmp_path, "c", "young")
     lonely = dataset(tmp_path, "c", "lonely")
-    insert(runsdb, raw_run(1, copy_entry("c", young), copy_entry("b", "/b/raw/young"),
-                           copy_entry("a", "/a/raw/young"), start=utcnow()))
-    insert(runsdb, raw_run(2, copy_entry("c", lonely), copy_entry("b", "/b/raw/lonely")))
+    insert(runsdb, raw_run(1, copy_entry("c", young), copy_entry("b", "/b/raw/young", like=young),
+                           copy_entry("a", "/a/raw/young", like=young), start=utcnow()))
+    insert(runsdb, raw_run(2, copy_entry("c", lonely), copy_entry("b", "/b/raw/lonely", like=lonely)))
     ctx = make_context(sites, "c", runsdb)
     Daemon(ctx, [BufferPurger]).run_pass()
     assert young.exists() and lonely.exists()
@@ -244,16 +250,16 @@ def test_buffer_purger_two_sites_purging_each_others_copy_only_one_wins(
 
 def test_buffer_purger_crash_after_claim_resumes_after_lease_expiry(sites, runsdb, tmp_path):
     here = dataset(tmp_path, "a")
-    run_id = insert(runsdb, raw_run(1, copy_entry("a", here), copy_entry("b", "/b/raw/run1")))
+    run_id = insert(runsdb, raw_run(1, copy_entry("a", here), copy_entry("b", "/b/raw/run1", like=here)))
     ctx = make_context(sites, "a", runsdb)
     decision = decide_raw_purge(runsdb.find_run(run_id), BufferPurger(ctx).policy, utcnow())
     assert runsdb.claim_purge(run_id, EntryKey("a", "raw"), keep=decision.keep,
-                              owner="dead-daemon", now=utcnow(), lease_s=30)
+                              owner="dead-daemon", lease_s=30)
     (here / "f001.zip").unlink()  # the crash came in the middle of the deletion
     Daemon(ctx, [BufferPurger]).run_pass()  # the lease still holds: hands off
     assert here.exists()
     assert find_entry(runsdb.find_run(run_id), EntryKey("a", "raw"))["status"] == PURGING
-    ctx.now = lambda: utcnow() + dt.timedelta(seconds=60)
+    advance_clock(runsdb, 60)
     assert Daemon(ctx, [BufferPurger]).run_pass().failed == 0
     assert not here.exists()
     assert find_entry(runsdb.find_run(run_id), EntryKey("a", "raw")) is None
@@ -262,7 +268,7 @@ def test_buffer_purger_crash_after_claim_resumes_after_lease_expiry(sites, runsd
 def test_buffer_purger_failed_delete_keeps_purging_and_next_pass_finishes(
         sites, runsdb, tmp_path, monkeypatch):
     here = dataset(tmp_path, "a")
-    run_id = insert(runsdb, raw_run(1, copy_entry("a", here), copy_entry("b", "/b/raw/run1")))
+    run_id = insert(runsdb, raw_run(1, copy_entry("a", here), copy_entry("b", "/b/raw/run1", like=here)))
     ctx = make_context(sites, "a", runsdb)
     real_remove = purge_module.siteops.remove
 
@@ -282,7 +288,7 @@ def test_buffer_purger_failed_delete_keeps_purging_and_next_pass_finishes(
 def test_buffer_purger_dry_run_or_no_db_update_deletes_nothing(
         sites, runsdb, runsdb_uri, tmp_path, caplog, mode):
     here = dataset(tmp_path, "a")
-    run_id = insert(runsdb, raw_run(1, copy_entry("a", here), copy_entry("b", "/b/raw/run1")))
+    run_id = insert(runsdb, raw_run(1, copy_entry("a", here), copy_entry("b", "/b/raw/run1", like=here)))
     before = runsdb.find_run(run_id)
     read_only = open_runsdb(*runsdb_uri, read_only=True)
     caplog.set_level(logging.INFO)
@@ -302,7 +308,7 @@ def test_buffer_purger_free_space_target_purges_oldest_first_then_stops(
                         a={"purge": 7, "min_copies": 1, "purge_free_below": 0.25})
     paths = {n: dataset(tmp_path, "a", f"run{n}") for n in (1, 2, 3)}
     for n, path in paths.items():
-        insert(runsdb, raw_run(n, copy_entry("a", path), copy_entry("b", f"/b/raw/run{n}"),
+        insert(runsdb, raw_run(n, copy_entry("a", path), copy_entry("b", f"/b/raw/run{n}", like=path),
                                start=OLD - dt.timedelta(days=10 * n)))  # run 3 is the oldest
     usage = namedtuple("usage", "total used free")
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import datetime as dt
 
 from cax.clock import utcnow
-from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, open_runsdb
+from cax.runsdb import (
+    ERROR,
+    TRANSFERRED,
+    TRANSFERRING,
+    EntryKey,
+    find_entry,
+    open_runsdb,
+)
 from tests.conftest import make_run
 
 RAW_AT_B = EntryKey("b", "raw")

@@ -13,9 +13,10 @@ import pytest
 
 from cax.clock import UTC, utcnow
 from cax.daemon import Daemon
+from cax.paths import scratch_path
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, VERIFYING, EntryKey, find_entry
 from cax.tasks.stalled import RetryStalledTransfer, creation_time
-from tests.conftest import make_context, make_run, write_config
+from tests.conftest import edit_site, make_context, make_run, write_config
 
 
 @pytest.fixture
@@ -52,7 +53,9 @@ def transferring(host: str, location: Path | str, created: Any, **extra: Any) ->
 
 
 def add_run(runsdb, number: int, entries: list[dict]) -> Any:
-    runsdb.insert_runs([make_run(number, data=entries)])
+    located = [e["location"] for e in entries if isinstance(e.get("location"), str)]
+    name = Path(located[0]).name.split(".")[0] if located else None
+    runsdb.insert_runs([make_run(number, name=name, data=entries)])
     return runsdb.find_runs({"number": number})[0]["_id"]
 
 
@@ -104,38 +107,64 @@ def test_stalled_entry_at_daemonless_push_target_reset_by_pusher_only(config, ru
     assert entry_of(runsdb, run_id, "lab")["status"] == ERROR  # lab's own daemon reset it
 
 
-def _partial(tmp_path: Path, name: str, sub: str = "lab/raw") -> Path:
-    partial = tmp_path / sub / f".{name}.cax-partial"
+TOKEN = "0badf00d"
+
+
+def _partial(tmp_path: Path, name: str, sub: str = "lab/raw", token: str | None = TOKEN) -> Path:
+    partial = tmp_path / sub / (scratch_path(name, token) if token else f".{name}.cax-partial")
     (partial / "sub").mkdir(parents=True)
     (partial / "sub/f.bin").write_bytes(b"x")
     return partial
 
 
-def test_stalled_partials_removed_only_when_safe(config, runsdb, tmp_path):
-    now, raw = utcnow(), tmp_path / "lab/raw"
+def _seed_scratch_states(runsdb, tmp_path: Path, raw: Path) -> dict[str, Path]:
+    """One scratch per state of its entry; returns name -> scratch path."""
+    now = utcnow()
+    live = {"lease_owner": "x", "lease_expires": now + dt.timedelta(minutes=1),
+            "lease_token": TOKEN}
+    scratch = {name: _partial(tmp_path, name) for name in
+               ("done", "stuck", "retry", "live", "checking", "expired", "orphan")}
+    scratch["legacy"] = _partial(tmp_path, "legacy", token=None)
+    scratch["orphan_v1"] = _partial(tmp_path, "orphan_v1", "lab/processed/pax_v1")
     states = {
         "done": {"status": TRANSFERRED},
-        "stuck": {"status": ERROR, "attempts": 3, "next_attempt": None},
-        "retry": {"status": ERROR, "attempts": 1, "next_attempt": now + dt.timedelta(hours=1)},
-        "live": {"status": TRANSFERRING, "lease_owner": "x",
-                 "lease_expires": now + dt.timedelta(minutes=1)},
-        "checking": {"status": VERIFYING, "lease_owner": "x",
-                     "lease_expires": now + dt.timedelta(minutes=1)},
+        "stuck": {"status": ERROR, "attempts": 3, "next_attempt": None,
+                  "partial": str(scratch["stuck"])},
+        "retry": {"status": ERROR, "attempts": 1, "next_attempt": now + dt.timedelta(hours=1),
+                  "partial": str(scratch["retry"])},
+        "live": {"status": TRANSFERRING, **live},
+        "checking": {"status": VERIFYING, **live},
+        # its owner died: the next owner may resume from it
+        "expired": {"status": TRANSFERRING, **live,
+                    "lease_expires": now - dt.timedelta(minutes=1)},
+        "legacy": {"status": TRANSFERRED},
     }
     for number, (name, fields) in enumerate(states.items()):
         add_run(runsdb, number, [{"host": "lab", "type": "raw", "location": str(raw / name),
                                   "creation_time": now, **fields}])
-    partials = {name: _partial(tmp_path, name) for name in [*states, "orphan"]}
-    partials["orphan_v1"] = _partial(tmp_path, "orphan_v1", "lab/processed/pax_v1")
+    return scratch
+
+
+def test_stalled_partials_removed_only_when_safe(config, runsdb, tmp_path):
+    scratch = _seed_scratch_states(runsdb, tmp_path, tmp_path / "lab/raw")
     keep = tmp_path / "lab/raw/.hidden_but_not_partial"
     keep.mkdir()
     ctx = make_context(config, "lab", runsdb, dry_run=True)
     one_pass(ctx)
-    assert all(p.exists() for p in partials.values())  # a dry run removes nothing
+    assert all(p.exists() for p in scratch.values())  # a dry run removes nothing
     one_pass(make_context(config, "lab", runsdb))
-    left = sorted(name for name, p in partials.items() if p.exists())
-    assert left == ["checking", "live", "retry"]
+    left = sorted(name for name, p in scratch.items() if p.exists())
+    assert left == ["checking", "expired", "live", "retry"]
     assert keep.exists()
+
+
+def test_stalled_scratch_of_running_copy_kept_with_unnormalised_dir(config, runsdb, tmp_path):
+    """Issue 7 item 5: a data directory written ``/x//raw`` must not hide a live copy."""
+    edit_site(config, "lab", dir_raw=str(tmp_path / "lab") + "//raw/")
+    scratch = _seed_scratch_states(runsdb, tmp_path, tmp_path / "lab/raw")
+    one_pass(make_context(config, "lab", runsdb))
+    assert scratch["live"].exists() and scratch["retry"].exists()
+    assert not scratch["orphan"].exists()
 
 
 def test_stalled_stuck_errors_reported_in_one_warning_not_retried(config, runsdb, tmp_path,
