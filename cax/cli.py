@@ -24,7 +24,13 @@ import click
 import cax
 from cax.config import Config, load_config
 from cax.daemon import Daemon, install_signal_handlers
-from cax.errors import CaxError, ConfigError, NotAvailableError, RunsDBError, UnsafeNameError
+from cax.errors import (
+    CaxError,
+    ConfigError,
+    NotAvailableError,
+    RunsDBError,
+    UnsafeNameError,
+)
 from cax.logcontext import ContextFilter
 from cax.runsdb import open_runsdb, safe_component
 from cax.tasks import Context, select_tasks

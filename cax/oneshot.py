@@ -38,9 +38,9 @@ from cax.runsdb import (
     EntryKey,
     run_label,
 )
+from cax.runsdb.runs import Claim
 from cax.schema import DATA_TYPES
 from cax.tasks.base import Context
-from cax.runsdb.runs import Claim
 from cax.tasks.purge import delete_and_pull, verifiable
 from cax.transport import siteops
 from cax.transport.local import LocalTransport

@@ -109,3 +109,9 @@ def advance_clock(runsdb: Any, seconds: float) -> None:
     real = runsdb.clock.server_time
     runsdb.clock.server_time = lambda: real() + dt.timedelta(seconds=seconds)
     runsdb.clock.sync()
+
+
+def set_entry(runsdb: Any, run_id: Any, key: Any, fields: dict[str, Any]) -> None:
+    """Set fields of an entry directly, as another program (or a test) would."""
+    runsdb.runs.update_one({"_id": run_id, "data": key.elem_match()},
+                           {"$set": {f"data.$.{k}": v for k, v in fields.items()}})

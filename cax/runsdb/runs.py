@@ -26,7 +26,14 @@ from pymongo.errors import PyMongoError
 
 from cax.errors import RunsDBError
 from cax.runsdb.dbclock import DBClock, ServerTime
-from cax.runsdb.entries import ERROR, PURGING, TRANSFERRED, TRANSFERRING, EntryKey, find_entry
+from cax.runsdb.entries import (
+    ERROR,
+    PURGING,
+    TRANSFERRED,
+    TRANSFERRING,
+    EntryKey,
+    find_entry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,74 +208,6 @@ class RunsDB:
         if self._skip("add entry", run_id, key):
             return self.runs.count_documents(query) == 1
         return self.runs.update_one(query, {"$push": {"data": entry}}).modified_count == 1
-
-    @_db_call
-    def claim_entry(self, run_id: Any, key: EntryKey, *, statuses: Iterable[str], owner: str,
-                    now: dt.datetime, lease_s: float, fields: dict[str, Any] | None = None,
-                    conditions: dict[str, Any] | None = None,
-                    count_attempt: bool = False) -> dict[str, Any] | None:
-        """Atomically lease the entry if its status is in ``statuses`` and it is not leased.
-
-        Returns the claimed entry, or None if another daemon holds it or it changed state.
-        ``conditions`` adds further conditions on the entry (e.g. a retry time that passed).
-        """
-        match = key.elem_match(**{"status": {"$in": list(statuses)},
-                              "lease_expires": _lease_free(now), **(conditions or {})})
-        query = {"_id": run_id, "data": match}
-        lease = {"lease_owner": owner, "lease_expires": now + dt.timedelta(seconds=lease_s),
-                 "modified_time": now}
-        update: dict[str, Any] = {"$set": _positional({**lease, **(fields or {})})}
-        if count_attempt:
-            update["$inc"] = {"data.$.attempts": 1}
-        if self._skip("claim", run_id, key, owner):
-            run = self.runs.find_one(query, {"data": 1})
-            entry = find_entry(run, key) if run else None
-            return {**copy.deepcopy(entry), **lease, **(fields or {})} if entry else None
-        run = self.runs.find_one_and_update(query, update, {"data": 1},
-                                            return_document=ReturnDocument.AFTER)
-        return find_entry(run, key) if run else None
-
-    @_db_call
-    def renew_lease(self, run_id: Any, key: EntryKey, owner: str, now: dt.datetime,
-                    lease_s: float) -> bool:
-        """Extend our lease; False means it was taken over and the work must stop."""
-        if self._skip("renew lease", run_id, key):
-            return True
-        result = self.runs.update_one(
-            {"_id": run_id, "data": key.elem_match(lease_owner=owner)},
-            {"$set": _positional({"lease_expires": now + dt.timedelta(seconds=lease_s),
-                                  "modified_time": now})})
-        return result.matched_count == 1
-
-    @_db_call
-    def update_entry(self, run_id: Any, key: EntryKey, fields: dict[str, Any], *,
-                     owner: str | None = None, release: bool = False,
-                     unset: Iterable[str] = ()) -> bool:
-        """Set fields of one entry, matched by identity (and by lease owner if ``owner``).
-
-        ``release`` drops the lease in the same write.  Returns whether the entry matched.
-        """
-        query = {"_id": run_id, "data": key.elem_match(**({"lease_owner": owner} if owner else {}))}
-        to_unset = list(unset) + (["lease_owner", "lease_expires"] if release else [])
-        update: dict[str, Any] = {"$set": _positional(fields)}
-        if to_unset:
-            update["$unset"] = {f"data.$.{name}": "" for name in to_unset}
-        if self._skip("update", run_id, key, fields):
-            return True
-        return self.runs.update_one(query, update).matched_count == 1
-
-    @_db_call
-    def remove_entry(self, run_id: Any, key: EntryKey, *, owner: str | None = None,
-                     status: str | None = None) -> bool:
-        """Remove one entry, only if still owned by ``owner`` / in ``status`` when given."""
-        cond = key.match()
-        if owner:
-            cond["lease_owner"] = owner
-        if status:
-            cond["status"] = status
-        if self._skip("remove entry", run_id, key):
-            return True
-        return self.runs.update_one({"_id": run_id}, {"$pull": {"data": cond}}).modified_count == 1
 
     @_db_call
     def claim_purge(self, run_id: Any, key: EntryKey, *, keep: Sequence[tuple[EntryKey, dict]],
@@ -537,6 +476,15 @@ class RunsDB:
                   "attempts": 0, "next_attempt": now if repair else None}
         return self._finish(claim, "flag bad copy", fields, [*LEASE_FIELDS, "compared_checksum"],
                             history_event(now, "bad copy", claim.owner, reason))
+
+    @_db_call
+    def record_permissions(self, run_id: Any, key: EntryKey, digest: str) -> bool:
+        """Record which permission settings were applied to a copy (SetPermission)."""
+        if self._skip("permissions", run_id, key, digest):
+            return True
+        return self.runs.update_one({"_id": run_id, "data": key.elem_match()},
+                                    {"$set": {"data.$.permissions_applied": digest}}
+                                    ).matched_count == 1
 
     @_db_call
     def record_compared(self, run_id: Any, key: EntryKey, token: str) -> bool:

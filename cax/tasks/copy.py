@@ -16,15 +16,21 @@ import datetime as dt
 import logging
 from typing import Any, ClassVar
 
+from cax.claimed import schedule
 from cax.clock import as_utc
 from cax.config import Site
+from cax.errors import UnsafeNameError
 from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
 from cax.schema import TRANSFER_METHODS
 from cax.tasks.base import Task
-from cax.claimed import schedule
-from cax.errors import UnsafeNameError
-from cax.tasks.copyjob import CopyJob, CopyPlan, is_retry_due, make_plan, retry_conditions
+from cax.tasks.copyjob import (
+    CopyJob,
+    CopyPlan,
+    is_retry_due,
+    make_plan,
+    retry_conditions,
+)
 from cax.tasks.repair import is_good, repair_conditions, repair_due, repair_plan
 from cax.transport.pool import TransportPool
 

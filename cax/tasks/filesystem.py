@@ -168,5 +168,5 @@ class SetPermission(Task):
             log.info("dry run: would set permissions %s on %s", dict(settings), path)
             return
         apply_permissions(path, settings)
-        self.db.update_entry(run["_id"], key, {"permissions_applied": digest})
+        self.db.record_permissions(run["_id"], key, digest)
         log.info("%s: permissions %s applied to %s", key, digest, path)

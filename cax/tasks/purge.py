@@ -32,8 +32,8 @@ from cax.errors import CaxError, LeaseLostError
 from cax.logcontext import log_context
 from cax.paths import entry_location
 from cax.runsdb import PURGING, TRANSFERRED, EntryKey, find_entry, run_label
-from cax.tasks.base import Context, Task
 from cax.runsdb.runs import Claim
+from cax.tasks.base import Context, Task
 from cax.transport import siteops
 
 log = logging.getLogger(__name__)

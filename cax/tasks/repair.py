@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from cax.checksum import Manifest, dataset_checksum, diff_manifests, legacy_dirhash
+from cax.claimed import Keeper, schedule, short_reason
 from cax.clock import as_utc
 from cax.config import Config, Site
 from cax.errors import CaxError, ChecksumMismatchError, LeaseLostError, UnsafeNameError
-from cax.claimed import Keeper, schedule, short_reason
 from cax.paths import entry_location, scratch_path
 from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
+from cax.runsdb.runs import Claim
 from cax.schema import TRANSFER_METHODS
 from cax.tasks.base import Context, Task
-from cax.runsdb.runs import Claim
 from cax.tasks.copyjob import (
     CopyJob,
     CopyPlan,

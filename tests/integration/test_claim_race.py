@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import threading
 
-from cax.clock import utcnow
 from cax.runsdb import TRANSFERRING, EntryKey, open_runsdb
 from tests.conftest import make_run
 
@@ -17,8 +16,8 @@ def _claim_all(db, owner: str, run_ids: list, results: list) -> None:
     for run_id in run_ids:
         if db.add_entry(run_id, {"host": "b", "type": "raw", "status": TRANSFERRING}):
             results.append(("add", run_id))
-        if db.claim_entry(run_id, EntryKey("b", "raw"), statuses=[TRANSFERRING], owner=owner,
-                          now=utcnow(), lease_s=600):
+        if db.claim(run_id, EntryKey("b", "raw"), statuses=[TRANSFERRING], owner=owner,
+                    lease_s=600):
             results.append(("claim", run_id))
 
 

@@ -27,7 +27,13 @@ from cax.tasks.repair import RetryBadChecksumTransfer
 from cax.tasks.scrub import Scrub
 from cax.tasks.stalled import RetryStalledTransfer
 from cax.transport.local import LocalTransport
-from tests.conftest import advance_clock, make_context, make_run, write_config
+from tests.conftest import (
+    advance_clock,
+    make_context,
+    make_run,
+    set_entry,
+    write_config,
+)
 
 ALL = [AddChecksum, CompareChecksums, RetryBadChecksumTransfer, Scrub, RetryStalledTransfer]
 
@@ -244,7 +250,7 @@ def test_compare_reference_checksum_changed_compared_again(config, runsdb, tmp_p
     ctx = make_context(config(), "lab", runsdb)
     one_pass(ctx, [CompareChecksums])
     assert entry_of(runsdb, run_id, "lab")["status"] == TRANSFERRED
-    runsdb.update_entry(run_id, EntryKey("daq", "raw"), {"checksum": "adler32:" + "0" * 64})
+    set_entry(runsdb, run_id, EntryKey("daq", "raw"), {"checksum": "adler32:" + "0" * 64})
     one_pass(ctx, [CompareChecksums])
     entry = entry_of(runsdb, run_id, "lab")
     assert entry["status"] == ERROR and entry["checksum_problem"] == "daq"
@@ -418,7 +424,7 @@ def test_repair_of_dead_repairer_taken_over(config, runsdb, tmp_path):
     one_pass(ctx, [CompareChecksums])
     lab.rename(tmp_path / "lab/raw/.170101_0000.0badf00d.cax-partial")  # moved aside, then died
     past = utcnow() - dt.timedelta(minutes=5)
-    runsdb.update_entry(run_id, EntryKey("lab", "raw"), {
+    set_entry(runsdb, run_id, EntryKey("lab", "raw"), {
         "status": "transferring", "lease_owner": "dead", "lease_expires": past,
         "lease_token": "0badf00d"})
     one_pass(ctx, [RetryBadChecksumTransfer])
@@ -447,7 +453,7 @@ def test_repair_good_copy_gone_before_repair_flagged_not_fetched(config, runsdb,
     ctx = make_context(config(), "lab", runsdb)
     one_pass(ctx, [CompareChecksums])
     assert entry_of(runsdb, run_id, "lab")["next_attempt"] is not None  # due for repair
-    runsdb.update_entry(run_id, EntryKey("daq", "raw"), {"status": ERROR})
+    set_entry(runsdb, run_id, EntryKey("daq", "raw"), {"status": ERROR})
     spy = FetchSpy(monkeypatch)
     one_pass(ctx, [RetryBadChecksumTransfer])
     entry = entry_of(runsdb, run_id, "lab")

@@ -13,7 +13,8 @@ from cax.runsdb import (
     find_entry,
     open_runsdb,
 )
-from tests.conftest import make_run
+from cax.runsdb.dbclock import DBClock
+from tests.conftest import advance_clock, make_run
 
 RAW_AT_B = EntryKey("b", "raw")
 
@@ -42,63 +43,105 @@ def test_add_entry_processed_versions_are_distinct(runsdb):
     assert len(runsdb.find_run(run_id)["data"]) == 3
 
 
-def test_claim_entry_held_lease_refused_expired_lease_taken_over(runsdb):
+def test_claim_held_lease_refused_expired_lease_taken_over(runsdb):
     run_id = fresh(runsdb, status=TRANSFERRING)
-    now = utcnow()
-    first = runsdb.claim_entry(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", now=now,
-                               lease_s=60)
-    assert first["lease_owner"] == "A"
-    assert runsdb.claim_entry(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="B",
-                              now=now + dt.timedelta(seconds=59), lease_s=60) is None
-    later = now + dt.timedelta(seconds=61)
-    taken = runsdb.claim_entry(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="B", now=later,
-                               lease_s=60, count_attempt=True)
-    assert taken["lease_owner"] == "B" and taken["attempts"] == 1
-    # The loser can neither renew nor update any more.
-    assert not runsdb.renew_lease(run_id, RAW_AT_B, "A", later, 60)
-    assert not runsdb.update_entry(run_id, RAW_AT_B, {"status": TRANSFERRED}, owner="A")
-    assert runsdb.update_entry(run_id, RAW_AT_B, {"status": TRANSFERRED}, owner="B", release=True)
+    first = runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=60)
+    assert first.entry["lease_owner"] == "A" and not first.takeover
+    assert runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="B", lease_s=60) is None
+    advance_clock(runsdb, 61)
+    taken = runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="B", lease_s=60)
+    assert taken.entry["lease_owner"] == "B" and taken.attempts == 2 and taken.takeover
+    assert taken.previous["lease_owner"] == "A" and taken.token != first.token
+    # The loser can neither renew nor register nor record a failure any more.
+    assert not runsdb.renew(first, 60)
+    assert not runsdb.register_verified(first, {"checksum": "adler32:x"})
+    assert not runsdb.record_failure(first, "late", kind="transient", retry_at=None)
+    assert runsdb.register_verified(taken, {"checksum": "adler32:y"})
     entry = find_entry(runsdb.find_run(run_id), RAW_AT_B)
-    assert entry["status"] == TRANSFERRED and "lease_owner" not in entry
+    assert entry["status"] == TRANSFERRED and entry["checksum"] == "adler32:y"
+    assert not {"lease_owner", "lease_token", "lease_expires"} & set(entry)
 
 
-def test_claim_entry_only_from_listed_status_and_conditions(runsdb):
+def test_same_owner_other_attempt_cannot_write(runsdb):
+    """Ownership is owner *and* token: a stale thread of the same daemon changes nothing."""
+    run_id = fresh(runsdb, status=TRANSFERRING)
+    old = runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=1)
+    advance_clock(runsdb, 2)
+    new = runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=60)
+    assert new and not runsdb.register_verified(old, {})
+    assert runsdb.renew(new, 60)
+
+
+def test_claim_only_from_listed_status_and_conditions(runsdb):
     run_id = fresh(runsdb, status=ERROR, attempts=2)
-    now = utcnow()
-    assert runsdb.claim_entry(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", now=now,
-                              lease_s=60) is None
-    assert runsdb.claim_entry(run_id, RAW_AT_B, statuses=[ERROR], owner="A", now=now, lease_s=60,
-                              conditions={"attempts": {"$lt": 2}}) is None
-    assert runsdb.claim_entry(run_id, RAW_AT_B, statuses=[ERROR], owner="A", now=now, lease_s=60,
-                              conditions={"attempts": {"$lt": 3}}) is not None
+    assert runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=60) is None
+    assert runsdb.claim(run_id, RAW_AT_B, statuses=[ERROR], owner="A", lease_s=60,
+                        conditions={"attempts": {"$lt": 2}}) is None
+    assert runsdb.claim(run_id, RAW_AT_B, statuses=[ERROR], owner="A", lease_s=60,
+                        conditions={"attempts": {"$lt": 3}}) is not None
 
 
-def test_claim_entry_updates_the_right_element(runsdb):
+def test_claim_requires_other_entries_atomically(runsdb):
+    run_id = fresh(runsdb, status=ERROR)
+    source_gone = [(EntryKey("a", "raw"), {"status": ERROR})]
+    assert runsdb.claim(run_id, RAW_AT_B, statuses=[ERROR], owner="A", lease_s=60,
+                        requires=source_gone) is None
+    source_good = [(EntryKey("a", "raw"), {"status": TRANSFERRED})]
+    assert runsdb.claim(run_id, RAW_AT_B, statuses=[ERROR], owner="A", lease_s=60,
+                        requires=source_good, conditions={"$or": [{"x": {"$exists": False}}]})
+
+
+def test_claim_updates_the_right_element(runsdb):
     """A positional update must touch the claimed entry, not the first one in the array."""
     run_id = fresh(runsdb, status=TRANSFERRING)
-    runsdb.claim_entry(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", now=utcnow(),
-                       lease_s=60, fields={"location": "/x"})
+    runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=60,
+                 fields={"location": "/x"})
     run = runsdb.find_run(run_id)
     assert find_entry(run, EntryKey("a", "raw")) == {"host": "a", "type": "raw",
                                                      "status": TRANSFERRED}
     assert find_entry(run, RAW_AT_B)["location"] == "/x"
 
 
-def test_update_entry_matches_identity_not_snapshot(runsdb):
-    run_id = fresh(runsdb, status=TRANSFERRING, location="/x")
-    runsdb.update_entry(run_id, RAW_AT_B, {"size": 5})  # someone else changed a field
-    assert runsdb.update_entry(run_id, RAW_AT_B, {"status": TRANSFERRED})
-    assert find_entry(runsdb.find_run(run_id), RAW_AT_B)["status"] == TRANSFERRED
+def test_failure_and_reset_recorded_in_history(runsdb):
+    run_id = fresh(runsdb, status=ERROR, attempts=0)
+    claim = runsdb.claim(run_id, RAW_AT_B, statuses=[ERROR], owner="A", lease_s=60)
+    assert runsdb.record_failure(claim, "disk on fire", kind="permanent", retry_at=None)
+    entry = find_entry(runsdb.find_run(run_id), RAW_AT_B)
+    assert (entry["error_kind"], entry["next_attempt"], entry["attempts"]) == (
+        "permanent", None, 1)
+    assert runsdb.reset_entry(run_id, RAW_AT_B, by="alice")
+    entry = find_entry(runsdb.find_run(run_id), RAW_AT_B)
+    assert entry["attempts"] == 0 and entry["next_attempt"] is not None
+    assert "error_kind" not in entry
+    assert [(h["event"], h["by"]) for h in entry["history"]] == [("failed", "A"),
+                                                                 ("retry", "alice")]
 
 
-def test_remove_entry_respects_owner_and_status(runsdb):
+def test_remove_claimed_respects_owner_and_status(runsdb):
     run_id = fresh(runsdb, status=TRANSFERRING)
-    runsdb.claim_entry(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", now=utcnow(),
-                       lease_s=60)
-    assert not runsdb.remove_entry(run_id, RAW_AT_B, owner="B")
-    assert not runsdb.remove_entry(run_id, RAW_AT_B, status=ERROR)
-    assert runsdb.remove_entry(run_id, RAW_AT_B, owner="A")
+    claim = runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=60)
+    assert not runsdb.remove_claimed(claim, ERROR)
+    assert runsdb.remove_claimed(claim, TRANSFERRING)
     assert find_entry(runsdb.find_run(run_id), RAW_AT_B) is None
+
+
+def test_claim_purge_refused_while_a_transfer_reads_the_copy(runsdb):
+    """Issue 7 item 3: a live copy reading our data blocks its purge, atomically."""
+    run_id = fresh(runsdb, status=TRANSFERRING, checksum="adler32:x")
+    reader = runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="push", lease_s=60,
+                          fields={"reading": EntryKey("a", "raw").match()})
+    assert runsdb.claim_purge(run_id, EntryKey("a", "raw"), keep=(), owner="a",
+                              lease_s=60) is None
+    assert runsdb.release(reader, unset=("reading",))
+    assert runsdb.claim_purge(run_id, EntryKey("a", "raw"), keep=(), owner="a", lease_s=60)
+
+
+def test_db_clock_is_the_servers_not_this_machines():
+    """Leases are judged by one clock: a local clock 90 s ahead changes nothing."""
+    server = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    local = server + dt.timedelta(seconds=90)
+    clock = DBClock(lambda: server, local=lambda: local)
+    assert clock.now() == server
 
 
 def test_manifest_round_trip(runsdb):
@@ -122,7 +165,7 @@ def test_read_only_mode_writes_nothing(runsdb_uri):
     before = db.find_run(run_id)
     ro = open_runsdb(*runsdb_uri, read_only=True)
     assert ro.add_entry(run_id, {"host": "b", "type": "raw", "status": TRANSFERRING})
-    assert ro.update_entry(run_id, EntryKey("a", "raw"), {"status": ERROR})
+    assert ro.reset_entry(run_id, EntryKey("a", "raw"), by="x") is False
     ro.write_heartbeat("x", {"site": "a"})
     assert db.find_run(run_id) == before
     assert db.find_heartbeats() == []
