@@ -18,8 +18,9 @@ Copies, repairs, checksums, purges, processing and tape all follow it::
 * **Register.** Only after every checksum matched, and only while the claim is ours.
 * **Failures** are classified by ``failure_kind``: transient ones (races, a vanished file, a
   network cut, a checksum mismatch) are retried with backoff up to ``max_attempts``, which
-  counts takeovers of expired leases too; permanent ones wait for a person (``cax retry``);
-  configuration errors are retried once the configuration changes.
+  counts takeovers of expired leases too; permanent ones and configuration errors are retried
+  once the configuration changes (their fix usually is a change of it), or by a person
+  (``cax retry``).
 * **Scheduling** of background work (busy, full, wait, claim, submit) is ``schedule``.
 """
 
@@ -316,8 +317,9 @@ class ClaimedJob:
             seconds=backoff_s(self.ctx.site.retry_backoff, self.attempts))
         if stuck:
             why = {"transient": f"no attempts left ({self.attempts} of {self.max_attempts})",
-                   "permanent": "retrying cannot fix this",
-                   "config": "retried when the configuration changes"}[kind]
+                   "permanent": "retrying alone cannot fix this; retried once the "
+                                "configuration changes",
+                   "config": "retried once the configuration changes"}[kind]
             log.error("%s: %s failed on attempt %d, not retried (%s; `cax retry` retries "
                       "it): %s", self.label, self.key, self.attempts, why, reason)
         else:
@@ -327,7 +329,7 @@ class ClaimedJob:
             self.on_stuck()
         try:
             self.db.record_failure(self.claim, reason, kind=kind, retry_at=retry_at,
-                                   config_hash=self.ctx.config_hash if kind == "config" else None,
+                                   config_hash=None if kind == "transient" else self.ctx.config_hash,
                                    fields=self.failure_fields())
         except CaxError as exc:  # the lease expires and the work is taken over later
             log.error("%s: failure not recorded: %s", self.label, exc)

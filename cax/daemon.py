@@ -32,6 +32,8 @@ class PassResult:
 
     number: int
     outcomes: list[Outcome] = field(default_factory=list)
+    #: ERROR lines logged during the pass (a failure even where no task counted one).
+    error_lines: int = 0
 
     @property
     def failed(self) -> int:
@@ -41,6 +43,18 @@ class PassResult:
     def last_error(self) -> str | None:
         errors = [e for o in self.outcomes for e in o.errors]
         return errors[-1] if errors else None
+
+
+class ErrorCounter(logging.Handler):
+    """Counts ERROR lines logged by cax during a pass: each one is a failed or refused item,
+    so ``--once`` cannot exit 0 after printing one, whatever path logged it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
 
 
 class Daemon:
@@ -59,6 +73,16 @@ class Daemon:
         """
         self.passes += 1
         result = PassResult(self.passes)
+        errors = ErrorCounter()
+        logging.getLogger("cax").addHandler(errors)
+        try:
+            self._run_tasks(result, wait_background)
+        finally:
+            logging.getLogger("cax").removeHandler(errors)
+        result.error_lines = errors.count
+        return result
+
+    def _run_tasks(self, result: PassResult, wait_background: bool) -> None:
         started = self.ctx.now()
         log.info("pass %d: start (%d tasks)", self.passes, len(self.tasks))
         for task_class in self.tasks:
@@ -78,7 +102,6 @@ class Daemon:
         self.db_failures = self.db_failures + 1 if db_trouble else 0
         log.info("pass %d: done, %d item(s) done, %d failed", self.passes,
                  sum(o.done for o in result.outcomes), result.failed)
-        return result
 
     def _report(self, result: PassResult, started: Any) -> None:
         info = {
@@ -107,7 +130,7 @@ class Daemon:
             while True:
                 result = self.run_pass(wait_background=once)
                 if once:
-                    return 1 if result.failed else 0
+                    return 1 if result.failed or result.error_lines else 0
                 if self.ctx.stop.is_set():
                     break
                 pause = self.sleep_seconds()
@@ -130,6 +153,8 @@ def install_signal_handlers(stop: threading.Event) -> None:
     def handler(signum: int, frame: FrameType | None) -> None:
         if not stop.is_set():
             stop.set()
+            log.warning("%s: stopping after the current step; again to stop now",
+                        signal.Signals(signum).name)
             return
         proc.kill_all()
         signal.signal(signum, signal.SIG_DFL)

@@ -49,8 +49,9 @@ LEASE_FIELDS = ("lease_owner", "lease_expires", "lease_token")
 #: Fields describing a failure; dropped when the entry is registered good.
 FAILURE_FIELDS = ("error", "error_kind", "next_attempt", "config_hash")
 #: Kinds of failure: ``transient`` is retried with backoff up to ``max_attempts``;
-#: ``permanent`` waits for a person (``cax retry``); ``config`` is retried once the
-#: configuration changed (its hash differs from ``config_hash``) or a person retries it.
+#: ``permanent`` (retrying alone cannot fix it) and ``config`` (the configuration is wrong)
+#: are retried once the configuration changed (its hash differs from ``config_hash``), or
+#: when a person retries them (``cax retry``).
 FAILURE_KINDS = ("transient", "permanent", "config")
 
 T = TypeVar("T")

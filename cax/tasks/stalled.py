@@ -68,10 +68,11 @@ class RetryStalledTransfer(Task):
         return {"$or": [
             {"data": {"$elemMatch": {**legacy, "creation_time": {"$lt": self.cutoff()}}}},
             {"data": {"$elemMatch": {**legacy, "creation_time": {"$exists": False}}}},
-            {"data": {"$elemMatch": {"host": {"$in": self.hosts()}, "status": ERROR,
-                                     "error_kind": "config",
-                                     "config_hash": {"$ne": self.ctx.config_hash}}}},
-        ]}
+        ] + [{"data": {"$elemMatch": {**place, "status": ERROR,
+                                      "error_kind": {"$in": ["config", "permanent"]},
+                                      "config_hash": {"$exists": True,
+                                                      "$ne": self.ctx.config_hash}}}}
+             for place in ({"host": {"$in": self.hosts()}}, {"source": self.site.name})]}
 
     def each_run(self, run: dict[str, Any]) -> None:
         for entry in list(run.get("data") or ()):
@@ -112,12 +113,13 @@ class RetryStalledTransfer(Task):
             log.info("%s: %s: stalled transfer -> error, to be redone", run_label(run), key)
 
     def config_changed(self, entry: dict[str, Any]) -> bool:
-        return (entry.get("host") in self.hosts() and entry.get("status") == ERROR
-                and entry.get("error_kind") == "config"
-                and entry.get("config_hash") != self.ctx.config_hash)
+        mine = entry.get("host") in self.hosts() or entry.get("source") == self.site.name
+        return (mine and entry.get("status") == ERROR
+                and entry.get("error_kind") in ("config", "permanent")
+                and entry.get("config_hash") not in (None, self.ctx.config_hash))
 
     def retry_config_error(self, run: dict[str, Any], entry: dict[str, Any]) -> None:
-        """An error the configuration caused: retried once the configuration changed."""
+        """An error retrying alone cannot fix: retried once, when the configuration changed."""
         key = EntryKey.of(entry)
         if self.ctx.dry_run:
             log.info("dry run: would retry %s (the configuration changed)", key)

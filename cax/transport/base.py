@@ -38,10 +38,12 @@ Progress = Callable[[int], None]
 TIMEOUT_BASE_S = 600.0
 TIMEOUT_PER_MB_S = 2.0
 PERMANENT_ERROR_RE = re.compile(
-    r"Permission denied|Operation not permitted|No such file or directory|Not a directory"
-    r"|Is a directory|Read-only file system|File exists"
+    r"Permission denied|Operation not permitted|Not a directory"
+    r"|Is a directory|Read-only file system"
 )
-"""Filesystem errors in a tool's message that trying again will not fix."""
+"""Filesystem errors in a tool's message that trying again will not fix.  "No such file or
+directory" and "File exists" are not among them: during a copy they mean a race (a file moved
+or replaced meanwhile), which the next attempt, after backoff, sees the end of."""
 REMOTE_OP_TIMEOUT_S = 300.0
 """Small site-side commands (prepare, stat, rename, remove, exists)."""
 MANIFEST_TIMEOUT_S = 4 * 3600.0
@@ -192,7 +194,9 @@ class Transport(ABC):
         try:
             return siteops.stat_tree(str(local))
         except OSError as exc:
-            raise self.fail(what, local, f"source: {exc.strerror or exc}", retryable=False) from exc
+            retryable = isinstance(exc, FileNotFoundError)  # moved meanwhile: a race
+            raise self.fail(what, local, f"source: {exc.strerror or exc}",
+                            retryable=retryable) from exc
 
     def stalled_error(self, what: str, path: str | Path) -> TransferError:
         """Build the (retryable) error for a copy that made no progress."""

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 BLOCK_BYTES = 4 * 2**20
 SYNC_THREADS = 8
 MAX_UNSYNCED_FILES = 256
-RETRYABLE_ERRNOS = {errno.ENOSPC, errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EDQUOT}
+#: ENOENT and EEXIST mid-copy are races (a file moved or replaced meanwhile): retryable.
+RETRYABLE_ERRNOS = {errno.ENOSPC, errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EDQUOT,
+                    errno.ENOENT, errno.EEXIST}
 
 
 class _StalledError(Exception):

@@ -9,6 +9,7 @@ failures into ``TransferError`` with a one-line reason.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -111,8 +112,10 @@ def siteops_results(stdout: str) -> list:
 
 
 def oserror_to_transfer(ep: Endpoint, what: str, path: str, exc: OSError) -> TransferError:
-    """Wrap a filesystem error at the site: these do not go away by retrying."""
-    return TransferError(f"{what} site {ep.site} ({ep.address}) {path}: {exc}", retryable=False)
+    """Wrap a filesystem error at the site: permissions and the like do not go away by
+    retrying; a file that vanished (ENOENT) or appeared (EEXIST) was a race, which does."""
+    race = exc.errno in (errno.ENOENT, errno.EEXIST)
+    return TransferError(f"{what} site {ep.site} ({ep.address}) {path}: {exc}", retryable=race)
 
 
 def host_key_message(ep: Endpoint, changed: bool = False) -> str:

@@ -204,13 +204,14 @@ def test_transport_hostile_names_copied_verbatim_without_shell(transport: Transp
 # ------------------------------------------------------------------ failures
 
 
-def test_transport_missing_source_not_retryable(transport: Transport, tmp_path: Path):
+def test_transport_missing_source_is_a_retryable_race(transport: Transport, tmp_path: Path):
+    """Issue 7 item 6: a source that vanished was moved meanwhile; the attempts cap bounds it."""
     with pytest.raises(TransferError) as put_err:
         transport.put(tmp_path / "nope", str(tmp_path / "dst"))
     with pytest.raises(TransferError) as get_err:
         transport.get(str(tmp_path / "nope"), tmp_path / "dst")
     for err in (put_err.value, get_err.value):
-        assert not err.retryable and "nope" in str(err) and "testsite" in str(err)
+        assert err.retryable and "nope" in str(err) and "testsite" in str(err)
         assert "No such file" in str(err)
 
 

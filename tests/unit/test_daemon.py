@@ -159,7 +159,10 @@ def test_signal_warm_stop_exits_zero(two_sites, runsdb, tmp_path, sig):
         wait_for_heartbeat(runsdb, daemon)
         daemon.send_signal(sig)
         assert daemon.wait(20) == 0
-        assert "stopped after 1 pass" in daemon.stderr.read()
+        err = daemon.stderr.read()
+        assert "stopped after 1 pass" in err
+        # acknowledged at once, before the stop completes
+        assert f"{sig.name}: stopping after the current step; again to stop now" in err
     finally:
         if daemon.poll() is None:
             daemon.kill()
