@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,22 @@ from cax.runsdb import open_runsdb
 from cax.tasks import Context
 
 REAL_MONGODB = os.environ.get("CAX_TEST_MONGODB_URI")
+#: pyenv's rehash lock.  The test sshd logs in as root, whose .bashrc here runs ``pyenv init``
+#: and so ``pyenv rehash`` at every login; a login killed mid-rehash (the kill -9 tests) leaves
+#: the lock behind, and every later login then waits for it to time out.
+PYENV_LOCK = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "shims/.pyenv-shim"
 REQUIRE_FIXTURES = os.environ.get("CAX_REQUIRE_FIXTURES") == "1"
+
+
+@pytest.fixture(autouse=True)
+def no_stale_pyenv_lock() -> Any:
+    """Remove a rehash lock older than any live rehash, after each test (see PYENV_LOCK)."""
+    yield
+    try:
+        if time.time() - PYENV_LOCK.stat().st_mtime > 20:
+            PYENV_LOCK.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def skip_or_fail(reason: str) -> None:
