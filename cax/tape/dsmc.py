@@ -210,6 +210,8 @@ class Dsmc:
                 "-subdir=yes", "-replace=yes", "-followsymbolic=yes"]
         if verb == "retrieve":
             argv.append(f"-description={self.setup.description}")
+        else:
+            argv.append("-latest")  # active or not: a later incremental may have expired it
         return argv + self.common_options()
 
     def query_argv(self, tape_dir: str) -> list[str]:
