@@ -56,7 +56,7 @@ def setup_problems(value: Any) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, dict):
-        return [f": expected an object, got {type(value).__name__}"]
+        return [f"': expected an object, got {type(value).__name__}"]
     problems = [f".{name}': unknown key (known: {', '.join(SETUP_KEYS)})"
                 for name in value if name not in SETUP_KEYS]
     for name in ("dsmc", "init_script", "optfile", "virtualnodename", "asnode", "password_env",
@@ -113,8 +113,7 @@ class TsmSetup:
         """
         problems = setup_problems(dict(section) if section is not None else None)
         if problems:
-            raise ConfigError([f"tsm{p if p.startswith(':') else ' key ' + repr('tsm' + p)}"
-                               for p in problems])
+            raise ConfigError([f"key 'tsm{p}" for p in problems])
         values = dict(section or {})
         if "options" in values:
             values["options"] = tuple(values["options"])
