@@ -32,7 +32,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,17 +219,14 @@ class Dsmc:
         return [self.setup.dsmc, "query", what, tape_dir.rstrip("/") + "/*", "-subdir=yes",
                 *self.common_options()]
 
-    def backup(self, directory: str, nbytes: int = 0, *,
-               should_stop: Callable[[], bool] | None = None,
-               on_start: Callable[[Callable[[], None]], None] | None = None) -> DsmcRun:
+    def backup(self, directory: str, nbytes: int = 0, *, keeper: Any = None) -> DsmcRun:
         return self.run(self.backup_argv(directory), self.setup.timeout_for(nbytes),
-                        should_stop=should_stop, on_start=on_start)
+                        keeper=keeper)
 
     def restore(self, tape_dir: str, dest_dir: str, nbytes: int = 0, *,
-                should_stop: Callable[[], bool] | None = None,
-                on_start: Callable[[Callable[[], None]], None] | None = None) -> DsmcRun:
+                keeper: Any = None) -> DsmcRun:
         return self.run(self.restore_argv(tape_dir, dest_dir), self.setup.timeout_for(nbytes),
-                        should_stop=should_stop, on_start=on_start)
+                        keeper=keeper)
 
     def query(self, tape_dir: str) -> DsmcRun:
         return self.run(self.query_argv(tape_dir), self.setup.timeout)
@@ -241,13 +238,11 @@ class Dsmc:
             return "archived", "retrieved"
         return "backed_up", "restored"
 
-    def run(self, argv: Sequence[str], timeout: float, *,
-            should_stop: Callable[[], bool] | None = None,
-            on_start: Callable[[Callable[[], None]], None] | None = None) -> DsmcRun:
-        """Run one dsmc command to its end, its timeout, or until ``should_stop()`` is true.
+    def run(self, argv: Sequence[str], timeout: float, *, keeper: Any = None) -> DsmcRun:
+        """Run one dsmc command to its end, its timeout, or until the claim's ``keeper``
+        (cax.claimed.Keeper) stops it: a lost lease kills the command at once.
 
         Output is read as it comes (a prompt without a newline is still seen), stdin is closed.
-        ``on_start`` receives a function that kills the command (e.g. for a lease keeper).
         A timeout or a stop leaves ``returncode`` None.  Raises TapeError if dsmc cannot start.
         """
         shown = proc.mask(argv).split(" ")
@@ -259,21 +254,29 @@ class Dsmc:
                 reader = threading.Thread(target=_drain, args=(child.stdout, chunks),
                                           daemon=True, name="cax-dsmc-out")
                 reader.start()
-                if on_start:
-                    on_start(lambda: _kill(child))
-                timed_out = stopped = False
-                while child.poll() is None:
-                    if time.monotonic() - start > timeout:
-                        timed_out = True
-                        break
-                    if should_stop and should_stop():
-                        stopped = True
-                        break
-                    time.sleep(POLL_S)
-                if timed_out or stopped:
-                    _kill(child)
-                child.wait()
+                stop_flag = threading.Event()
+
+                def stopper() -> None:
+                    stop_flag.set()
+                    if child.returncode is None:
+                        _kill(child)
+
+                if keeper is not None:
+                    keeper.add_stopper(stopper)
+                try:
+                    timed_out = False
+                    while child.poll() is None and not stop_flag.is_set():
+                        if time.monotonic() - start > timeout:
+                            timed_out = True
+                            _kill(child)
+                            break
+                        time.sleep(POLL_S)
+                    child.wait()
+                finally:
+                    if keeper is not None:
+                        keeper.remove_stopper(stopper)
                 reader.join(5)
+                stopped = stop_flag.is_set()
                 rc = None if timed_out or stopped else child.returncode
         except CommandError as exc:
             raise TapeError(f"tape client cannot start: {exc}") from None

@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cax.checksum import (
     Manifest,
@@ -35,8 +36,21 @@ from cax.tape.staging import (
 log = logging.getLogger(__name__)
 raw_log = logging.getLogger("cax.tape.dsmc.output")
 
-Check = Callable[[], None]
-OnCommand = Callable[[Callable[[], None]], None]
+
+
+class NoKeeper:
+    """Stands in for cax.claimed.Keeper outside a claim (tests, benchmarks)."""
+
+    lost = None
+
+    def check(self, need_fraction: float = 0.0) -> None:
+        """Never raises: nothing can be lost."""
+
+    def add_stopper(self, stop: Callable[[], None]) -> None:
+        """Nothing ever stops the work."""
+
+    def remove_stopper(self, stop: Callable[[], None]) -> None:
+        """Nothing to remove."""
 
 
 class SourceMismatch(ChecksumMismatchError):
@@ -68,11 +82,11 @@ def _log_output(run: DsmcRun) -> None:
         log.debug("dsmc line not understood: %s", line)
 
 
-def _run(client: Dsmc, what: str, call: Callable[[], DsmcRun]) -> DsmcRun:
+def _run(what: str, call: Callable[[], DsmcRun], keeper: Any) -> DsmcRun:
     run = call()
     _log_output(run)
     if run.stopped:
-        check()  # raises the reason it was stopped for (the claim was lost)
+        keeper.check()  # raises the reason it was stopped for (the claim was lost)
     check_finished(run, what)
     return run
 
@@ -104,16 +118,17 @@ def verify_source(staged_manifest: Manifest, sha512: dict[str, str], recorded: M
 
 def backup_and_verify(client: Dsmc, source: str, dir_tsm: str, dataset: str, token: str, *,
                       recorded: Manifest | None = None, checksum: str | None = None,
-                      check: Check = lambda: None,
-                      on_command: OnCommand | None = None) -> TapeCopy:
+                      keeper: Any = None) -> TapeCopy:
     """Stage ``source`` into ``dir_tsm/<dataset>``, back it up, restore it to a scratch place
     and compare every file with the bytes staged.  Returns the TapeCopy to register.
 
     ``recorded``/``checksum`` are the local copy's manifest and checksum: the staged bytes must
-    match them, so what goes to tape is the verified data.  ``check`` is called between steps
-    (and per block while staging); it raises when the claim is lost.  Staging and scratch are
-    removed in every outcome.
+    match them, so what goes to tape is the verified data.  ``keeper`` (the claim's
+    cax.claimed.Keeper) is checked between steps and per block while staging, and kills a
+    running dsmc when the lease is lost.  Staging and scratch are removed in every outcome.
     """
+    keeper = keeper or NoKeeper()
+    check = keeper.check
     setup = client.setup
     staging = os.path.join(dir_tsm, dataset)
     scratch = os.path.join(dir_tsm, f".cax-verify-{dataset}-{token}")
@@ -125,15 +140,15 @@ def backup_and_verify(client: Dsmc, source: str, dir_tsm: str, dataset: str, tok
                        subdirs=setup.subdirs, want_sha512=legacy, check=check)
         verify_source(staged.manifest, staged.sha512, recorded, checksum, source)
         check()
-        backup = _run(client, setup.backup, lambda: client.backup(
-            staging, staged.size, should_stop=_stopper(check), on_start=on_command))
+        backup = _run(setup.backup, lambda: client.backup(staging, staged.size, keeper=keeper),
+                      keeper)
         output.judge_backup(backup.output, [staged.staged_path(r) for r in staged.manifest],
                             backup_verb)
         log.info("%s", _summary_line(f"backed up {staging}", backup))
         check()
         os.mkdir(scratch)
-        restore = _run(client, "restore", lambda: client.restore(
-            staging, scratch, staged.size, should_stop=_stopper(check), on_start=on_command))
+        restore = _run("restore", lambda: client.restore(staging, scratch, staged.size,
+                                                         keeper=keeper), keeper)
         output.judge_restore(restore.output, len(staged.manifest), restore_verb)
         restored = scan_dataset(find_restored(scratch, dataset))
         bad = diff_manifests(staged.staged_manifest(), restored)
@@ -156,21 +171,22 @@ def backup_and_verify(client: Dsmc, source: str, dir_tsm: str, dataset: str, tok
 
 def restore_and_verify(client: Dsmc, tape_location: str, prefix: str, final: str, scratch: str,
                        reference: str, tape_manifest: Manifest | None = None, *,
-                       check: Check = lambda: None,
-                       on_command: OnCommand | None = None) -> Manifest:
+                       keeper: Any = None) -> Manifest:
     """Restore the tape copy into ``scratch``, undo the tape names, verify it against the tape
     entry's ``reference`` checksum (adler32 manifest or the original's sha512 dirhash), and
     rename it to ``final``.  Returns the manifest of the restored copy.
 
     ``scratch`` is removed in every outcome; ``final`` is only ever the verified copy.
     """
+    keeper = keeper or NoKeeper()
+    check = keeper.check
     dataset = os.path.basename(tape_location.rstrip("/"))
     _, restore_verb = client.verb
     try:
         remove_tree(scratch)
         os.mkdir(scratch)
-        restore = _run(client, "restore", lambda: client.restore(
-            tape_location, scratch, 0, should_stop=_stopper(check), on_start=on_command))
+        restore = _run("restore", lambda: client.restore(tape_location, scratch, 0,
+                                                         keeper=keeper), keeper)
         output.judge_restore(restore.output, None, restore_verb)
         found = find_restored(scratch, dataset)
         unstage_names(found, prefix)
@@ -186,7 +202,7 @@ def restore_and_verify(client: Dsmc, tape_location: str, prefix: str, final: str
             raise ChecksumMismatchError(f"{tape_location}: the restored data do not match the "
                                         "legacy sha512 checksum of the tape entry")
         log.info("%s; verified", _summary_line(f"restored {tape_location}", restore))
-        check()
+        check(0.15)  # the rename and the registration must fit in the lease
         if os.path.lexists(final):
             raise FileExistsError(f"{final} exists; not replacing it with the tape copy")
         os.rename(found, final)
@@ -196,16 +212,3 @@ def restore_and_verify(client: Dsmc, tape_location: str, prefix: str, final: str
             remove_tree(scratch)
         except OSError as exc:
             log.error("cannot remove %s: %s", scratch, exc)
-
-
-def _stopper(check: Check) -> Callable[[], bool]:
-    """Turn a raising ``check`` into the ``should_stop`` poll of a running dsmc command."""
-
-    def should_stop() -> bool:
-        try:
-            check()
-        except Exception:  # noqa: BLE001 - the same check is raised again after the kill
-            return True
-        return False
-
-    return should_stop

@@ -4,7 +4,8 @@ client's documented output formats, and fails on demand.
 
 The tests install it as ``dsmc`` in a temporary bin directory on PATH.  ``$FAKE_DSMC_TAPE`` is
 the tape folder: objects live under ``store/<absolute path>``, every call is appended to
-``calls.log`` (one JSON argv per line), bytes read from disk are added up in ``reads``.
+``calls.log`` (one JSON argv per line), bytes the client read from the site's disk (backups) are added up in ``reads``, bytes read
+from tape (restores) in ``tape_reads``.
 ``control.json`` there (re-read on every call) switches failure modes per command
 (``{"modes": {"*": [...], "restore": [...]}, "sep": "."}``):
 
@@ -71,8 +72,8 @@ def out(line: str = "") -> None:
     sys.stdout.flush()
 
 
-def add_reads(nbytes: int) -> None:
-    path = os.path.join(tape(), "reads")
+def add_reads(nbytes: int, name: str = "reads") -> None:
+    path = os.path.join(tape(), name)
     try:
         with open(path) as f:
             total = int(f.read() or 0)
@@ -82,11 +83,13 @@ def add_reads(nbytes: int) -> None:
         f.write(str(total + nbytes))
 
 
-def copy(src: str, dst: str) -> int:
+def copy(src: str, dst: str, local_read: bool) -> int:
+    """Copy one object; ``local_read``: the client read it from the site's disk (a backup),
+    not from tape (a restore), and it counts in ``reads``."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     shutil.copy2(src, dst)
     size = os.path.getsize(src)
-    add_reads(size)
+    add_reads(size, "reads" if local_read else "tape_reads")
     return size
 
 
@@ -178,7 +181,7 @@ def backup(args: list, archive: bool) -> int:
         if "nothing" in modes_now:
             add_reads(size)
         else:
-            copy(path, target)
+            copy(path, target, local_read=True)
         label = "Archiving" if archive else "Normal File"
         out(f"{label}-->{grouped(size):>20} {path} [Sent]")
         sent += 1
@@ -221,7 +224,7 @@ def restore(args: list) -> int:
             sys.stdout.flush()
             if not sys.stdin.readline():
                 time.sleep(3600)
-        size = copy(path, target)
+        size = copy(path, target, local_read=False)
         if corrupt and size:
             with open(target, "r+b") as f:
                 byte = f.read(1)
