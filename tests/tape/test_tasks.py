@@ -248,3 +248,42 @@ def test_tape_counts_toward_min_copies_only_when_verified():
                 "checksum": tape_checksum}
         run = make_run(1, start=old, data=[here, tape])
         assert decide_raw_purge(run, policy, utcnow()).purge is purge, (status, tape_checksum)
+
+
+def test_a_lost_lease_kills_the_running_client_and_registers_nothing(tape_config, runsdb,
+                                                                      tmp_path, fake_tape):
+    import json
+    import threading
+    import time
+
+    from cax.tasks.tape import UploadJob
+
+    config = tape_config(timeout=120)
+    data = json.loads(config.read_text())
+    data["lease_seconds"] = 5
+    config.write_text(json.dumps(data))
+    run_id, _ = add_run(runsdb, tmp_path, 11, "170111_0000")
+    fake_tape.set({"incremental": ["hang"]})
+    ctx = make_context(config, "daq", runsdb)
+    run = runsdb.find_runs({"_id": run_id})[0]
+    job = UploadJob(ctx, run, ctx.config.get_site("tsm-server"), find_entry(run, LOCAL))
+    assert job.take_claim()
+
+    def steal() -> None:  # another daemon takes the entry over
+        deadline = time.monotonic() + 60
+        while not any(c[0] == "incremental" for c in fake_tape.calls()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        runsdb.runs.update_one({"_id": run_id, "data.host": "tsm-server"},
+                               {"$set": {"data.$.lease_owner": "other", "data.$.lease_token": "t"}})
+
+    thief = threading.Thread(target=steal)
+    thief.start()
+    start = time.monotonic()
+    assert not job.run()
+    thief.join()
+    assert time.monotonic() - start < 60  # killed by the keeper, not by the 120 s timeout
+    tape = entry(runsdb, run_id)
+    assert tape["status"] == "transferring" and tape["lease_owner"] == "other"
+    assert "taken over" in job.result.detail
+    assert_clean(tmp_path)
