@@ -287,3 +287,38 @@ def test_a_lost_lease_kills_the_running_client_and_registers_nothing(tape_config
     assert tape["status"] == "transferring" and tape["lease_owner"] == "other"
     assert "taken over" in job.result.detail
     assert_clean(tmp_path)
+
+
+def test_a_stalled_legacy_tape_entry_is_redone(tape_config, runsdb, tmp_path):
+    import datetime as dt
+
+    from cax.tasks.stalled import RetryStalledTransfer
+
+    config = tape_config()
+    run_id, _ = add_run(runsdb, tmp_path, 12, "170112_0000")
+    legacy = {"host": "tsm-server", "type": "raw", "status": "transferring",
+              "location": "n/a", "checksum": None,
+              "creation_time": utcnow() - dt.timedelta(days=3)}
+    runsdb.runs.update_one({"_id": run_id}, {"$push": {"data": legacy}})
+    ctx = make_context(config, "daq", runsdb)
+    run_task(RetryStalledTransfer(ctx), ctx)
+    assert entry(runsdb, run_id)["status"] == ERROR
+    assert upload(config, runsdb).failed == 0
+    assert entry(runsdb, run_id)["status"] == TRANSFERRED
+
+
+def test_disable_database_update_backs_up_and_writes_nothing(tape_config, runsdb, runsdb_uri,
+                                                             tmp_path, fake_tape):
+    from cax.runsdb import open_runsdb
+
+    config = tape_config()
+    run_id, location = add_run(runsdb, tmp_path, 13, "170113_0000")
+    quiet = open_runsdb(*runsdb_uri, read_only=True)
+    try:
+        ctx = make_context(config, "daq", quiet)
+        assert run_task(TapeUpload(ctx), ctx).failed == 0
+    finally:
+        quiet.close()
+    assert entry(runsdb, run_id) is None
+    assert fake_tape.stored(str(tmp_path / "daq/tsm/170113_0000")).is_dir()
+    assert_clean(tmp_path)
