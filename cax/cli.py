@@ -251,6 +251,8 @@ def massive_tsm(once: bool, config_path: str | None, host: str | None, run_numbe
     where = Path(log_dir) if log_dir else (Path(log_file).parent if log_file else Path("."))
     opts = MassiveOptions(once, run_number, name, from_run, to_run, last_days, where, sleep_s)
     ctx = build_context(config, no_db_update=no_db_update, once=True)
+    ctx.background.shutdown()
+    ctx.background = None  # one dataset at a time, in this thread, with its own log file
     install_signal_handlers(ctx.stop)
     formatter = logging.Formatter(FILE_FORMAT, "%Y-%m-%d %H:%M:%S")
     formatter.converter = time.gmtime
@@ -258,7 +260,6 @@ def massive_tsm(once: bool, config_path: str | None, host: str | None, run_numbe
         return run_massive(ctx, opts, formatter, click.echo)
     finally:
         ctx.runsdb.close()
-        ctx.background.shutdown()
 
 
 # -- one-shot commands: cax-mv, cax-rm, cax-stray (their logic is in cax/oneshot.py) ----------

@@ -11,8 +11,8 @@
   checksum (adler32, or the original's sha512 dirhash) and register the local copy.
 
 The original's ``task_list`` names these steps ``CopyPush`` and ``CopyPull`` (its tape configs
-list only those), so each task answers to that name too.  Both run the work in the pass's own
-thread: tape drives are serial, and massive-tsm runs exactly one dataset at a time.
+list only those), so each task answers to that name too.  The daemon runs tape work in its
+background workers; massive-tsm runs it in its own thread, exactly one dataset at a time.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from cax.checksum import dataset_checksum
 from cax.clock import as_utc
 from cax.config import Site
-from cax.claimed import ClaimedJob, Keeper, short_reason
+from cax.claimed import ClaimedJob, Keeper, schedule, short_reason
 from cax.errors import CaxError, ConfigError
 from cax.paths import checked_location, scratch_path
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
@@ -276,12 +276,18 @@ class TapeTask(Task):
         raise NotImplementedError
 
     def each_run(self, run: dict[str, Any]) -> None:
+        """Start the run's tape work: in a background worker in the daemon (a backup may take
+        hours), or here, one at a time, without workers (massive-tsm), collecting results."""
         failed = []
         for job in self.jobs(run):
             if self.ctx.stop.is_set():
                 return
+            what = f"tape {job.direction} of {run_label(run)}"
+            if self.ctx.background is not None:
+                schedule(self.ctx, f"{run['_id']}/{job.key}", job, what)
+                continue
             if self.ctx.dry_run:
-                log.info("dry run: would run tape %s of %s", job.direction, run_label(run))
+                log.info("dry run: would %s", what)
                 continue
             if not job.take_claim():
                 log.debug("%s: claimed by another daemon", job.key)

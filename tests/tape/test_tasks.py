@@ -65,8 +65,16 @@ def entry(runsdb, run_id, key=TAPE):
     return find_entry(runsdb.find_runs({"_id": run_id})[0], key)
 
 
+def in_thread(config: Path, host: str, db: Any) -> Any:
+    """A context without background workers: tape work runs in the task, as in massive-tsm."""
+    ctx = make_context(config, host, db)
+    ctx.background.shutdown()
+    ctx.background = None
+    return ctx
+
+
 def upload(config: Path, runsdb) -> Any:
-    ctx = make_context(config, "daq", runsdb)
+    ctx = in_thread(config, "daq", runsdb)
     return run_task(TapeUpload(ctx), ctx)
 
 
@@ -96,7 +104,7 @@ def test_upload_registers_a_verified_tape_copy_then_restore_brings_it_back(
     assert upload(config, runsdb).done == 0  # already on tape: nothing selected, no dsmc
     assert len(fake_tape.calls()) == calls_before
 
-    ctx = make_context(config, "lab", runsdb)
+    ctx = in_thread(config, "lab", runsdb)
     assert run_task(TapeRestore(ctx), ctx).failed == 0
     back = entry(runsdb, run_id, EntryKey("lab", "raw"))
     restored = tmp_path / "lab/raw/170101_0000_MV"
@@ -115,7 +123,7 @@ def test_legacy_sha512_entries_go_to_tape_and_come_back(tape_config, runsdb, tmp
     runsdb.runs.update_one({"_id": run_id, "data.host": "tsm-server"},
                            {"$set": {"data.$.checksum": legacy_dirhash(location)},
                             "$unset": {"data.$.tsm_prefix": ""}})
-    ctx = make_context(config, "lab", runsdb)
+    ctx = in_thread(config, "lab", runsdb)
     assert run_task(TapeRestore(ctx), ctx).failed == 0
     assert sorted(os.listdir(tmp_path / "lab/raw/170102_0000")) == sorted(os.listdir(location))
 
@@ -183,7 +191,7 @@ def test_restore_of_a_corrupted_tape_copy_registers_nothing_good(tape_config, ru
     run_id, _ = add_run(runsdb, tmp_path, 6, "170106_0000")
     upload(config, runsdb)
     fake_tape.set({"restore": ["corrupt"]})
-    ctx = make_context(config, "lab", runsdb)
+    ctx = in_thread(config, "lab", runsdb)
     assert run_task(TapeRestore(ctx), ctx).failed == 1
     back = entry(runsdb, run_id, EntryKey("lab", "raw"))
     assert back["status"] == ERROR and "do not match" in back["error"]
@@ -218,7 +226,7 @@ def test_purge_leaves_the_local_copy_alone_while_tape_reads_it(tape_config, runs
 
     config = tape_config()
     run_id, _ = add_run(runsdb, tmp_path, 10, "170110_0000")
-    ctx = make_context(config, "daq", runsdb)
+    ctx = in_thread(config, "daq", runsdb)
     run = runsdb.find_runs({"_id": run_id})[0]
     job = UploadJob(ctx, run, ctx.config.get_site("tsm-server"), find_entry(run, LOCAL))
     assert job.take_claim()
@@ -264,7 +272,7 @@ def test_a_lost_lease_kills_the_running_client_and_registers_nothing(tape_config
     config.write_text(json.dumps(data))
     run_id, _ = add_run(runsdb, tmp_path, 11, "170111_0000")
     fake_tape.set({"incremental": ["hang"]})
-    ctx = make_context(config, "daq", runsdb)
+    ctx = in_thread(config, "daq", runsdb)
     run = runsdb.find_runs({"_id": run_id})[0]
     job = UploadJob(ctx, run, ctx.config.get_site("tsm-server"), find_entry(run, LOCAL))
     assert job.take_claim()
@@ -300,7 +308,7 @@ def test_a_stalled_legacy_tape_entry_is_redone(tape_config, runsdb, tmp_path):
               "location": "n/a", "checksum": None,
               "creation_time": utcnow() - dt.timedelta(days=3)}
     runsdb.runs.update_one({"_id": run_id}, {"$push": {"data": legacy}})
-    ctx = make_context(config, "daq", runsdb)
+    ctx = in_thread(config, "daq", runsdb)
     run_task(RetryStalledTransfer(ctx), ctx)
     assert entry(runsdb, run_id)["status"] == ERROR
     assert upload(config, runsdb).failed == 0
@@ -315,10 +323,22 @@ def test_disable_database_update_backs_up_and_writes_nothing(tape_config, runsdb
     run_id, location = add_run(runsdb, tmp_path, 13, "170113_0000")
     quiet = open_runsdb(*runsdb_uri, read_only=True)
     try:
-        ctx = make_context(config, "daq", quiet)
+        ctx = in_thread(config, "daq", quiet)
         assert run_task(TapeUpload(ctx), ctx).failed == 0
     finally:
         quiet.close()
     assert entry(runsdb, run_id) is None
     assert fake_tape.stored(str(tmp_path / "daq/tsm/170113_0000")).is_dir()
     assert_clean(tmp_path)
+
+
+def test_the_daemon_runs_tape_work_in_its_background_workers(tape_config, runsdb, tmp_path):
+    from cax.daemon import Daemon
+
+    config = tape_config()
+    run_id, _ = add_run(runsdb, tmp_path, 14, "170114_0000")
+    ctx = make_context(config, "daq", runsdb, once=True)
+    result = Daemon(ctx, [TapeUpload]).run_pass(wait_background=True)
+    assert result.failed == 0
+    assert entry(runsdb, run_id)["status"] == TRANSFERRED
+    ctx.background.shutdown()
