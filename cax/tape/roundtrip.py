@@ -136,6 +136,9 @@ def backup_and_verify(client: Dsmc, source: str, dir_tsm: str, dataset: str, tok
     backup_verb, restore_verb = client.verb
     try:
         remove_tree(staging)  # an earlier attempt's leftovers; the claim makes this ours
+        for name in os.listdir(dir_tsm):  # verification scratch of attempts that died
+            if name.startswith(f".cax-verify-{dataset}-"):
+                remove_tree(os.path.join(dir_tsm, name))
         staged = stage(source, staging, tape_prefix(dataset, setup.rename),
                        subdirs=setup.subdirs, want_sha512=legacy, check=check)
         verify_source(staged.manifest, staged.sha512, recorded, checksum, source)

@@ -107,6 +107,8 @@ def test_backup_then_restore_round_trip(sites, fake_tape, dataset, sep):
     fake_tape.set(sep=sep)
     source = make_dataset(raw / dataset)
     manifest = scan_dataset(source)
+    (tsm / dataset).mkdir()  # a dead attempt's staging and verification scratch
+    (tsm / f".cax-verify-{dataset}-dead").mkdir()
     c = client()
     copy = backup_and_verify(c, str(source), str(tsm), dataset, "tok1",
                              recorded=manifest, checksum=dataset_checksum(manifest))
