@@ -133,6 +133,7 @@ class DsmcRun:
     seconds: float
     timed_out: bool = False
     stopped: bool = False
+    prompted: bool = False  # killed because it asked a question
 
 
 class Dsmc:
@@ -264,10 +265,14 @@ class Dsmc:
                 if keeper is not None:
                     keeper.add_stopper(stopper)
                 try:
-                    timed_out = False
+                    timed_out = prompted = False
                     while child.poll() is None and not stop_flag.is_set():
                         if time.monotonic() - start > timeout:
                             timed_out = True
+                            _kill(child)
+                            break
+                        if _asks(chunks):  # nobody will answer: stdin is closed
+                            prompted = True
                             _kill(child)
                             break
                         time.sleep(POLL_S)
@@ -277,14 +282,14 @@ class Dsmc:
                         keeper.remove_stopper(stopper)
                 reader.join(5)
                 stopped = stop_flag.is_set()
-                rc = None if timed_out or stopped else child.returncode
+                rc = None if timed_out or stopped or prompted else child.returncode
         except CommandError as exc:
             raise TapeError(f"tape client cannot start: {exc}") from None
         seconds = time.monotonic() - start
         parsed = output.parse("".join(chunks), rc)
         log.debug("%s: status %s in %.1f s, %d line(s)", " ".join(shown[:3]), rc, seconds,
                   len(parsed.lines))
-        return DsmcRun(shown, parsed, seconds, timed_out, stopped)
+        return DsmcRun(shown, parsed, seconds, timed_out, stopped, prompted)
 
 
 def _drain(stream: Any, chunks: list[str]) -> None:
@@ -303,6 +308,13 @@ def _drain(stream: Any, chunks: list[str]) -> None:
         return
 
 
+def _asks(chunks: list[str]) -> bool:
+    """Whether the output so far ends in a question (a prompt waiting for an answer)."""
+    tail = "".join(chunks[-4:])[-300:]
+    last = tail.rstrip("\n").rsplit("\n", 1)[-1]
+    return bool(last) and not tail.endswith("\n") and output.asks(last)
+
+
 def _kill(child: subprocess.Popen) -> None:
     """KILL the command's process group (it runs in its own session: pgid == pid)."""
     try:
@@ -313,6 +325,11 @@ def _kill(child: subprocess.Popen) -> None:
 
 def check_finished(run: DsmcRun, what: str) -> None:
     """Raise TapeOutcomeError for a command that timed out or was stopped, keeping its output."""
+    if run.prompted:
+        raise output.TapeOutcomeError(f"dsmc {what} waited for an answer "
+                                      f"({run.output.prompt!r}) and was killed; check the "
+                                      "client options (-replace, passwordaccess)", run.output,
+                                      permanent=True)
     if run.timed_out:
         prompt = f"; its last words: {run.output.prompt!r}" if run.output.prompt else ""
         raise output.TapeOutcomeError(f"dsmc {what} timed out and was killed{prompt}",

@@ -53,6 +53,11 @@ _NOISE = re.compile(
     r"Processing|Waiting for|Expanding|Last access)")
 
 
+def asks(line: str) -> bool:
+    """Whether ``line`` is a question the client waits on (password, replace, user action)."""
+    return _PROMPT.search(line) is not None
+
+
 def parse_int(text: str) -> int:
     """Return an integer printed with any thousands separator (``1,234`` ``1.234`` ``1 234``).
 

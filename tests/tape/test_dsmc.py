@@ -81,15 +81,15 @@ def test_missing_client_is_a_tape_error(tmp_path):
 
 def test_a_hang_is_killed_at_the_timeout_and_keeps_the_output(fake_tape):
     fake_tape.set({"*": ["hang"]})
-    run = Dsmc(TsmSetup.of({"timeout": 8, "seconds_per_gb": 1})).query("/x")
+    run = Dsmc(TsmSetup.of({"timeout": 5, "seconds_per_gb": 1})).query("/x")
     assert run.timed_out and run.output.returncode is None
     assert any("Session established" in line for line in run.output.lines)
 
 
-def test_a_prompt_never_reads_our_stdin_and_is_reported(fake_tape):
+def test_a_prompt_never_reads_our_stdin_and_is_killed_at_once(fake_tape):
     fake_tape.set({"*": ["prompt"]})
-    run = Dsmc(TsmSetup.of({"timeout": 8})).query("/x")
-    assert run.timed_out
+    run = Dsmc(TsmSetup.of({"timeout": 600})).query("/x")
+    assert run.prompted and not run.timed_out and run.seconds < 300
     assert run.output.prompt.startswith("Please enter password")
 
 
@@ -186,5 +186,18 @@ def test_every_failure_mode_fails_the_upload_and_cleans_up(sites, fake_tape, com
     source = make_dataset(raw / "170101_0000")
     fake_tape.set({command: [mode]})
     with pytest.raises(error, match=match):
-        backup_and_verify(client(timeout=8 if mode in ("hang", "prompt") else 60), str(source), str(tsm), "170101_0000", "t")
+        backup_and_verify(client(timeout=5 if mode == "hang" else 600), str(source), str(tsm), "170101_0000", "t")
     assert os.listdir(tsm) == []
+
+
+def test_a_replace_prompt_is_seen_and_killed_and_our_restores_never_ask(sites, fake_tape):
+    raw, tsm = sites
+    source = make_dataset(raw / "170101_0000", files=1)
+    c = client(timeout=600)
+    assert c.backup(str(source)).output.returncode == 0
+    assert c.restore(str(source), str(tsm)).output.returncode == 0
+    again = c.restore(str(source), str(tsm))  # the files exist now: -replace=yes answers
+    assert again.output.returncode == 0 and not again.prompted
+    argv = [a for a in c.restore_argv(str(source), str(tsm)) if not a.startswith("-replace")]
+    asked = c.run(argv, 600)
+    assert asked.prompted and asked.output.prompt.startswith("Action [")

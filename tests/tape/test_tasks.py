@@ -144,8 +144,8 @@ FAILURES = [
                          ids=[next(iter(m.values()))[0] for m, _, _ in FAILURES])
 def test_each_emulator_failure_ends_in_error_and_leaves_nothing(
         tape_config, runsdb, tmp_path, fake_tape, modes, reason, kind):
-    slow = any(m in ("hang", "prompt") for ms in modes.values() for m in ms)
-    config = tape_config(timeout=8 if slow else 60)
+    hang = any(m == "hang" for ms in modes.values() for m in ms)
+    config = tape_config(timeout=5 if hang else 600)
     run_id, _ = add_run(runsdb, tmp_path, 3, "170103_0000")
     fake_tape.set(modes)
     assert upload(config, runsdb).failed == 1
