@@ -20,7 +20,8 @@ from its ``tsm`` section in cax.json:
 ``subdirs``          accept datasets with sub-folders (the original refused them)
 
 ``-replace=yes`` on restores and a closed stdin make sure the client never waits on a prompt;
-a prompt that still appears is detected in the output and reported.
+a question that still appears at the end of the output kills the client at once and is
+reported (permanent: retrying cannot answer it).
 """
 
 from __future__ import annotations
