@@ -28,6 +28,7 @@ from cax.schema import (
     TOP_KEYS,
     Key,
 )
+from cax.tape.dsmc import setup_problems
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 OCTAL_MODE = re.compile(r"0?[0-7]{3,4}")
@@ -54,6 +55,7 @@ class Site:
     dir_raw: str | None
     dir_processed: str | None
     dir_tsm: str | None
+    tsm: Mapping[str, Any] | None
     data_type: tuple[str, ...]
     upload_options: tuple[str, ...]
     download_options: tuple[str, ...]
@@ -159,6 +161,7 @@ def load_config(path: str | os.PathLike, host: str | None = None) -> Config:
         where = f"{label}: site {name!r}" if isinstance(name, str) else f"{label}: sites[{i}]"
         values = _check_section(section, SITE_KEYS, LEGACY_SITE_KEYS, where, problems)
         _check_permissions(values.get("permissions"), where, problems)
+        problems.extend(f"{where} key 'tsm{p}" for p in setup_problems(values.get("tsm")))
         if "name" in values and not SAFE_NAME.match(values["name"]):
             problems.append(f"{where} key 'name': {values['name']!r} is not a safe site name")
         sites.append(values)
@@ -204,7 +207,7 @@ def _make_site(values: dict[str, Any]) -> Site:
         value = values[f.name]
         if isinstance(value, list):
             value = tuple(value)
-        if f.name in ("upload_options", "download_options") and value is None:
+        if f.name in ("upload_options", "download_options", "data_type") and value is None:
             value = ()
         kwargs[f.name] = value
     return Site(**kwargs)

@@ -52,7 +52,10 @@ SITE_KEYS: tuple[Key, ...] = (
         "(under pax_<version>/).", absolute_path=True),
     Key("dir_tsm", ("str", "null"), None, "Staging directory for tape backup.",
         absolute_path=True),
-    Key("data_type", ("list",), [], "Data types this site's daemon handles.", items="str",
+    Key("tsm", ("dict", "null"), None, "How this site runs the tape client: {dsmc, env, "
+        "init_script, optfile, virtualnodename, asnode, password_env, options, timeout, "
+        "seconds_per_gb, backup, rename, subdirs, description} (see Tape)."),
+    Key("data_type", ("list", "null"), [], "Data types this site's daemon handles.", items="str",
         choices=DATA_TYPES),
     Key("upload_options", ("list", "null"), [], "Sites this site pushes to.", items="str"),
     Key("download_options", ("list", "null"), [], "Sites this site pulls from, in order of "

@@ -12,14 +12,16 @@ from cax.tasks.repair import RetryBadChecksumTransfer
 from cax.tasks.report import Report
 from cax.tasks.scrub import Scrub
 from cax.tasks.stalled import RetryStalledTransfer
+from cax.tasks.tape import TapeRestore, TapeUpload
 
 #: Every work task, in pass order.  Report always runs last and is not listed here.
 #: New data is checksummed first so it can be pushed in the same pass; bad copies are found
 #: and repaired before anything is copied from them; scrubbing comes after purging, so it
-#: does not read data about to be deleted.
+#: does not read data about to be deleted.  Tape work follows the copies, before purging.
 TASKS: list[type[Task]] = [
     AddChecksum, CompareChecksums, RetryStalledTransfer, RetryBadChecksumTransfer,
-    CopyPush, CopyPull, SetPermission, AddSize, PurgeProcessed, BufferPurger, Scrub,
+    CopyPush, CopyPull, TapeUpload, TapeRestore, SetPermission, AddSize, PurgeProcessed,
+    BufferPurger, Scrub,
 ]
 
 
@@ -32,7 +34,9 @@ def select_tasks(wanted: tuple[str, ...] | None) -> list[type[Task]]:
     if unknown:
         raise ConfigError(f"task_list: unknown task {', '.join(map(repr, unknown))} "
                           f"(known: {', '.join(t.name for t in TASKS)})")
-    return [t for t in TASKS if t.name in wanted]
+    # A task also runs under the original's name for its step (tape: CopyPush, CopyPull).
+    return [t for t in TASKS
+            if t.name in wanted or set(getattr(t, "aliases", ())) & set(wanted)]
 
 
 __all__ = ["TASKS", "Context", "Outcome", "Report", "Task", "run_task", "select_tasks"]

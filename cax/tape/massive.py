@@ -1,0 +1,144 @@
+"""massive-tsm: walk the runs that still need tape (or a restore from it), one dataset at a time.
+
+The original started a full ``cax --once`` process per run on every pass, also for runs already
+on tape, and mis-handled its run-range flags (one bound alone was ignored, ``from > to`` crashed
+on a typo).  Here the runs-DB query selects only runs with work left, so a run already on tape
+costs nothing, and each selected run goes through the daemon's own tape task, in this process,
+with its own log file ``tsm_log_<run|name>_<YYMMDD>_<HHMMSS>.txt`` and one summary line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cax.errors import CaxError, ConfigError
+from cax.logcontext import ContextFilter, log_context
+from cax.runsdb import run_label
+from cax.tasks.base import Context
+from cax.tasks.tape import TapeRestore, TapeTask, TapeUpload, tape_sites
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MassiveOptions:
+    """The command line of massive-tsm."""
+
+    once: bool = False
+    run: int | None = None
+    name: str | None = None
+    from_run: int | None = None
+    to_run: int | None = None
+    last_days: float | None = None
+    log_dir: Path = Path(".")
+    sleep_s: float = 60.0
+
+
+def selection(opts: MassiveOptions, now: dt.datetime) -> dict[str, Any]:
+    """Return the runs-DB filter of ``--run``/``--name``/``--from-run``/``--to-run``/``--last-days``.
+
+    ``--to-run -1`` means no upper bound, as in the original.  Raises ConfigError for
+    ``--from-run`` above ``--to-run``.
+    """
+    parts: list[dict[str, Any]] = []
+    if opts.run is not None:
+        parts.append({"number": opts.run})
+    if opts.name is not None:
+        parts.append({"name": opts.name})
+    low = opts.from_run
+    high = None if opts.to_run in (None, -1) else opts.to_run
+    if low is not None and high is not None and low > high:
+        raise ConfigError(f"--from-run {low} is above --to-run {high}")
+    bounds = {**({"$gte": low} if low is not None else {}),
+              **({"$lte": high} if high is not None else {})}
+    if bounds:
+        parts.append({"number": bounds})
+    if opts.last_days is not None:
+        parts.append({"start": {"$gt": now - dt.timedelta(days=opts.last_days)}})
+    return parts[0] if len(parts) == 1 else ({"$and": parts} if parts else {})
+
+
+def log_name(run: dict[str, Any], when: dt.datetime) -> str:
+    """``tsm_log_<run|name>_<YYMMDD>_<HHMMSS>.txt``: the number for TPC runs, else the name
+    (muon-veto datasets share numbers with TPC runs)."""
+    number = run.get("number")
+    label = number if isinstance(number, int) and run.get("detector", "tpc") == "tpc" \
+        else run.get("name", "unknown")
+    return f"tsm_log_{label}_{when.strftime('%y%m%d_%H%M%S')}.txt"
+
+
+def tape_tasks(ctx: Context) -> list[type[TapeTask]]:
+    """The directions this site's configuration asks for: upload, restore, or both."""
+    found = [task for task, push in ((TapeUpload, True), (TapeRestore, False))
+             if tape_sites(ctx, push)]
+    if not found:
+        raise ConfigError(f"site {ctx.site.name} names no tape site (method tsm) in "
+                          "upload_options or download_options")
+    return found
+
+
+def one_pass(ctx: Context, opts: MassiveOptions, formatter: logging.Formatter,
+             echo: Callable[[str], None]) -> int:
+    """Do every selected run once; return how many datasets failed."""
+    failed = 0
+    chosen = selection(opts, ctx.now())
+    for task_class in tape_tasks(ctx):
+        task = task_class(ctx)
+        query = task.query()
+        if query is None:
+            continue
+        where = {"$and": [query, chosen]} if chosen else query
+        runs = sorted(ctx.runsdb.find_runs(where), key=lambda r: r.get("number", 0),
+                      reverse=True)
+        log.info("massive-tsm: %d run(s) need tape %s", len(runs), task.jobs_direction)
+        for run in runs:
+            if ctx.stop.is_set():
+                return failed
+            failed += _one_run(ctx, task, run, opts, formatter, echo)
+    return failed
+
+
+def _one_run(ctx: Context, task: TapeTask, run: dict[str, Any], opts: MassiveOptions,
+             formatter: logging.Formatter, echo: Callable[[str], None]) -> int:
+    path = opts.log_dir / log_name(run, ctx.now())
+    handler = logging.FileHandler(path)
+    handler.setFormatter(formatter)
+    handler.addFilter(ContextFilter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    before = len(task.results)
+    try:
+        with log_context(run_label(run)):
+            try:
+                task.each_run(run)
+            except (CaxError, OSError) as exc:
+                log.error("%s", exc)
+            new = task.results[before:]
+            for result in new:
+                log.info("massive-tsm: %s", result.line())
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    for result in new:
+        echo(result.line() + f" (log {path})")
+    if not new:
+        path.unlink(missing_ok=True)  # claimed elsewhere meanwhile: nothing to keep
+    return sum(not r.ok for r in new)
+
+
+def run_massive(ctx: Context, opts: MassiveOptions, formatter: logging.Formatter,
+                echo: Callable[[str], None]) -> int:
+    """Pass after pass (one with ``once``) until stopped; return the exit status."""
+    opts.log_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    while not ctx.stop.is_set():
+        failed = one_pass(ctx, opts, formatter, echo)
+        if opts.once:
+            break
+        ctx.stop.wait(opts.sleep_s)
+    return 1 if failed else 0
