@@ -65,6 +65,33 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
+#: The account the tests log in as: uid 0 (so it reads and writes the tests' root-owned
+#: directories) with /bin/sh and an empty home, so no login runs root's shell start-up files.
+#: On these machines root's .bashrc runs ``pyenv init``, which rehashes under a lock at every
+#: login: 80 ms per command, logins serialised, and a login killed mid-rehash (kill -9 tests)
+#: leaves the lock to stall every later login for a minute.
+SITE_USER = "caxsite"
+SITE_HOME = Path("/var/lib/cax-test-site")
+
+
+def site_user() -> str:
+    """Return SITE_USER, creating it on first use (as root); "root" where that is not possible."""
+    try:
+        import pwd
+
+        pwd.getpwnam(SITE_USER)
+        return SITE_USER
+    except KeyError:
+        pass
+    if os.geteuid() != 0:
+        return "root"
+    SITE_HOME.mkdir(parents=True, exist_ok=True)
+    # "*": no password, but not a locked account (which sshd refuses even with a key)
+    made = subprocess.run(["useradd", "-o", "-u", "0", "-g", "0", "-M", "-p", "*", "-d", str(SITE_HOME),
+                           "-s", "/bin/sh", SITE_USER], capture_output=True, timeout=30)
+    return SITE_USER if made.returncode == 0 else "root"
+
+
 class Sshd:
     """One loopback sshd: its keys, known_hosts, config and process."""
 
@@ -78,6 +105,7 @@ class Sshd:
             )
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.user = site_user()
         self.port = port or free_port()
         self.key_file = str(self.root / "client_ed25519")
         self.known_hosts = str(self.root / "known_hosts")
