@@ -364,6 +364,12 @@ class RunsDB:
             update: dict[str, dict[str, Any]] = {"$set": {**fields, **lease}}
             if count_attempt:
                 update["$inc"] = {"attempts": 1}
+            if {TRANSFERRING, PURGING} & set(statuses):  # only an expired lease lets us in
+                # first: the embedded engine applies operators in order, and $set changes
+                # fields the filter matched on
+                update = {"$push": {"history": {
+                    "$each": [history_event(now, "takeover", owner, "the previous lease expired")],
+                    "$slice": -HISTORY_KEPT}}, **update}
             before = self._update_entry_at(run_id, key, match, update, requires)
         if before is None:
             return None
