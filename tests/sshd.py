@@ -13,6 +13,7 @@ sshd must log to a file that nobody reads (a pipe would fill up and block it).
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -63,6 +64,37 @@ def _signal(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+TCSH_USER = "cax-tcsh"
+"""A second login name for root whose login shell is tcsh (issue 7 item 10)."""
+
+
+def ensure_tcsh_user() -> str:
+    """Return the name of a uid-0 login whose shell is /bin/tcsh, creating it if needed.
+
+    uid 0 so that the conformance tests' temp dirs (owned by root, mode 0700) and chattr work
+    for it exactly as for root; only the login shell differs.  Raises SshdUnavailableError
+    when tcsh is missing (tests/run installs it) or the user cannot be created (not root).
+    """
+    if not os.access("/bin/tcsh", os.X_OK):
+        raise SshdUnavailableError("/bin/tcsh is not installed (apt-get install tcsh)")
+    try:
+        entry = pwd.getpwnam(TCSH_USER)
+    except KeyError:
+        result = subprocess.run(
+            ["useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", "/root", "-s", "/bin/tcsh",
+             TCSH_USER], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        if result.returncode != 0 and "already exists" not in result.stderr:
+            raise SshdUnavailableError(f"cannot add user {TCSH_USER}: {result.stderr.strip()}")
+        entry = pwd.getpwnam(TCSH_USER)
+    # useradd locks the new account ("!" password), and sshd refuses locked accounts even for
+    # keys; "*" is "no password" without the lock
+    subprocess.run(["usermod", "-p", "*", TCSH_USER], check=True, capture_output=True, timeout=30,
+                   stdin=subprocess.DEVNULL)
+    if entry.pw_shell != "/bin/tcsh":
+        raise SshdUnavailableError(f"user {TCSH_USER} has shell {entry.pw_shell}, not tcsh")
+    return TCSH_USER
 
 
 class Sshd:

@@ -186,9 +186,9 @@ class OpenSSHTransport(RsyncTransport):
             "ssh",
             *ssh.openssh_options(self.endpoint, self._control),
             self._host,
-            ssh.python_command(self.endpoint, ssh.SITEOPS_SOURCE),
+            ssh.python_command(self.endpoint),
         ]
-        request = ssh.siteops_request(["stat", remote])
+        request = ssh.script_input(ssh.SITEOPS_SOURCE, ssh.siteops_request(["stat", remote]))
         result = proc.run(
             argv, input=request, timeout=SIZE_POLL_TIMEOUT_S, check=False, host=self._host
         )

@@ -177,12 +177,12 @@ class RsyncTransport(ssh.SiteScripts, Transport):
             "ssh",
             *ssh.openssh_options(self.endpoint, self._control),
             self._host,
-            ssh.python_command(self.endpoint, script),
+            ssh.python_command(self.endpoint),
         ]
         timer = threading.Timer(timeout_s, self._kill_master)
         timer.start()
         try:
-            result = proc.run(argv, input=stdin, timeout=timeout_s, check=False, host=self._host)
+            result = proc.run(argv, input=ssh.script_input(script, stdin), timeout=timeout_s, check=False, host=self._host)
         except CommandError as exc:  # timeout, or no ssh binary
             raise self.fail("run command for", path, exc, retryable=True) from exc
         finally:

@@ -197,8 +197,8 @@ class ScpTransport(ssh.SiteScripts, Transport):
             channel = self._connection().open_session(timeout=self.endpoint.connect_timeout_s)
             with channel:
                 channel.settimeout(timeout_s)
-                channel.exec_command(ssh.python_command(self.endpoint, script))
-                channel.sendall(stdin.encode())
+                channel.exec_command(ssh.python_command(self.endpoint))
+                channel.sendall(ssh.script_input(script, stdin).encode())
                 channel.shutdown_write()
                 out = _read_all(channel.recv)
                 err = _read_all(channel.recv_stderr)

@@ -87,14 +87,33 @@ def openssh_options(
     return opts
 
 
-def python_command(ep: Endpoint, script: str) -> str:
-    """Return the remote command string that runs ``script`` with the site's python3.
+BOOTSTRAP = ("import sys;b=sys.stdin.buffer;"
+             "exec(compile(b.read(int(b.readline())),'cax-site-script','exec'))")
+"""The one command line every site-side script runs under: it reads the script itself from
+stdin (a length line, then the source) and leaves the rest of stdin to the script.  One line,
+no newline, no ``!``: csh and tcsh take it in single quotes like any Bourne shell does."""
 
-    The remote side hands this string to the user's shell, so every word is quoted; the data
-    the script works on travels on stdin.  ``-I -S``: ignore PYTHON* variables and user/site
-    packages (the scripts need only the standard library) and start faster.
+
+def python_command(ep: Endpoint) -> str:
+    """Return the remote command string that runs a site script sent by ``script_input``.
+
+    The remote side hands this string to the user's login shell (sh, bash, csh, tcsh...), so
+    it is one short quoted line; the script and the data it works on travel on stdin.
+    ``-I -S``: ignore PYTHON* variables and user/site packages (the scripts need only the
+    standard library) and start faster.
     """
-    return shlex.join([*shlex.split(ep.remote_python), "-I", "-S", "-c", script])
+    return shlex.join([*shlex.split(ep.remote_python), "-I", "-S", "-c", BOOTSTRAP])
+
+
+def script_input(script: str, request: str = "") -> str:
+    """Return the stdin for ``python_command``: the script's length, the script, the request.
+
+    The scripts are ASCII (checked), so their length in characters is their length in bytes
+    whatever text encoding the pipe uses.
+    """
+    if not script.isascii():
+        raise ValueError("site scripts must be ASCII")
+    return f"{len(script)}\n{script}{request}"
 
 
 def siteops_request(*ops: list) -> str:
