@@ -76,8 +76,10 @@ def popen(
     cwd: str | None = None,
     stdin: int | None = subprocess.DEVNULL,
     merge_stderr: bool = False,
+    binary: bool = False,
 ) -> Iterator[subprocess.Popen]:
-    """Start ``argv`` with text pipes and yield it; on leaving, kill whatever is left of it.
+    """Start ``argv`` with text pipes (bytes with ``binary``) and yield it; on leaving, kill
+    whatever is left of it.
 
     For callers that watch output as it comes (progress, stalls); ``run`` is the simple case.
     """
@@ -93,8 +95,8 @@ def popen(
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
             env=full_env,
             cwd=cwd,
-            text=True,
-            errors="replace",
+            text=not binary,
+            errors=None if binary else "replace",
             start_new_session=True,
         )
     except FileNotFoundError as exc:
@@ -106,9 +108,12 @@ def popen(
     finally:
         if proc.poll() is None:
             _terminate(proc)
-        for stream in (proc.stdout, proc.stderr):
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream:
-                stream.close()
+                try:
+                    stream.close()
+                except OSError:  # unflushed input to a process that is gone
+                    pass
         with _live_lock:
             _live.discard(proc)
 

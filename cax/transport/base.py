@@ -55,7 +55,7 @@ class Endpoint:
     """How to reach a site; built from the site's cax.json section by the config code."""
 
     site: str
-    method: str  # "local" | "scp" | "rsync" | "openssh"
+    method: str  # "local" | "scp" | "rsync" | "openssh" | "stream" | "auto"
     hostname: str | None = None
     port: int = 22
     username: str | None = None
@@ -209,6 +209,8 @@ _BACKENDS = {
     "scp": "cax.transport.scp.ScpTransport",
     "rsync": "cax.transport.rsync.RsyncTransport",
     "openssh": "cax.transport.openssh.OpenSSHTransport",
+    "stream": "cax.transport.stream.StreamTransport",
+    "auto": "cax.transport.stream.StreamTransport",
 }
 
 

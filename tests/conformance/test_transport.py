@@ -23,8 +23,8 @@ from cax.transport.base import Endpoint, Transport, open_transport
 
 pytestmark = pytest.mark.timeout(60)
 
-METHODS = ["local", "scp", "rsync", "openssh"]
-SSH_METHODS = ["scp", "rsync", "openssh"]
+METHODS = ["local", "scp", "rsync", "openssh", "stream", "auto"]
+SSH_METHODS = ["scp", "rsync", "openssh", "stream", "auto"]
 # every character a shell would act on, and a command substitution spread over path components
 EVIL = "we ird 'q\" ;&|<>*?[x]`id` $HOME $(touch {marker})"
 
