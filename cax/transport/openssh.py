@@ -121,7 +121,7 @@ class OpenSSHTransport(RsyncTransport):
         period = min(SIZE_POLL_S, max(0.2, self.stall_timeout_s / 2))
         watch = StallWatch(self.stall_timeout_s + 2 * period, progress)
         limit_s = transfer_timeout_s(info["size"])
-        with proc.popen(argv, merge_stderr=True) as child:
+        with proc.popen(argv, merge_stderr=True) as child, self._tracked(child):
             reader = _OutputReader(child.stdout)
             poller = _SizePoller(measure, period)
             try:

@@ -224,6 +224,12 @@ class ScpTransport(ssh.SiteScripts, Transport):
             self._client.close()
             self._client = None
 
+    def _abort_now(self) -> None:
+        """Close the connection: the blocked scp call fails at once (paramiko is thread-safe)."""
+        client = self._client
+        if client is not None:
+            client.close()
+
     def close(self) -> None:
         self._drop()
 

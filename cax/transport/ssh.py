@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 
 import paramiko
+from scp import SCPException
 
 from cax.checksum import REMOTE_MANIFEST_SCRIPT, Manifest, parse_remote_manifest
 from cax.errors import ConfigError, TransferError
@@ -277,12 +278,28 @@ def paramiko_error(
         return TransferError(host_key_message(ep), retryable=False)
     if isinstance(exc, paramiko.BadHostKeyException):
         return TransferError(host_key_message(ep, changed=True), retryable=False)
-    if isinstance(exc, paramiko.AuthenticationException):
+    if isinstance(exc, paramiko.AuthenticationException) and not _login_cut(exc):
         return TransferError(auth_message(ep), retryable=False)
+    if isinstance(exc, paramiko.AuthenticationException | SCPException):
+        # a connection lost during login ("transport shut down or saw EOF", a timeout), or the
+        # site's scp going away mid-copy ("No response from server"): try again later
+        return TransferError(f"{what} {where}: {exc}", retryable=True)
     if isinstance(exc, paramiko.SSHException | OSError | EOFError):
         reason = str(exc) or type(exc).__name__
         return TransferError(f"{what} {where}: {reason}", retryable=True)
     return exc
+
+
+def _login_cut(exc: paramiko.AuthenticationException) -> bool:
+    """Return whether paramiko reports a lost connection or timeout as an auth failure.
+
+    paramiko raises AuthenticationException both when the server refuses the key and when the
+    connection dies during login; only the first is a permanent configuration problem.
+    """
+    if isinstance(exc, paramiko.BadAuthenticationType):
+        return False  # the server does not offer publickey at all
+    text = str(exc).lower()
+    return "transport shut down" in text or "saw eof" in text or "timeout" in text
 
 
 class SiteScripts:

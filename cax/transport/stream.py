@@ -98,7 +98,8 @@ class StreamTransport(RsyncTransport):
         limit_s = transfer_timeout_s(nbytes)
         why: list[str] = []
         done = threading.Event()
-        with proc.popen(argv, stdin=subprocess.PIPE, binary=True) as child:
+        with proc.popen(argv, stdin=subprocess.PIPE, binary=True) as child, \
+                self._tracked(child):
             errors: deque[bytes] = deque(maxlen=25)
             drain = threading.Thread(target=lambda: errors.extend(child.stderr), daemon=True,
                                      name="cax-stream-stderr")

@@ -28,6 +28,7 @@ Anything in the destination that is not in the listing is removed.
 import errno
 import json
 import os
+import select
 import shutil
 import stat
 import struct
@@ -227,7 +228,16 @@ def _prepare(dest, listing):
     return have
 
 
-def _receive_file(rfile, path, size, mode, mtime_ns, buf, progress):
+def _peer_gone(fd):
+    """Return whether the reader of ``fd`` (our reply pipe) went away: the copy was cut off."""
+    if fd is None:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in poller.poll(0))
+
+
+def _receive_file(rfile, path, size, mode, mtime_ns, buf, progress, reply_fd=None):
     """Write ``size`` bytes from ``rfile`` to ``path`` via a temp name; return the adler32."""
     head, tail = os.path.split(path)
     temp = os.path.join(head, b"." + tail + TEMP_SUFFIX.encode())
@@ -239,6 +249,8 @@ def _receive_file(rfile, path, size, mode, mtime_ns, buf, progress):
             n = rfile.readinto(view[:min(left, len(buf))])
             if not n:
                 raise StreamError("the stream ended in the middle of a file")
+            if _peer_gone(reply_fd):  # aborted: do not write what is still in the pipe
+                raise StreamError("the sender went away")
             chunk = view[:n]
             adler = zlib.adler32(chunk, adler)
             while chunk:
@@ -269,6 +281,10 @@ def receive(dest, rfile, wfile, progress=None):
     send_line(wfile, {"have": have})
     files = listing["files"]
     manifest = {}
+    try:
+        reply_fd = wfile.fileno()
+    except (AttributeError, OSError, ValueError):
+        reply_fd = None
     buf = bytearray(BLOCK)
     try:
         while True:
@@ -279,7 +295,8 @@ def receive(dest, rfile, wfile, progress=None):
             if size != listed_size:
                 raise StreamError("%s changed size while it was copied" % rel)
             path = dest if rel == "." else os.path.join(dest, _fs(rel))
-            manifest[rel] = [size, _receive_file(rfile, path, size, mode, mtime, buf, progress)]
+            manifest[rel] = [size, _receive_file(rfile, path, size, mode, mtime, buf, progress,
+                                                 reply_fd)]
         for rel, size, _mode, _mtime in files:
             if rel not in manifest:
                 if rel not in have:
