@@ -43,6 +43,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,9 @@ class Bench:
         self.pool = ThreadPoolExecutor(1)
         self.cold: dict[str, float] = {}
         self.sftp = None
+        self.mux = None
+        self.mux_rsh = ""
+        self.stack = ExitStack()
 
     def openssh_scp(self, src: Path) -> dict:
         opts = self.sshd.ssh_argv()[1:]  # the ssh options, minus "ssh"
@@ -104,6 +108,23 @@ class Bench:
     def openssh_rsync(self, src: Path) -> dict:
         rsh = shlex.join([*self.sshd.ssh_argv(), "-c", CIPHER])
         argv = ["rsync", "-a", "-e", rsh, f"{src}/", f"root@127.0.0.1:{self.dest}/"]
+        t0 = time.monotonic()
+        proc.run(argv, timeout=600)
+        return {"wall": time.monotonic() - t0}
+
+    def rsync_mux(self, src: Path) -> dict:
+        """Plain rsync over an OpenSSH ControlMaster started once (the small-files anchor)."""
+        if self.mux is None:
+            control = str(self.dest.parent.parent / "anchor-cm")
+            opts = [*self.sshd.ssh_argv(), "-c", CIPHER, "-o", f"ControlPath={control}"]
+            self.mux = self.stack.enter_context(
+                proc.popen([*opts, "-o", "ControlMaster=yes", "-N", "root@127.0.0.1"]))
+            while not os.path.exists(control):
+                if self.mux.poll() is not None:
+                    raise SystemExit("the anchor's ControlMaster did not start")
+                time.sleep(0.01)
+            self.mux_rsh = shlex.join([*opts, "-o", "ControlMaster=no"])
+        argv = ["rsync", "-a", "-e", self.mux_rsh, f"{src}/", f"root@127.0.0.1:{self.dest}/"]
         t0 = time.monotonic()
         proc.run(argv, timeout=600)
         return {"wall": time.monotonic() - t0}
@@ -122,8 +143,13 @@ class Bench:
                 self.sftp.put(os.path.join(root, f), str(target / f))
         return {"wall": time.monotonic() - t0}
 
-    def cax(self, method: str, recorded: dict | None = None) -> Callable[[Path], dict]:
-        """Time a verified cax copy; with ``recorded``, verify against it without a scan."""
+    def cax(self, method: str, recorded: dict | None = None,
+            streamed: bool = False) -> Callable[[Path], dict]:
+        """Time a verified cax copy; with ``recorded``, verify against it without a scan.
+
+        With ``streamed``, the destination manifest is the one put returned (computed at the
+        site from the bytes as they were written: methods stream/auto), not a re-read.
+        """
 
         def run(src: Path) -> dict:
             if method not in self.transports:
@@ -137,10 +163,14 @@ class Bench:
             t0 = time.monotonic()
             read = transport.put(src, str(self.dest))
             t1 = time.monotonic()
+            returned = read
             if recorded is not None:
                 read = recorded  # the runs DB holds the source manifest already
             scan = self.pool.submit(_timed_scan, src) if read is None else None
-            got = transport.manifest(str(self.dest))  # the source scan, if any, runs meanwhile
+            if streamed and returned is not None:
+                got = returned
+            else:
+                got = transport.manifest(str(self.dest))  # the source scan runs meanwhile
             t2 = time.monotonic()
             expected, scan_s = scan.result() if scan else (read, 0.0)
             t3 = time.monotonic()
@@ -160,6 +190,7 @@ class Bench:
         for transport in self.transports.values():
             transport.close()
         self.pool.shutdown()
+        self.stack.close()
 
 
 def _timed_scan(src: Path) -> tuple[dict, float]:
@@ -190,20 +221,31 @@ def machine() -> dict:
     }
 
 
-def bench_run(bench: Bench, name: str, src: Path, rounds: int) -> dict:
+STREAMED = "cax-auto (streamed manifest)"
+ANCHORS = ("openssh-scp", "rsync-mux")
+
+
+def bench_run(bench: Bench, name: str, src: Path, rounds: int,
+              only: set[str] | None = None) -> dict:
     """Time every method on ``src`` in alternating rounds; print and return medians."""
     manifest = scan_dataset(src)  # also warms the page cache
     nbytes, nfiles = sum(s for s, _ in manifest.values()), len(manifest)
     methods = {
         "openssh-scp": bench.openssh_scp,
         "openssh-rsync": bench.openssh_rsync,
+        "rsync-mux": bench.rsync_mux,
         "paramiko-sftp": bench.paramiko_sftp,
         "cax-scp": bench.cax("scp"),
         "cax-rsync": bench.cax("rsync"),
         "cax-openssh": bench.cax("openssh"),
         RECORDED: bench.cax("openssh", recorded=manifest),
         "cax-local": bench.cax("local"),
+        "cax-stream": bench.cax("stream", recorded=manifest),
+        "cax-auto": bench.cax("auto", recorded=manifest),
+        STREAMED: bench.cax("auto", recorded=manifest, streamed=True),
     }
+    if only:
+        methods = {m: fn for m, fn in methods.items() if m in only or m in ANCHORS}
     times: dict[str, list[dict]] = {m: [] for m in methods}
     for _ in range(rounds):
         for method, fn in methods.items():
@@ -242,7 +284,10 @@ def main() -> None:
         help="the site's remote_python (here a bare python3 over ssh finds the "
         "pyenv shim first in root's PATH, +60 ms per call)",
     )
+    parser.add_argument("--methods", default="", help="comma-separated subset of the methods "
+                        f"(the anchors {', '.join(ANCHORS)} always run)")
     args = parser.parse_args()
+    only = {m.strip() for m in args.methods.split(",") if m.strip()} or None
     work = Path(tempfile.mkdtemp(prefix="cax-bench-", dir=args.dir))
     sshd = Sshd(work / "sshd")
     try:
@@ -256,44 +301,38 @@ def main() -> None:
         bench = Bench(sshd, work / "dst" / "run", args.remote_python)
         (work / "dst").mkdir()
         try:
-            report = {name: bench_run(bench, name, src, args.rounds) for name, src in runs.items()}
+            report = {name: bench_run(bench, name, src, args.rounds, only)
+                      for name, src in runs.items()}
         finally:
             bench.close()
         say(f"\ncold connect (s): {json.dumps({k: round(v, 3) for k, v in bench.cold.items()})}")
         big = report["1GiB"]["results"]
-        best = min(("cax-scp", "cax-rsync", RECORDED), key=lambda m: big[m]["wall"])
-        seq_ratio = big[best]["sequential"] / big["openssh-scp"]["wall"]
         small = report["1000files"]["results"]
-        ssh_small = max(
-            ("cax-scp", "cax-rsync", "cax-openssh"), key=lambda m: small[m]["files/s"]
-        )
-        say(
-            f"targets: {best} verified {big[best]['ratio_to_scp']:.2f}x scp (<= 1.25; "
-            f"{seq_ratio:.2f}x if nothing overlapped); cax-scp {big['cax-scp']['MB/s']} MB/s "
-            f"vs paramiko-sftp {big['paramiko-sftp']['MB/s']} MB/s (>=); 1000files verified: "
-            f"{ssh_small} {small[ssh_small]['files/s']} files/s, cax-local "
-            f"{small['cax-local']['files/s']} files/s (>= 1000)"
-        )
-        say(
-            json.dumps(
-                {
-                    "bench": "transfer",
-                    "inputs": {
-                        "rounds": args.rounds,
-                        "cipher": CIPHER,
-                        "remote_python": args.remote_python,
-                        "runs": {
-                            k: {"files": v["files"], "bytes": v["bytes"]} for k, v in report.items()
-                        },
-                    },
-                    "machine": machine(),
-                    "results": report,
-                    "cold_connect_s": bench.cold,
-                }
-            )
-        )
-        say(f"fastest verified cax method: {best}")
-        say(f"ratio cax/scp {big[best]['ratio_to_scp']:.2f}")
+        say(json.dumps({"bench": "transfer",
+                        "inputs": {"rounds": args.rounds, "cipher": CIPHER,
+                                   "remote_python": args.remote_python,
+                                   "runs": {k: {"files": v["files"], "bytes": v["bytes"]}
+                                            for k, v in report.items()}},
+                        "machine": machine(), "results": report,
+                        "cold_connect_s": bench.cold}))
+        candidates = [m for m in ("cax-scp", "cax-rsync", RECORDED) if m in big]
+        if candidates:
+            best = min(candidates, key=lambda m: big[m]["wall"])
+            say(f"fastest verified cax method (1GiB): {best} "
+                f"ratio cax/scp {big[best]['ratio_to_scp']:.2f} (<= 1.25)")
+        for name, res in (("1GiB", big), ("1000files", small)):
+            for method in ("cax-rsync", "cax-stream", "cax-auto", STREAMED):
+                if method in res:
+                    say(f"{name} {method}: {res[method]['wall']:.3f} s, "
+                        f"ratio to rsync-mux {res[method]['wall'] / res['rsync-mux']['wall']:.2f}"
+                        f" (cax-rsync {res['cax-rsync']['wall'] / res['rsync-mux']['wall']:.2f})"
+                        if "cax-rsync" in res else "")
+        chosen = STREAMED if STREAMED in small else "cax-auto"
+        say(f"large files (1GiB) {chosen}: {big[chosen]['wall']:.3f} s vs rsync-mux "
+            f"{big['rsync-mux']['wall']:.3f} s (ratio {big[chosen]['wall'] / big['rsync-mux']['wall']:.2f})")
+        say(f"ratio cax/rsync {small[chosen]['wall'] / small['rsync-mux']['wall']:.2f} "
+            f"(1000 x 100 kB, {chosen} verified vs rsync over a multiplexed connection; "
+            "target <= 0.5)")
     finally:
         sshd.stop()
         if not args.keep:

@@ -2,17 +2,26 @@
 
 Every command is an argument list (never a shell string), has a timeout, gets no stdin, and runs
 in its own process group so that a timeout or a cold stop can kill it with all its children.
+
+Its own process group also means a kill -9 of cax does not reach it, so every command is
+started with ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills it when cax dies.  That
+signal fires when the *thread* that forked exits, not the process, so all commands are forked
+by one long-lived spawner thread, never by a worker thread that may end before its command.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import queue
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
+from typing import Any
 
 from cax.errors import CommandError, CommandTimeoutError
 
@@ -24,6 +33,55 @@ SECRET_FLAGS = ("--password", "-password", "--passwd")
 
 _live: set[subprocess.Popen] = set()
 _live_lock = threading.Lock()
+
+PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """Return a preexec_fn that has the child killed when ``parent`` dies."""
+
+    def arm() -> None:
+        if _prctl is not None:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # the parent died before the signal was armed
+                os._exit(1)
+
+    return arm
+
+
+class _Spawner:
+    """One daemon thread that forks every command, so PDEATHSIG lasts as long as cax does."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="cax-spawner",
+                                                daemon=True)
+                self._thread.start()
+        done: Future = Future()
+        self._jobs.put((argv, kwargs, done))
+        return done.result()
+
+    def _run(self) -> None:
+        while True:
+            argv, kwargs, done = self._jobs.get()
+            try:
+                done.set_result(subprocess.Popen(  # an argv list, never a shell
+                    argv, preexec_fn=_die_with_parent(os.getpid()), **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                done.set_exception(exc)
+
+
+_spawner = _Spawner()
 
 
 def mask(argv: Sequence[str]) -> str:
@@ -76,8 +134,10 @@ def popen(
     cwd: str | None = None,
     stdin: int | None = subprocess.DEVNULL,
     merge_stderr: bool = False,
+    binary: bool = False,
 ) -> Iterator[subprocess.Popen]:
-    """Start ``argv`` with text pipes and yield it; on leaving, kill whatever is left of it.
+    """Start ``argv`` with text pipes (bytes with ``binary``) and yield it; on leaving, kill
+    whatever is left of it.
 
     For callers that watch output as it comes (progress, stalls); ``run`` is the simple case.
     """
@@ -86,15 +146,15 @@ def popen(
     full_env = dict(os.environ if env is None else env)
     full_env.setdefault("LC_ALL", "C")
     try:
-        proc = subprocess.Popen(  # an argv list, never a shell
+        proc = _spawner.popen(
             argv,
             stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
             env=full_env,
             cwd=cwd,
-            text=True,
-            errors="replace",
+            text=not binary,
+            errors=None if binary else "replace",
             start_new_session=True,
         )
     except FileNotFoundError as exc:
@@ -106,9 +166,12 @@ def popen(
     finally:
         if proc.poll() is None:
             _terminate(proc)
-        for stream in (proc.stdout, proc.stderr):
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream:
-                stream.close()
+                try:
+                    stream.close()
+                except OSError:  # unflushed input to a process that is gone
+                    pass
         with _live_lock:
             _live.discard(proc)
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-TRANSFER_METHODS = ("local", "scp", "rsync", "openssh")
+TRANSFER_METHODS = ("local", "scp", "rsync", "openssh", "stream", "auto")
 TAPE_METHODS = ("tsm",)
 #: Methods of the original cax that this release accepts in cax.json but cannot drive.
 LEGACY_METHODS = ("gfal-copy", "lcg-cp", "rucio")

@@ -13,6 +13,7 @@ sshd must log to a file that nobody reads (a pipe would fill up and block it).
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -65,31 +66,53 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
-#: The account the tests log in as: uid 0 (so it reads and writes the tests' root-owned
-#: directories) with /bin/sh and an empty home, so no login runs root's shell start-up files.
-#: On these machines root's .bashrc runs ``pyenv init``, which rehashes under a lock at every
-#: login: 80 ms per command, logins serialised, and a login killed mid-rehash (kill -9 tests)
-#: leaves the lock to stall every later login for a minute.
 SITE_USER = "caxsite"
-SITE_HOME = Path("/var/lib/cax-test-site")
+"""The login the tests use: uid 0 (the tests' temp dirs are root's, mode 0700, and chattr
+works as for root) with /bin/sh and an empty home, so no login runs root's start-up files.
+On these machines root's .bashrc runs ``pyenv init``, which rehashes under a lock at every
+login: 80 ms per command, logins serialised, and a login killed mid-rehash (the kill -9 tests)
+leaves the lock to stall every later login for a minute."""
+TCSH_USER = "cax-tcsh"
+"""A second uid-0 login whose login shell is tcsh (issue 7 item 10)."""
+
+
+def ensure_login(name: str, shell: str, home: str) -> str:
+    """Return ``name``, a uid-0 login with ``shell``, creating it if needed (as root).
+
+    Raises SshdUnavailableError when the shell is missing or the user cannot be created.
+    """
+    if not os.access(shell, os.X_OK):
+        raise SshdUnavailableError(f"{shell} is not installed")
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        Path(home).mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            ["useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", home, "-s", shell, name],
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        if result.returncode != 0 and "already exists" not in result.stderr:
+            raise SshdUnavailableError(f"cannot add user {name}: {result.stderr.strip()}")
+        entry = pwd.getpwnam(name)
+    # useradd locks the new account ("!" password), and sshd refuses locked accounts even for
+    # keys; "*" is "no password" without the lock
+    subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True, timeout=30,
+                   stdin=subprocess.DEVNULL)
+    if entry.pw_shell != shell:
+        raise SshdUnavailableError(f"user {name} has shell {entry.pw_shell}, not {shell}")
+    return name
 
 
 def site_user() -> str:
-    """Return SITE_USER, creating it on first use (as root); "root" where that is not possible."""
+    """SITE_USER where it can be had, else root (not running as root)."""
     try:
-        import pwd
-
-        pwd.getpwnam(SITE_USER)
-        return SITE_USER
-    except KeyError:
-        pass
-    if os.geteuid() != 0:
+        return ensure_login(SITE_USER, "/bin/sh", "/var/lib/cax-test-site")
+    except (SshdUnavailableError, OSError, subprocess.CalledProcessError):
         return "root"
-    SITE_HOME.mkdir(parents=True, exist_ok=True)
-    # "*": no password, but not a locked account (which sshd refuses even with a key)
-    made = subprocess.run(["useradd", "-o", "-u", "0", "-g", "0", "-M", "-p", "*", "-d", str(SITE_HOME),
-                           "-s", "/bin/sh", SITE_USER], capture_output=True, timeout=30)
-    return SITE_USER if made.returncode == 0 else "root"
+
+
+def ensure_tcsh_user() -> str:
+    """Return TCSH_USER (tests/run installs tcsh)."""
+    return ensure_login(TCSH_USER, "/bin/tcsh", "/root")
 
 
 class Sshd:

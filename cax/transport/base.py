@@ -16,10 +16,12 @@ Errors, for every backend:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 import re
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -55,7 +57,7 @@ class Endpoint:
     """How to reach a site; built from the site's cax.json section by the config code."""
 
     site: str
-    method: str  # "local" | "scp" | "rsync" | "openssh"
+    method: str  # "local" | "scp" | "rsync" | "openssh" | "stream" | "auto"
     hostname: str | None = None
     port: int = 22
     username: str | None = None
@@ -116,16 +118,72 @@ class StallWatch:
         return time.monotonic() - self.last > self.stall_timeout_s
 
 
+ABORT_WAIT_S = 30.0
+"""How long ``abort`` waits for the running copy to give up (a write blocked on a hung mount)."""
+
+
 class Transport(ABC):
     """Move one dataset between this machine and one site.
 
     Paths on the site are absolute POSIX strings.  A transport is a context manager; ``close``
-    releases its connection.  Instances are not thread-safe: use one per worker.
+    releases its connection.  Instances are not thread-safe: use one per worker; the one
+    exception is ``abort``, which exists to be called from another thread.
     """
 
     def __init__(self, endpoint: Endpoint, *, stall_timeout_s: float = 60.0):
         self.endpoint = endpoint
         self.stall_timeout_s = stall_timeout_s
+        self._aborted = threading.Event()
+        self._ops = threading.Condition()
+        self._running: dict[int, int] = {}  # thread id -> nesting depth of put/get
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Wrap every backend's ``put`` and ``get`` so that ``abort`` can stop and await them."""
+        super().__init_subclass__(**kwargs)
+        for name in ("put", "get"):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_abortable", False):
+                setattr(cls, name, _abortable(name, method))
+        close = cls.__dict__.get("close")
+        if close is not None and not getattr(close, "_abortable", False):
+            setattr(cls, "close", _resetting(close))  # noqa: B010
+
+    # ----------------------------------------------------------------- abort
+
+    def abort(self) -> None:
+        """Stop the running ``put``/``get`` of this transport at once; safe from any thread.
+
+        The running call raises ``TransferError("... aborted", retryable=True)``.  When this
+        returns, the processes the copy started are dead and reaped (or its connection is
+        closed and its loop has stopped), so nothing of ours writes to the destination any
+        more.  The transport stays aborted (every later put/get raises at once) until
+        ``close``; the caller drops it, as it does after any TransferError.
+        """
+        self._aborted.set()
+        try:
+            self._abort_now()
+        finally:
+            me = threading.get_ident()
+            deadline = time.monotonic() + ABORT_WAIT_S
+            with self._ops:
+                while any(t != me for t in self._running):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        log.warning("%r: the aborted copy did not stop within %g s", self,
+                                    ABORT_WAIT_S)
+                        break
+                    self._ops.wait(left)
+
+    @property
+    def aborted(self) -> bool:
+        """Return whether ``abort`` was called (since the last ``close``)."""
+        return self._aborted.is_set()
+
+    def _abort_now(self) -> None:  # noqa: B027 - backends with processes or connections add to it
+        """Kill what the running copy started (backend hook; called from any thread)."""
+
+    def _reset_abort(self) -> None:
+        self._aborted.clear()
 
     @abstractmethod
     def put(self, local: Path, remote: str, progress: Progress | None = None) -> Manifest | None:
@@ -204,11 +262,52 @@ class Transport(ABC):
         return self.fail(what, path, reason, retryable=True)
 
 
+def _abortable(what: str, method: Callable) -> Callable:
+    @functools.wraps(method)
+    def run(self: Transport, *args: object, **kwargs: object) -> Manifest | None:
+        me = threading.get_ident()
+        path = args[0] if args else "?"
+        with self._ops:
+            if self._aborted.is_set():
+                raise self.fail(what, path, "aborted", retryable=True)
+            self._running[me] = self._running.get(me, 0) + 1
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException as exc:
+            if self._aborted.is_set() and not (isinstance(exc, TransferError)
+                                               and str(exc).endswith("aborted")):
+                raise self.fail(what, path, "aborted", retryable=True) from exc
+            raise
+        finally:
+            with self._ops:
+                self._running[me] -= 1
+                if not self._running[me]:
+                    del self._running[me]
+                self._ops.notify_all()
+
+    run._abortable = True  # type: ignore[attr-defined]
+    return run
+
+
+def _resetting(close: Callable) -> Callable:
+    @functools.wraps(close)
+    def run(self: Transport) -> None:
+        try:
+            close(self)
+        finally:
+            self._reset_abort()
+
+    run._abortable = True  # type: ignore[attr-defined]
+    return run
+
+
 _BACKENDS = {
     "local": "cax.transport.local.LocalTransport",
     "scp": "cax.transport.scp.ScpTransport",
     "rsync": "cax.transport.rsync.RsyncTransport",
     "openssh": "cax.transport.openssh.OpenSSHTransport",
+    "stream": "cax.transport.stream.StreamTransport",
+    "auto": "cax.transport.stream.StreamTransport",
 }
 
 

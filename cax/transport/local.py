@@ -36,6 +36,10 @@ class _StalledError(Exception):
     pass
 
 
+class _AbortedError(Exception):
+    pass
+
+
 class LocalTransport(Transport):
     """Copy datasets within this machine's filesystems (a site that is mounted here)."""
 
@@ -70,7 +74,7 @@ class LocalTransport(Transport):
             is_dir = stat.S_ISDIR(os.stat(src).st_mode)
         except OSError as exc:
             raise self._error(f"{what} source", src, exc) from exc
-        copier = _Copier(watch)
+        copier = _Copier(watch, self._aborted)
         try:
             siteops.prepare(str(dst), "dir" if is_dir else "file", replace=True)
             if is_dir:
@@ -82,6 +86,8 @@ class LocalTransport(Transport):
             return manifest
         except _StalledError:
             raise self.stalled_error(what, dst) from None
+        except _AbortedError:
+            raise self.fail(what, dst, "aborted", retryable=True) from None
         except OSError as exc:
             raise self._error(what, exc.filename or dst, exc) from exc
         finally:
@@ -129,7 +135,8 @@ class _Copier:
     took 4x longer); fsyncs issued from a few threads share commits and overlap the copying.
     """
 
-    def __init__(self, watch: StallWatch):
+    def __init__(self, watch: StallWatch, aborted: threading.Event):
+        self.aborted = aborted
         self.buf = bytearray(BLOCK_BYTES)  # one buffer per operation, not per file
         self.view = memoryview(self.buf)
         self.watch = watch
@@ -151,6 +158,8 @@ class _Copier:
                 while n := fin.readinto(self.buf):
                     if self.watch.stalled():  # this one read took longer than the stall timeout
                         raise _StalledError
+                    if self.aborted.is_set():  # Transport.abort from another thread
+                        raise _AbortedError
                     chunk = self.view[:n]
                     while chunk:
                         chunk = chunk[os.write(out, chunk) :]

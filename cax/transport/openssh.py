@@ -121,7 +121,7 @@ class OpenSSHTransport(RsyncTransport):
         period = min(SIZE_POLL_S, max(0.2, self.stall_timeout_s / 2))
         watch = StallWatch(self.stall_timeout_s + 2 * period, progress)
         limit_s = transfer_timeout_s(info["size"])
-        with proc.popen(argv, merge_stderr=True) as child:
+        with proc.popen(argv, merge_stderr=True) as child, self._tracked(child):
             reader = _OutputReader(child.stdout)
             poller = _SizePoller(measure, period)
             try:
@@ -186,9 +186,9 @@ class OpenSSHTransport(RsyncTransport):
             "ssh",
             *ssh.openssh_options(self.endpoint, self._control),
             self._host,
-            ssh.python_command(self.endpoint, ssh.SITEOPS_SOURCE),
+            ssh.python_command(self.endpoint),
         ]
-        request = ssh.siteops_request(["stat", remote])
+        request = ssh.script_input(ssh.SITEOPS_SOURCE, ssh.siteops_request(["stat", remote]))
         result = proc.run(
             argv, input=request, timeout=SIZE_POLL_TIMEOUT_S, check=False, host=self._host
         )

@@ -31,7 +31,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -62,16 +63,59 @@ FILE_ERROR_EXITS = {11, 23}  # retryable unless the message names a permanent fi
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
 
 
+SOCKET_DIR_PREFIX = "cax-ssh-"
+_SOCKET_DIR_RE = re.compile(re.escape(SOCKET_DIR_PREFIX) + r"(\d+)-")
+_reaped = False
+
+
+def reap_socket_dirs(parent: str | None = None) -> list[str]:
+    """Remove ControlMaster socket dirs left by cax processes that are gone (kill -9).
+
+    Done once per process, at the first transport that needs a socket dir; returns the dirs
+    removed.  A dir whose pid is alive (ours, or a live cax) is left alone.
+    """
+    global _reaped  # noqa: PLW0603 - once per process
+    if _reaped and parent is None:
+        return []
+    _reaped = True
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = _SOCKET_DIR_RE.match(name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, someone else's
+        path = os.path.join(parent, name)
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed the ssh socket dir %s of a dead cax process", path)
+        removed.append(path)
+    return removed
+
+
 class RsyncTransport(ssh.SiteScripts, Transport):
     """Copy datasets with rsync over OpenSSH, sharing one SSH connection per transport."""
 
     def __init__(self, endpoint: Endpoint, *, stall_timeout_s: float = 60.0):
         super().__init__(endpoint, stall_timeout_s=stall_timeout_s)
         self._host = ssh.destination_host(endpoint)
-        self._dir = tempfile.mkdtemp(prefix="cax-ssh-")  # 0700; socket paths must be short
+        reap_socket_dirs()
+        # 0700; socket paths must be short; the pid in the name lets a later start reap it
+        self._dir = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
         self._control = os.path.join(self._dir, "cm")
         self._master = ExitStack()
         self._master_proc: Popen | None = None
+        self._children: set[Popen] = set()  # the copies running now (for abort)
+        self._children_lock = threading.Lock()
         # a transport that is never closed must not leave an ssh master running after us
         weakref.finalize(self, _release, self._master, self._dir)
 
@@ -124,7 +168,7 @@ class RsyncTransport(ssh.SiteScripts, Transport):
             argv.append("--delete")  # the result must be exactly the source
         watch = StallWatch(self.stall_timeout_s + PROGRESS_PERIOD_S, progress)
         limit_s = transfer_timeout_s(info["size"])
-        with proc.popen([*argv, "--", *args], merge_stderr=True) as child:
+        with proc.popen([*argv, "--", *args], merge_stderr=True) as child, self._tracked(child):
             reader = _OutputReader(child.stdout)
             try:
                 aborted = _follow(child, reader, watch, limit_s)
@@ -177,12 +221,12 @@ class RsyncTransport(ssh.SiteScripts, Transport):
             "ssh",
             *ssh.openssh_options(self.endpoint, self._control),
             self._host,
-            ssh.python_command(self.endpoint, script),
+            ssh.python_command(self.endpoint),
         ]
         timer = threading.Timer(timeout_s, self._kill_master)
         timer.start()
         try:
-            result = proc.run(argv, input=stdin, timeout=timeout_s, check=False, host=self._host)
+            result = proc.run(argv, input=ssh.script_input(script, stdin), timeout=timeout_s, check=False, host=self._host)
         except CommandError as exc:  # timeout, or no ssh binary
             raise self.fail("run command for", path, exc, retryable=True) from exc
         finally:
@@ -199,6 +243,33 @@ class RsyncTransport(ssh.SiteScripts, Transport):
         failed = code == SSH_FAILURE_EXIT
         tool = "ssh" if failed else self.endpoint.remote_python
         return self.fail(what, path, f"{tool} exited with {code}: {last}", retryable=failed)
+
+    # ---------------------------------------------------------------- abort
+
+    @contextmanager
+    def _tracked(self, child: Popen) -> Iterator[Popen]:
+        """Register ``child`` as a running copy that ``abort`` must kill."""
+        with self._children_lock:
+            self._children.add(child)
+            aborted = self.aborted
+        try:
+            if aborted:  # abort came between popen and registration
+                _kill_group(child, signal.SIGKILL)
+            yield child
+        finally:
+            with self._children_lock:
+                self._children.discard(child)
+
+    def _abort_now(self) -> None:
+        """KILL the running copies' process groups and the master (it holds their pipes)."""
+        with self._children_lock:
+            children = list(self._children)
+        for child in children:
+            _kill_group(child, signal.SIGKILL)
+        master = self._master_proc
+        self._kill_master()
+        for child in [*children, *([master] if master is not None else [])]:
+            child.wait()
 
     # ---------------------------------------------------------------- connection
 

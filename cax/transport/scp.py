@@ -197,8 +197,8 @@ class ScpTransport(ssh.SiteScripts, Transport):
             channel = self._connection().open_session(timeout=self.endpoint.connect_timeout_s)
             with channel:
                 channel.settimeout(timeout_s)
-                channel.exec_command(ssh.python_command(self.endpoint, script))
-                channel.sendall(stdin.encode())
+                channel.exec_command(ssh.python_command(self.endpoint))
+                channel.sendall(ssh.script_input(script, stdin).encode())
                 channel.shutdown_write()
                 out = _read_all(channel.recv)
                 err = _read_all(channel.recv_stderr)
@@ -223,6 +223,12 @@ class ScpTransport(ssh.SiteScripts, Transport):
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    def _abort_now(self) -> None:
+        """Close the connection: the blocked scp call fails at once (paramiko is thread-safe)."""
+        client = self._client
+        if client is not None:
+            client.close()
 
     def close(self) -> None:
         self._drop()

@@ -1,8 +1,9 @@
 """Small filesystem operations run ON a site: prepare, stat, rename, remove, exists.
 
-The local backend imports these functions; the SSH backends send this file's source as
-``python3 -c SOURCE`` and the request as one JSON line on stdin, so no path from the runs DB
-ever passes through a remote shell.  Several operations go in one request (one round trip).
+The local backend imports these functions; the SSH backends send this file's source on stdin
+to a one-line ``python3`` bootstrap (``cax.transport.ssh.python_command``), then the request as
+one JSON line, so no path from the runs DB ever passes through a remote shell and any login
+shell (sh, bash, csh, tcsh) can start it.  Several operations go in one request (one round trip).
 
 This file must stay standard-library only and run on the oldest python3 a site may have
 (3.6): no ``from __future__`` imports, no subscripted builtin generics, no walrus.

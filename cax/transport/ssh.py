@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 
 import paramiko
+from scp import SCPException
 
 from cax.checksum import REMOTE_MANIFEST_SCRIPT, Manifest, parse_remote_manifest
 from cax.errors import ConfigError, TransferError
@@ -87,14 +88,33 @@ def openssh_options(
     return opts
 
 
-def python_command(ep: Endpoint, script: str) -> str:
-    """Return the remote command string that runs ``script`` with the site's python3.
+BOOTSTRAP = ("import sys;b=sys.stdin.buffer;"
+             "exec(compile(b.read(int(b.readline())),'cax-site-script','exec'))")
+"""The one command line every site-side script runs under: it reads the script itself from
+stdin (a length line, then the source) and leaves the rest of stdin to the script.  One line,
+no newline, no ``!``: csh and tcsh take it in single quotes like any Bourne shell does."""
 
-    The remote side hands this string to the user's shell, so every word is quoted; the data
-    the script works on travels on stdin.  ``-I -S``: ignore PYTHON* variables and user/site
-    packages (the scripts need only the standard library) and start faster.
+
+def python_command(ep: Endpoint) -> str:
+    """Return the remote command string that runs a site script sent by ``script_input``.
+
+    The remote side hands this string to the user's login shell (sh, bash, csh, tcsh...), so
+    it is one short quoted line; the script and the data it works on travel on stdin.
+    ``-I -S``: ignore PYTHON* variables and user/site packages (the scripts need only the
+    standard library) and start faster.
     """
-    return shlex.join([*shlex.split(ep.remote_python), "-I", "-S", "-c", script])
+    return shlex.join([*shlex.split(ep.remote_python), "-I", "-S", "-c", BOOTSTRAP])
+
+
+def script_input(script: str, request: str = "") -> str:
+    """Return the stdin for ``python_command``: the script's length, the script, the request.
+
+    The scripts are ASCII (checked), so their length in characters is their length in bytes
+    whatever text encoding the pipe uses.
+    """
+    if not script.isascii():
+        raise ValueError("site scripts must be ASCII")
+    return f"{len(script)}\n{script}{request}"
 
 
 def siteops_request(*ops: list) -> str:
@@ -258,12 +278,28 @@ def paramiko_error(
         return TransferError(host_key_message(ep), retryable=False)
     if isinstance(exc, paramiko.BadHostKeyException):
         return TransferError(host_key_message(ep, changed=True), retryable=False)
-    if isinstance(exc, paramiko.AuthenticationException):
+    if isinstance(exc, paramiko.AuthenticationException) and not _login_cut(exc):
         return TransferError(auth_message(ep), retryable=False)
+    if isinstance(exc, paramiko.AuthenticationException | SCPException):
+        # a connection lost during login ("transport shut down or saw EOF", a timeout), or the
+        # site's scp going away mid-copy ("No response from server"): try again later
+        return TransferError(f"{what} {where}: {exc}", retryable=True)
     if isinstance(exc, paramiko.SSHException | OSError | EOFError):
         reason = str(exc) or type(exc).__name__
         return TransferError(f"{what} {where}: {reason}", retryable=True)
     return exc
+
+
+def _login_cut(exc: paramiko.AuthenticationException) -> bool:
+    """Return whether paramiko reports a lost connection or timeout as an auth failure.
+
+    paramiko raises AuthenticationException both when the server refuses the key and when the
+    connection dies during login; only the first is a permanent configuration problem.
+    """
+    if isinstance(exc, paramiko.BadAuthenticationType):
+        return False  # the server does not offer publickey at all
+    text = str(exc).lower()
+    return "transport shut down" in text or "saw eof" in text or "timeout" in text
 
 
 class SiteScripts:

@@ -23,8 +23,8 @@ from cax.transport.base import Endpoint, Transport, open_transport
 
 pytestmark = pytest.mark.timeout(60)
 
-METHODS = ["local", "scp", "rsync", "openssh"]
-SSH_METHODS = ["scp", "rsync", "openssh"]
+METHODS = ["local", "scp", "rsync", "openssh", "stream", "auto"]
+SSH_METHODS = ["scp", "rsync", "openssh", "stream", "auto"]
 # every character a shell would act on, and a command substitution spread over path components
 EVIL = "we ird 'q\" ;&|<>*?[x]`id` $HOME $(touch {marker})"
 
@@ -453,3 +453,74 @@ def test_transport_progress_callback_exception_aborts_and_transport_recovers(
     small = make_tree(tmp_path / "small")
     transport.put(small, str(tmp_path / "dst"))  # the same transport still works
     assert same_tree(small, tmp_path / "dst")
+
+
+def _descendants_outside_sshd() -> list[str]:
+    """Return the command lines of this process's descendants but the test sshd and its own."""
+    from tests.sshd import SSHD_BIN, _children
+
+    found, servers = {}, set()
+    for pid in _children(os.getpid()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline[0] == SSHD_BIN.encode() or cmdline[0].startswith(b"sshd: "):  # retitled
+            servers.add(pid)
+        if b"cax-site-script" in cmdline[-2] and os.path.basename(cmdline[0]) != b"ssh":
+            continue  # the site's end, reparented when its session closed: not ours
+        found[pid] = b" ".join(cmdline).decode(errors="replace")
+    for server in servers:
+        for pid in [server, *_children(server)]:
+            found.pop(pid, None)
+    return list(found.values())
+
+
+def _dest_size(directory: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def test_transport_abort_from_another_thread_stops_copy(
+    transport: Transport, tmp_path: Path, request: pytest.FixtureRequest
+):
+    """The lease keeper's stopper: put raises, nothing of ours is left running or writing."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "big.dat", "wb") as f:  # real blocks: the destination's disk use grows
+        for _ in range(64):
+            f.write(os.urandom(2**20))
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    sshd = request.getfixturevalue("sshd") if transport.endpoint.method != "local" else None
+    sizes: list[int] = []
+
+    def slow(nbytes: int) -> None:
+        time.sleep(0.002)  # a slow link: the copy lasts long enough to be aborted
+
+    def stop() -> None:
+        transport.abort()
+        sizes.append(_dest_size(dst))
+
+    watcher = _when_copy_starts(dst, stop)
+    with pytest.raises(TransferError) as err:
+        transport.put(src, str(dst / "run"), slow)
+    watcher.join()
+    assert sizes, "the copy finished before it could be aborted"
+    assert "aborted" in str(err.value) and err.value.retryable
+    assert _descendants_outside_sshd() == []
+    # at a remote destination the site's end may still write what was already on the site
+    # (pipe buffers) in the moments before it sees the connection gone; then nothing more
+    time.sleep(0.5)
+    settled = _dest_size(dst)
+    assert settled - sizes[0] <= (0 if sshd is None else 2**21)
+    time.sleep(1.0)
+    assert _dest_size(dst) == settled, "the destination still grows after abort returned"
+    with pytest.raises(TransferError):  # aborted until closed
+        transport.put(src, str(dst / "run"))
