@@ -234,24 +234,30 @@ class CopyJob(ClaimedJob):
                                   "the data directories of both sites")
 
     def adopt_previous_scratch(self, dest_ops: Transport) -> None:
-        """Resume into the bytes of the previous attempt (rsync), or remove them.
+        """Resume from the bytes of the previous attempt (rsync), without sharing them.
 
-        Safe because the previous owner has stopped: it let its lease expire (and stops its
-        work well before that), or it recorded its failure and released the entry.
+        The previous owner has stopped its own processes (it let its lease expire, and stops
+        its work well before that, or it recorded its failure), but a process on the far side
+        of a dead connection may still finish one buffered file.  So the bytes are not taken
+        over but hard-linked into this claim's scratch: rsync replaces files by renaming new
+        ones into place, so a late write lands in the old tree only.  The old tree is an orphan
+        then, which RetryStalledTransfer removes.
         """
         prev = self.claim.previous if self.claim else None
-        if not prev:
+        if not prev or self.plan.remote.method not in RESUMING_METHODS:
             return
         old = prev.get("partial") or (prev.get("lease_token") and
                                       scratch_path(self.dest_path, prev["lease_token"]))
         if not old or old == self.scratch or posixpath.dirname(old) != posixpath.dirname(
                 self.dest_path) or not dest_ops.exists(old):
             return
-        if self.plan.remote.method in RESUMING_METHODS:
-            log.info("%s: resuming from the bytes of the previous attempt", self.plan.route())
-            dest_ops.rename(old, self.scratch)
-        else:
-            dest_ops.remove(old)
+        log.info("%s: resuming from the bytes of the previous attempt", self.plan.route())
+        try:
+            dest_ops.link_tree(old, self.scratch)
+        except (OSError, TransferError) as exc:  # a fresh start is always correct
+            log.info("%s: not resuming (%s)", self.plan.route(), exc)
+            if dest_ops.exists(self.scratch):
+                dest_ops.remove(self.scratch)
 
     def clear_destination(self, dest_ops: Transport) -> None:
         """Remove data at the destination path only if no entry but the one we hold claims it.

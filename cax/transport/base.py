@@ -217,6 +217,10 @@ class Transport(ABC):
     def remove(self, remote: str) -> None:
         """Remove ``remote`` recursively; a missing path is fine."""
 
+    def link_tree(self, src: str, dst: str) -> None:
+        """Make ``dst`` a tree of hard links to the files of ``src`` on the site."""
+        raise NotImplementedError
+
     @abstractmethod
     def exists(self, remote: str) -> bool:
         """Return whether ``remote`` exists on the site (a symlink counts, even dangling).

@@ -64,6 +64,9 @@ class LocalTransport(Transport):
     def exists(self, remote: str) -> bool:
         return siteops.exists(remote)  # errors other than "not there" propagate
 
+    def link_tree(self, src: str, dst: str) -> None:
+        siteops.link_tree(src, dst)
+
     def _copy(self, src: Path, dst: Path, progress: Progress | None, what: str) -> Manifest:
         """Replace ``dst`` by a copy of ``src``; return the manifest of what was read."""
         src, dst = src.absolute(), dst.absolute()

@@ -105,7 +105,28 @@ def rename(src: str, dst: str) -> None:
     os.rename(src, dst)
 
 
-OPS = {"prepare": prepare, "stat": stat_tree, "rename": rename, "remove": remove, "exists": exists}
+def link_tree(src: str, dst: str) -> None:
+    """Make ``dst`` a tree of hard links to the files of ``src`` (a new directory, or a link).
+
+    How a new owner resumes from an earlier attempt's bytes without sharing them: rsync writes
+    each file anew and renames it into place, never into an existing inode, so whatever an
+    earlier owner's process still writes lands in its own tree, never in ``dst``.
+    """
+    if not os.path.isdir(src):
+        os.link(src, dst)
+        return
+    os.mkdir(dst)
+    for root, dirs, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        target = dst if rel == "." else os.path.join(dst, rel)
+        for name in dirs:
+            os.mkdir(os.path.join(target, name))
+        for name in files:
+            os.link(os.path.join(root, name), os.path.join(target, name))
+
+
+OPS = {"prepare": prepare, "stat": stat_tree, "rename": rename, "remove": remove, "exists": exists,
+       "link_tree": link_tree}
 
 
 def handle(request: dict) -> dict:

@@ -326,6 +326,9 @@ class SiteScripts:
     def remove(self, remote: str) -> None:
         self._siteops(["remove", remote], path=remote)
 
+    def link_tree(self, src: str, dst: str) -> None:
+        self._siteops(["link_tree", src, dst], path=src)
+
     def exists(self, remote: str) -> bool:
         return self._siteops(["exists", remote], path=remote)[0]
 

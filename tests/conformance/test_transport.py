@@ -524,3 +524,14 @@ def test_transport_abort_from_another_thread_stops_copy(
     assert _dest_size(dst) == settled, "the destination still grows after abort returned"
     with pytest.raises(TransferError):  # aborted until closed
         transport.put(src, str(dst / "run"))
+
+
+def test_transport_link_tree_shares_inodes_not_directories(transport: Transport, tmp_path: Path):
+    """How a new owner resumes from an earlier attempt's bytes without sharing its tree."""
+    old = make_tree(tmp_path / "old")
+    transport.link_tree(str(old), str(tmp_path / "new"))
+    new = tmp_path / "new"
+    assert same_tree(old, new)
+    assert (new / "sub/b c.dat").stat().st_ino == (old / "sub/b c.dat").stat().st_ino
+    (old / "sub/late.dat").write_bytes(b"a late write of the old owner")
+    assert not (new / "sub/late.dat").exists()
