@@ -143,6 +143,7 @@ class CopyJob(ClaimedJob):
         self.dest_path = dataset_path(plan.dest, plan.data_type, plan.dataset, plan.version)
         self.scratch: str | None = None
         self.writing = False  # bytes may be at the scratch path
+        self.adopted: str | None = None  # the previous attempt's scratch we resumed from
 
     # -- claim (in the task's thread) ---------------------------------------------------------
 
@@ -224,6 +225,12 @@ class CopyJob(ClaimedJob):
         dest_ops.rename(self.scratch, self.dest_path)
         self.scratch = None
         self._register(actual)
+        if self.adopted:  # the previous attempt's tree, no longer anybody's
+            try:
+                dest_ops.remove(self.adopted)
+            except (OSError, TransferError) as exc:
+                log.info("%s: old scratch %s left for RetryStalledTransfer: %s",
+                         self.plan.route(), self.adopted, exc)
 
     def refuse_own_source(self) -> None:
         """No copy ever writes into, or removes, its own source."""
@@ -234,7 +241,8 @@ class CopyJob(ClaimedJob):
                                   "the data directories of both sites")
 
     def adopt_previous_scratch(self, dest_ops: Transport) -> None:
-        """Resume from the bytes of the previous attempt (rsync), without sharing them.
+        """Resume from the bytes of the previous attempt (rsync), without sharing them; other
+        methods start afresh, and the old bytes are removed after success.
 
         The previous owner has stopped its own processes (it let its lease expire, and stops
         its work well before that, or it recorded its failure), but a process on the far side
@@ -244,12 +252,15 @@ class CopyJob(ClaimedJob):
         then, which RetryStalledTransfer removes.
         """
         prev = self.claim.previous if self.claim else None
-        if not prev or self.plan.remote.method not in RESUMING_METHODS:
+        if not prev:
             return
         old = prev.get("partial") or (prev.get("lease_token") and
                                       scratch_path(self.dest_path, prev["lease_token"]))
         if not old or old == self.scratch or posixpath.dirname(old) != posixpath.dirname(
                 self.dest_path) or not dest_ops.exists(old):
+            return
+        self.adopted = old  # removed once this attempt succeeded
+        if self.plan.remote.method not in RESUMING_METHODS:
             return
         log.info("%s: resuming from the bytes of the previous attempt", self.plan.route())
         try:

@@ -142,7 +142,7 @@ class OpenSSHTransport(RsyncTransport):
             raise self.fail(what, remote, f"scp timed out after {limit_s:g} s", True)
         if child.returncode != 0:
             error = self._scp_error(what, remote, child.returncode, list(reader.tail))
-            if what == "put":  # the site tells a real cause from a race
+            if what == "put" and not self.aborted:  # the site tells a cause from a race
                 error = self._diagnose_put(remote, error)
             raise error
         if info["size"] > watch.total:
