@@ -28,10 +28,11 @@ list, so callers pass ``sort``/``limit`` as arguments rather than chaining curso
 from __future__ import annotations
 
 import datetime as dt
+from collections import OrderedDict
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,16 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from pymongo.results import DeleteResult, InsertManyResult, InsertOneResult, UpdateResult
 
 from cax.runsdb.storefile import StoreFile, id_key
-from cax.runsdb.storeindex import EVERYTHING
+from cax.runsdb.storeindex import EVERYTHING, Candidates, intersect
 
 log = logging.getLogger(__name__)
 
 CODEC = CodecOptions(tz_aware=True)
 Listener = Callable[[str], None]
 DocumentsListener = Callable[[int], None]
+#: Queries whose non-matches are remembered per client, and from how many non-matches on.
+MEMO_QUERIES = 32
+MEMO_ABOVE = 200
 
 
 class StoreError(PyMongoError):
@@ -86,6 +90,7 @@ class EmbeddedClient:
         except sqlite3.Error as exc:
             raise StoreError(f"embedded runs DB at {self.path}: {exc}") from exc
         self._scratch = mongomock.MongoClient(tz_aware=True)
+        self._memo: OrderedDict[tuple[str, bytes], dict[int, int]] = OrderedDict()
 
     def __getitem__(self, name: str) -> EmbeddedDatabase:
         return EmbeddedDatabase(self, name)
@@ -151,12 +156,38 @@ class EmbeddedCollection:
         if self.client.documents_listener:
             self.client.documents_listener(count)
 
-    def _matching(self, filter: dict) -> list[tuple[int, bytes, dict]]:
-        """(row, body, document) of every document matching ``filter``, in natural order."""
+    def _matching(self, filter: dict, memo: bool = False) -> list[tuple[int, bytes, dict]]:
+        """(row, BSON, document) of every document matching ``filter``, in natural order.
+
+        With ``memo`` (reads), the documents a query did not match are remembered with their
+        generation: the next time the same query runs, only documents written since are
+        decoded and evaluated.  This is what keeps an idle pass cheap for queries the index
+        cannot judge (``$expr``, a missing field).  A query is the same only if its bytes are
+        (a condition on the current time makes each pass's query new).
+        """
         found = self.file.candidates(self.coll, filter)
         naive = mongomock.helpers.patch_datetime_awareness_in_document(filter)
-        return [(row, body, doc) for row, body, doc in self.file.load(self.coll, found)
-                if mongomock.filtering.filter_applies(naive, doc)]
+        key = (self.coll, bson.encode({"q": filter})) if memo else None
+        known = self.client._memo.get(key) if key else None
+        if known:
+            seqs = self.file.seqs(self.coll, found)
+            unchanged = {row for row, seq in seqs.items() if known.get(row) == seq}
+            found = intersect(found, Candidates(frozenset(unchanged), True))
+            misses = {row: known[row] for row in unchanged}
+        else:
+            misses = {}
+        matched = []
+        for row, seq, body, doc in self.file.load(self.coll, found):
+            if mongomock.filtering.filter_applies(naive, doc):
+                matched.append((row, body, doc))
+            else:
+                misses[row] = seq
+        if key and len(misses) >= MEMO_ABOVE and b"$$NOW" not in key[1]:
+            self.client._memo[key] = misses
+            self.client._memo.move_to_end(key)
+            while len(self.client._memo) > MEMO_QUERIES:
+                self.client._memo.popitem(last=False)
+        return matched
 
     def _scratch(self, docs: list[dict]) -> Any:
         """A mongomock collection holding just ``docs`` (not copied), for evaluation."""
@@ -186,7 +217,7 @@ class EmbeddedCollection:
              limit: int = 0, skip: int = 0) -> list[dict]:
         filter = _bson_roundtrip(filter or {})
         with self._op("find", write=False):
-            scratch = self._scratch([doc for _, _, doc in self._matching(filter)])
+            scratch = self._scratch([doc for _, _, doc in self._matching(filter, memo=True)])
             cursor = scratch.find({}, projection)
             if sort:
                 cursor = cursor.sort(sort)
@@ -206,7 +237,7 @@ class EmbeddedCollection:
     def count_documents(self, filter: dict) -> int:
         filter = _bson_roundtrip(filter)
         with self._op("aggregate", write=False):
-            return len(self._matching(filter))
+            return len(self._matching(filter, memo=True))
 
     def distinct(self, key: str, filter: dict | None = None) -> list:
         filter = _bson_roundtrip(filter or {})
@@ -226,20 +257,23 @@ class EmbeddedCollection:
 
     def insert_one(self, document: dict) -> InsertOneResult:
         document.setdefault("_id", ObjectId())
-        doc = _bson_roundtrip(document)
-        with self._op("insert", write=True):
-            self.file.put_many(self.coll, [doc], seq=self.file.next_seq())
-        return InsertOneResult(doc["_id"], True)
+        with self._op("insert", write=True):  # stored as BSON: the round trip of its values
+            self.file.put_many(self.coll, [document], seq=self.file.next_seq())
+        return InsertOneResult(document["_id"], True)
 
-    def insert_many(self, documents: list[dict]) -> InsertManyResult:
-        """Insert all in one transaction: 100,000 runs take seconds, not hours."""
-        documents = list(documents)
-        for document in documents:
-            document.setdefault("_id", ObjectId())
+    def insert_many(self, documents: Iterable[dict]) -> InsertManyResult:
+        """Insert all in one transaction, streaming: 100,000 runs take seconds, not hours."""
+        ids: list[Any] = []
+
+        def prepared() -> Iterator[dict]:
+            for document in documents:
+                document.setdefault("_id", ObjectId())
+                ids.append(document["_id"])
+                yield document  # stored as BSON: the round trip of its values
+
         with self._op("insert", write=True):
-            self.file.put_many(self.coll, (_bson_roundtrip(d) for d in documents),
-                               seq=self.file.next_seq())
-        return InsertManyResult([d["_id"] for d in documents], True)
+            self.file.put_many(self.coll, prepared(), seq=self.file.next_seq())
+        return InsertManyResult(ids, True)
 
     def _update(self, command: str, method: str, filter: dict, update: dict, many: bool,
                 **kwargs: Any) -> Any:
@@ -312,7 +346,7 @@ class EmbeddedCollection:
     def drop(self) -> None:
         with self._op("drop", write=True):
             self.file.next_seq()
-            self.file.delete(row for row, _, _ in self.file.load(self.coll, EVERYTHING))
+            self.file.delete(row for row, _, _, _ in self.file.load(self.coll, EVERYTHING))
 
 
 def _project(doc: dict, projection: Any) -> dict:

@@ -78,7 +78,7 @@ class Candidates:
 EVERYTHING = Candidates(frozenset(), True)
 
 
-def _and(a: Candidates, b: Candidates) -> Candidates:
+def intersect(a: Candidates, b: Candidates) -> Candidates:
     if not a.complement and not b.complement:
         return Candidates(a.rows & b.rows, False)
     if a.complement and b.complement:
@@ -87,7 +87,7 @@ def _and(a: Candidates, b: Candidates) -> Candidates:
     return Candidates(pos.rows - neg.rows, False)
 
 
-def _or(a: Candidates, b: Candidates) -> Candidates:
+def union(a: Candidates, b: Candidates) -> Candidates:
     if not a.complement and not b.complement:
         return Candidates(a.rows | b.rows, False)
     if a.complement and b.complement:
@@ -135,13 +135,13 @@ class Planner:
     def plan(self, query: dict[str, Any]) -> Candidates:
         result = EVERYTHING
         for key, condition in query.items():
-            result = _and(result, self._field(key, condition))
+            result = intersect(result, self._field(key, condition))
         return result
 
     def _field(self, key: str, condition: Any) -> Candidates:
         if key in ("$and", "$or") and isinstance(condition, list) and condition:
             parts = [self.plan(q) if isinstance(q, dict) else EVERYTHING for q in condition]
-            combine = _and if key == "$and" else _or
+            combine = intersect if key == "$and" else union
             result = parts[0]
             for part in parts[1:]:
                 result = combine(result, part)
@@ -166,12 +166,12 @@ class Planner:
             if op == "$elemMatch" and isinstance(arg, dict):
                 columns, _ = self._entry_columns(arg)
                 if columns:
-                    result = _and(result, self._rows("entry", columns))
+                    result = intersect(result, self._rows("entry", columns))
             elif op == "$not" and isinstance(arg, dict) and set(arg) == {"$elemMatch"} \
                     and isinstance(arg["$elemMatch"], dict):
                 columns, exact = self._entry_columns(arg["$elemMatch"])
                 if columns and exact:
-                    result = _and(result, Candidates(self._rows("entry", columns).rows, True))
+                    result = intersect(result, Candidates(self._rows("entry", columns).rows, True))
         return result
 
     @staticmethod
