@@ -83,24 +83,29 @@ def measure(uri: str, config: Path, count: int) -> dict:
     db = open_runsdb(uri)
     numbers = [count * i // OPS for i in range(OPS)]
     ids = [db.find_runs({"number": n}, projection={"_id": 1})[0]["_id"] for n in numbers]
-    key, now = EntryKey("tape", "raw"), dt.datetime.now(dt.timezone.utc)
+    key = EntryKey("tape", "raw")
     files = {f"file{i:03d}.zip": (1000, f"{i:08x}") for i in range(FILES_PER_RUN)}
     timings: dict[str, float] = {}
+    claims: dict = {}
 
     def timed(name: str, fn) -> None:
         start = time.perf_counter()
         for run_id in ids:
-            assert fn(run_id) is not False, name
+            assert fn(run_id), name
         timings[name] = (time.perf_counter() - start) / len(ids) * 1000
 
-    timed("claim", lambda run_id: db.add_entry(run_id, {"host": "tape", "type": "raw",
-                                                        "status": TRANSFERRING})
-          and db.claim_entry(run_id, key, statuses=[TRANSFERRING], owner="bench", now=now,
-                             lease_s=600) is not None)
-    timed("renew", lambda run_id: db.renew_lease(run_id, key, "bench", now, 600))
-    timed("register", lambda run_id: (db.save_manifest(run_id, key, files, "adler32:x", now),
-                                      db.update_entry(run_id, key, {"status": "transferred"},
-                                                      owner="bench", release=True))[1])
+    def claim(run_id) -> bool:
+        claims[run_id] = db.claim(run_id, key, owner="bench", lease_s=600,
+                                  new_entry={"status": TRANSFERRING})
+        return claims[run_id] is not None
+
+    def register(run_id) -> bool:
+        db.save_manifest(run_id, key, files, "adler32:x", db.now())
+        return db.register_verified(claims[run_id], {"checksum": "adler32:x"})
+
+    timed("claim", claim)
+    timed("renew", lambda run_id: db.renew(claims[run_id], 600))
+    timed("register", register)
     timed("query", lambda run_id: len(db.find_runs({"number": numbers[0]})) == 1)
     cfg = load_config(config, "lab")
     ctx = Context(config=cfg, runsdb=db, owner=make_owner("lab"),

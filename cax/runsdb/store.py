@@ -107,6 +107,8 @@ class EmbeddedClient:
     def server_time(self) -> dt.datetime:
         """The store's clock: the kernel time of the machine holding it (aware, UTC)."""
         self.file.check_present()
+        if self.read_only:  # writes nothing: a dry run's times are only logged
+            return dt.datetime.now(dt.timezone.utc)
         return self.file.server_time()
 
     def generation(self) -> int:

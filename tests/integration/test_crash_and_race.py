@@ -106,7 +106,7 @@ def test_idle_pass_round_trips_do_not_grow_with_runs(two_sites, runsdb):
         """A copy as cax leaves it: verified, sized, compared with the reference."""
         checksum = f"adler32:{number:08x}"
         entry = {"host": host, "type": "raw", "status": TRANSFERRED, "location": f"/{host}",
-                 "checksum": checksum, "size": 10, "file_count": 1, "verified_time": utcnow()}
+                 "checksum": checksum, "size": 10, "file_count": 1, "verified_time": runsdb.now()}
         if host == "lab":
             entry["compared_checksum"] = compare_token(checksum, checksum)
         return entry

@@ -69,12 +69,14 @@ def test_failed_write_leaves_memory_equal_to_disk(store, tmp_path, monkeypatch):
 
     monkeypatch.setattr(storefile.StoreFile, "replace", full_disk)
     with pytest.raises(RunsDBError):
-        db.update_entry(run_id, RAW_AT_B, {"status": TRANSFERRED})
+        db.set_run_fields(run_id, {"tags": ["failed"]})
     monkeypatch.undo()
     assert db.find_run(run_id) == before  # this client's view
     assert open_runsdb(store).find_run(run_id) == before  # the file
-    assert db.update_entry(run_id, RAW_AT_B, {"size": 1})  # the next write carries only itself
-    assert find_entry(open_runsdb(store).find_run(run_id), RAW_AT_B)["status"] == "transferring"
+    assert db.set_run_fields(run_id, {"end": before["start"]})  # the next write: only itself
+    after = open_runsdb(store).find_run(run_id)
+    assert after["tags"] == [] and after["end"] == before["start"]
+    assert find_entry(after, RAW_AT_B)["status"] == "transferring"
     assert not [n for n in _files(tmp_path / "runsdb") if n.endswith(".tmp")]
 
 
@@ -102,7 +104,7 @@ def test_full_disk_leaves_memory_equal_to_disk(tmp_path):
             os.close(fd)
         with pytest.raises(RunsDBError):
             for i in range(200):  # the WAL may absorb a few writes before it needs a page
-                db.update_entry(run_id, RAW_AT_B, {f"field{i}": "y" * 2000})
+                db.set_run_fields(run_id, {f"field{i}": "y" * 2000})
         (mount / "filler").unlink()
         now = db.find_run(run_id)
         assert now == open_runsdb(uri).find_run(run_id)
