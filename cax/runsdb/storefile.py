@@ -272,17 +272,35 @@ class StoreFile:
 
     def put_many(self, coll: str, docs: Iterable[dict[str, Any]], *, seq: int,
                  conn: sqlite3.Connection | None = None) -> None:
-        """Insert new documents (sqlite3.IntegrityError if an ``_id`` exists)."""
+        """Insert new documents in batches (sqlite3.IntegrityError if an ``_id`` exists).
+
+        Row ids are assigned here, above any ever used (AUTOINCREMENT never reuses one), so
+        documents and their index rows go in with one ``executemany`` per batch.
+        """
         conn = conn or self.conn
+        last = conn.execute("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'docs'),"
+                            " 0), COALESCE((SELECT max(row) FROM docs), 0)").fetchone()
+        row = max(last)
+        batch: list[tuple] = []
+        entries: list[tuple] = []
         for doc in docs:
+            row += 1
             values = index_values(doc)
             packed, body = encode_body(doc)
-            row = conn.execute(
-                "INSERT INTO docs (coll, key, seq, number, name, irregular, packed, body) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING row",
-                (coll, id_key(doc["_id"]), seq, values.number, values.name,
-                 int(values.irregular), packed, body)).fetchone()[0]
-            self._put_entries(conn, coll, row, values.entries)
+            batch.append((row, coll, id_key(doc["_id"]), seq, values.number, values.name,
+                          int(values.irregular), packed, body))
+            entries.extend((row, coll, *entry) for entry in values.entries)
+            if len(batch) >= 1000:
+                self._insert(conn, batch, entries)
+        self._insert(conn, batch, entries)
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, batch: list[tuple], entries: list[tuple]) -> None:
+        conn.executemany("INSERT INTO docs (row, coll, key, seq, number, name, irregular, packed, "
+                         "body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
+        conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)", entries)
+        batch.clear()
+        entries.clear()
 
     def replace(self, coll: str, row: int, doc: dict[str, Any], *, seq: int) -> None:
         values = index_values(doc)
