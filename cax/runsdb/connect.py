@@ -93,7 +93,7 @@ def open_runsdb(uri: str | None, db_name: str = "run", runs_collection: str = "r
     try:
         client = EmbeddedClient(path, read_only=read_only)
         client.admin_ping()
-    except OSError as exc:
+    except (OSError, PyMongoError) as exc:  # PyMongoError: the store's file is unusable
         raise RunsDBError(f"embedded runs DB at {path}: {exc}") from exc
     runsdb = RunsDB(client[db_name], runs_collection, read_only=read_only,
                     server_time=client.server_time)

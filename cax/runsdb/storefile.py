@@ -1,4 +1,5 @@
-"""The embedded store's file: one SQLite database, one row per document, a transaction per operation.
+"""The embedded store's file: one SQLite database, one row per document, one transaction per
+operation.
 
 Why SQLite: a write costs one row (and its few index rows), not the collection; WAL lets
 readers go on while a writer commits; ``BEGIN IMMEDIATE`` serialises writers between threads

@@ -157,6 +157,14 @@ def test_vanished_store_directory_is_an_outage_not_an_empty_db(store, tmp_path):
         open_runsdb(store, read_only=True)
 
 
+def test_corrupt_store_file_is_a_runs_db_error(tmp_path):
+    directory = tmp_path / "runsdb"
+    directory.mkdir()
+    (directory / "runsdb.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(RunsDBError):
+        open_runsdb(f"file:{directory}")
+
+
 def test_store_generation_counts_writes(store):
     db = open_runsdb(store)
     first = db.client.generation()
