@@ -195,3 +195,14 @@ def test_server_time_is_the_kernel_clock_even_under_faketime(tmp_path):
 
 
 pytestmark = pytest.mark.skipif(bool(REAL_MONGODB), reason="embedded store only")
+
+
+def test_documents_returned_counts_what_replies_carry(store):
+    """The idle-pass test asserts zero documents returned; this shows the counter counts."""
+    db = open_runsdb(store)
+    db.insert_runs([make_run(n) for n in range(3)])
+    before = db.documents_returned
+    assert len(db.find_runs({})) == 3
+    assert db.count_runs({}) == 3  # a count returns no run document
+    assert db.find_runs({"number": 99}) == []
+    assert db.documents_returned - before == 3
