@@ -206,3 +206,25 @@ def test_documents_returned_counts_what_replies_carry(store):
     assert db.count_runs({}) == 3  # a count returns no run document
     assert db.find_runs({"number": 99}) == []
     assert db.documents_returned - before == 3
+
+
+def test_server_round_trip_counter_counts_batches_not_counts():
+    """On a MongoDB server the documents are counted from the replies' batches."""
+    from types import SimpleNamespace as Event
+
+    from cax.runsdb.connect import _RoundTripCounter
+    from cax.runsdb.runs import RunsDB
+
+    runsdb = RunsDB(mongomock.MongoClient()["run"])
+    counter = _RoundTripCounter()
+    counter.runsdb = runsdb
+    replies = [("find", {"filter": {}}, {"cursor": {"firstBatch": [{}, {}]}}),
+               ("getMore", {}, {"cursor": {"nextBatch": [{}]}}),
+               ("aggregate", {"pipeline": [{"$match": {}}, {"$group": {"_id": 1}}]},
+                {"cursor": {"firstBatch": [{"n": 5}]}}),
+               ("findAndModify", {}, {"value": {"_id": 1}}),
+               ("findAndModify", {}, {"value": None})]
+    for request_id, (name, command, reply) in enumerate(replies):
+        counter.started(Event(command_name=name, command=command, request_id=request_id))
+        counter.succeeded(Event(command_name=name, reply=reply, request_id=request_id))
+    assert (runsdb.round_trips, runsdb.documents_returned) == (5, 4)
