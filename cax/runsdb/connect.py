@@ -23,20 +23,37 @@ SERVER_TIMEOUT_MS = 10_000
 
 
 class _RoundTripCounter(monitoring.CommandListener):
-    """Counts every command pymongo sends, getMore included: the real round-trip count."""
+    """Counts every command pymongo sends, getMore included: the real round-trip count, and
+    the documents the replies carry (a count's one-document reply is not a document fetched)."""
 
     def __init__(self) -> None:
         self.runsdb: RunsDB | None = None
+        self._counts: set[int] = set()
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if self.runsdb:
             self.runsdb.count_round_trip(event.command_name)
+            pipeline = event.command.get("pipeline") if event.command_name == "aggregate" \
+                else None
+            if pipeline and "$group" in pipeline[-1]:
+                self._counts.add(event.request_id)
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
+        if self.runsdb is None:
+            return
+        if event.request_id in self._counts:
+            self._counts.discard(event.request_id)
+            return
+        reply = event.reply or {}
+        cursor = reply.get("cursor") or {}
+        batch = cursor.get("firstBatch", cursor.get("nextBatch"))
+        if batch is not None:
+            self.runsdb.count_documents_returned(len(batch))
+        elif event.command_name.lower() == "findandmodify" and reply.get("value") is not None:
+            self.runsdb.count_documents_returned(1)
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
+        self._counts.discard(event.request_id)
 
 
 def redact(uri: str) -> str:
@@ -76,11 +93,12 @@ def open_runsdb(uri: str | None, db_name: str = "run", runs_collection: str = "r
     try:
         client = EmbeddedClient(path, read_only=read_only)
         client.admin_ping()
-    except OSError as exc:
+    except (OSError, PyMongoError) as exc:  # PyMongoError: the store's file is unusable
         raise RunsDBError(f"embedded runs DB at {path}: {exc}") from exc
     runsdb = RunsDB(client[db_name], runs_collection, read_only=read_only,
                     server_time=client.server_time)
     client.listener = runsdb.count_round_trip
+    client.documents_listener = runsdb.count_documents_returned
     runsdb.client = client
     runsdb.ensure_indexes()
     log.debug("runs DB: embedded store at %s", path.resolve())

@@ -133,6 +133,7 @@ class RunsDB:
         self.manifests = db[MANIFESTS_COLLECTION]
         self.read_only = read_only
         self.round_trips = 0
+        self.documents_returned = 0
         self.client: Any = None
         self.clock = DBClock(server_time)
 
@@ -148,6 +149,10 @@ class RunsDB:
     def count_round_trip(self, command: str) -> None:
         """Listener for the client: called once per command sent to the server."""
         self.round_trips += 1
+
+    def count_documents_returned(self, count: int) -> None:
+        """Listener for the client: documents in each reply (an idle pass should get none)."""
+        self.documents_returned += count
 
     def _skip(self, what: str, *details: Any) -> bool:
         if self.read_only:

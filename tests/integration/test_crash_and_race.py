@@ -96,23 +96,33 @@ def test_two_daemons_of_one_site_racing_copy_each_run_once(ssh_sites, runsdb, tm
 
 
 def test_idle_pass_round_trips_do_not_grow_with_runs(two_sites, runsdb):
-    """An idle pass costs a fixed number of runs-DB round trips, whatever the number of runs."""
+    """An idle pass costs a fixed number of runs-DB round trips, whatever the number of runs,
+    and fetches no run document: every task's query excludes the runs already done for it."""
+    from cax.tasks import TASKS
+    from cax.tasks.checksum import compare_token
     from tests.conftest import make_run
 
-    def idle_pass_cost(count: int, first: int) -> int:
-        runsdb.insert_runs([make_run(first + i, data=[
-            {"host": "daq", "type": "raw", "status": TRANSFERRED, "location": "/x"},
-            {"host": "lab", "type": "raw", "status": TRANSFERRED, "location": "/y"}])
-            for i in range(count)])
-        from cax.tasks import TASKS
+    def done(host: str, number: int) -> dict:
+        """A copy as cax leaves it: verified, sized, compared with the reference."""
+        checksum = f"adler32:{number:08x}"
+        entry = {"host": host, "type": "raw", "status": TRANSFERRED, "location": f"/{host}",
+                 "checksum": checksum, "size": 10, "file_count": 1, "verified_time": runsdb.now()}
+        if host == "lab":
+            entry["compared_checksum"] = compare_token(checksum, checksum)
+        return entry
 
+    def idle_pass_cost(count: int, first: int) -> tuple[int, int]:
+        runsdb.insert_runs([make_run(first + i, raw_size_byte=10, data=[
+            done("daq", first + i), done("lab", first + i)]) for i in range(count)])
         ctx = make_context(two_sites, "lab", runsdb, once=True)
-        before = runsdb.round_trips
+        trips, docs = runsdb.round_trips, runsdb.documents_returned
         Daemon(ctx, list(TASKS)).run_pass(wait_background=True)
-        return runsdb.round_trips - before
+        return runsdb.round_trips - trips, runsdb.documents_returned - docs
 
-    small = idle_pass_cost(100, 0)
-    large = idle_pass_cost(9_900, 100)  # 10,000 runs in all
-    print(f"idle pass round trips: {small} at 100 runs, {large} at 10,000 runs")
+    (small, small_docs) = idle_pass_cost(100, 0)
+    (large, large_docs) = idle_pass_cost(9_900, 100)  # 10,000 runs in all
+    print(f"idle pass round trips: {small} at 100 runs, {large} at 10,000 runs; "
+          f"documents returned: {small_docs}, {large_docs}")
     assert large == small
+    assert (small_docs, large_docs) == (0, 0)
     assert large <= 25

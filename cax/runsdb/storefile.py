@@ -1,0 +1,343 @@
+"""The embedded store's file: one SQLite database, one row per document, one transaction per
+operation.
+
+Why SQLite: a write costs one row (and its few index rows), not the collection; WAL lets
+readers go on while a writer commits; ``BEGIN IMMEDIATE`` serialises writers between threads
+and processes; ``synchronous=FULL`` fsyncs the WAL at every commit, so an acknowledged write
+survives a power cut (NORMAL would only guarantee consistency, not durability, in WAL mode).
+
+Every row carries ``seq``, the store's generation at its last write (``meta.seq`` is bumped
+once per writing transaction): change detection is by this counter, never by file stat.
+Nothing is cached between operations, so there is nothing in memory that could differ from
+the file after a failed write: a failed operation is a rolled-back transaction.
+
+Bodies are BSON; bodies larger than ``PACK_ABOVE`` bytes (file manifests) are stored
+zlib-compressed.  A store made by an older cax (``<db>.<collection>.bson`` files) is migrated
+in one transaction on first open for writing; the old files are kept, renamed ``.migrated``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sqlite3
+import threading
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import bson
+from bson.codec_options import CodecOptions
+
+from cax.runsdb.storeindex import EVERYTHING, Candidates, Planner, index_values, sql_conditions
+
+log = logging.getLogger(__name__)
+
+#: Documents are decoded with naive UTC datetimes: the form mongomock evaluates on.
+CODEC = CodecOptions()
+FILE_NAME = "runsdb.sqlite"
+CLOCK_NAME = "clock"
+FORMAT = 1
+PACK_ABOVE = 2048
+BUSY_TIMEOUT_S = 60.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS docs (
+    row INTEGER PRIMARY KEY AUTOINCREMENT,
+    coll TEXT NOT NULL, key BLOB NOT NULL, seq INTEGER NOT NULL,
+    number, name, irregular INTEGER NOT NULL DEFAULT 0,
+    packed INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS docs_key ON docs (coll, key);
+CREATE INDEX IF NOT EXISTS docs_seq ON docs (seq);
+CREATE INDEX IF NOT EXISTS docs_number ON docs (coll, number);
+CREATE INDEX IF NOT EXISTS docs_name ON docs (coll, name);
+CREATE INDEX IF NOT EXISTS docs_irregular ON docs (coll, irregular);
+CREATE TABLE IF NOT EXISTS entries (
+    doc INTEGER NOT NULL, coll TEXT NOT NULL, host, type, status, version);
+CREATE INDEX IF NOT EXISTS entries_doc ON entries (doc);
+CREATE INDEX IF NOT EXISTS entries_hts ON entries (coll, host, type, status);
+CREATE INDEX IF NOT EXISTS entries_sh ON entries (coll, status, host);
+"""
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables inside the caller's transaction (``executescript`` would commit)."""
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def id_key(value: Any) -> bytes:
+    """The stored key of an ``_id``: its BSON encoding, so ObjectId("..") and ".." differ."""
+    return bson.encode({"": value})
+
+
+def encode_body(doc: dict[str, Any]) -> tuple[int, bytes]:
+    raw = bson.encode(doc)
+    if len(raw) > PACK_ABOVE:
+        return 1, zlib.compress(raw, 1)
+    return 0, raw
+
+
+def unpack(packed: int, body: bytes) -> bytes:
+    return zlib.decompress(body) if packed else body
+
+
+class StoreFile:
+    """The SQLite file of one embedded store, shared by the threads of one client."""
+
+    def __init__(self, directory: Path, read_only: bool):
+        self.directory = directory
+        self.path = directory / FILE_NAME
+        self.read_only = read_only
+        self.lock = threading.RLock()
+        if read_only:
+            if not directory.is_dir():
+                raise FileNotFoundError(f"no runs DB at {directory}")
+            self.conn = self._open_read_only()
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.conn = self._connect(str(self.path), uri=False)
+            self._set_up()
+        self.identity = self._identity()
+
+    # -- opening ------------------------------------------------------------------------
+
+    @staticmethod
+    def _connect(target: str, uri: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(target, uri=uri, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        return conn
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """Open without creating anything; a store not yet migrated is read into memory."""
+        if self.path.exists():
+            conn = self._connect(f"file:{self.path}?mode=ro", uri=True)
+            conn.execute("PRAGMA query_only = 1")
+            return conn
+        conn = self._connect(":memory:", uri=False)
+        with self.transaction(conn, write=True):
+            _create_schema(conn)
+            self._migrate(conn)
+        return conn
+
+    def _set_up(self) -> None:
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = FULL")
+        with self.transaction(write=True):
+            _create_schema(self.conn)
+            found = self.conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
+            if found is None:
+                migrated = self._migrate(self.conn)
+                self.conn.execute("INSERT INTO meta VALUES ('format', ?), ('seq', 0)", (FORMAT,))
+            else:
+                migrated = []
+        for old in migrated:  # after the commit: the old files are a backup now
+            try:
+                old.rename(old.with_name(old.name + ".migrated"))
+            except FileNotFoundError:
+                pass
+
+    def _migrate(self, conn: sqlite3.Connection) -> list[Path]:
+        """Copy the collections of an older cax's BSON files into ``conn``; return the files."""
+        files = sorted(self.directory.glob("*.*.bson"))
+        for file in files:
+            db, _, coll = file.name[:-len(".bson")].partition(".")
+            docs = bson.decode_all(file.read_bytes(), CODEC)
+            self.put_many(f"{db}.{coll}", docs, seq=0, conn=conn)
+            log.info("runs DB: migrated %d document(s) of %s.%s from %s", len(docs), db, coll,
+                     file)
+        return files
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self.read_only:
+                return None
+            raise
+        return (st.st_dev, st.st_ino)
+
+    def check_present(self) -> None:
+        """Raise OSError if the store's file vanished or was replaced since it was opened.
+
+        SQLite keeps working on an open file that was deleted or whose disk was unmounted
+        lazily; without this check such a store would read as empty or lose its writes.
+        """
+        if self.identity is None:  # read-only, not yet migrated: read into memory at open
+            if not self.directory.is_dir():
+                raise FileNotFoundError(f"embedded runs DB {self.directory} has vanished")
+            return
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"embedded runs DB unavailable: {exc.strerror}",
+                            str(self.path)) from None
+        if (st.st_dev, st.st_ino) != self.identity:
+            raise FileNotFoundError(f"embedded runs DB {self.path} was replaced while open")
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self, conn: sqlite3.Connection | None = None,
+                    write: bool = False) -> Iterator[sqlite3.Connection]:
+        """One operation: BEGIN IMMEDIATE for a write (writers queue on the busy timeout),
+        a plain BEGIN for a read (a consistent snapshot); rolled back on any exception."""
+        conn = conn or self.conn
+        with self.lock:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def next_seq(self) -> int:
+        """Bump the store's generation; call once inside each writing transaction."""
+        row = self.conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'seq' "
+                                "RETURNING value").fetchone()
+        return int(row[0])
+
+    def generation(self) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE name = 'seq'").fetchone()
+        return int(row[0]) if row else 0
+
+    # -- rows -----------------------------------------------------------------------------
+
+    def candidates(self, coll: str, query: dict[str, Any]) -> Candidates:
+        def lookup(table: str, columns: dict[str, list[Any]]) -> list[int]:
+            if table == "doc":
+                if "_id" in columns:
+                    columns = {"key": [id_key(v) for v in columns["_id"]]}
+                where, params = sql_conditions(columns)
+                sql = f"SELECT row FROM docs WHERE coll = ? AND {where}"
+            else:
+                where, params = sql_conditions(columns)
+                sql = f"SELECT doc FROM entries WHERE coll = ? AND {where}"
+            return [r for (r,) in self.conn.execute(sql, [coll, *params])]
+
+        found = Planner(lookup).plan(query)
+        if found.everything:
+            return EVERYTHING
+        irregular = {r for (r,) in self.conn.execute(
+            "SELECT row FROM docs WHERE coll = ? AND irregular = 1", (coll,))}
+        if found.complement:
+            return Candidates(found.rows - irregular, True)
+        return Candidates(found.rows | irregular, False)
+
+    def load(self, coll: str, found: Candidates) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+        """Yield (row, seq, BSON, document) of the candidates, in insertion order."""
+        if not found.complement:
+            if not found.rows:
+                return
+            rows = sorted(found.rows)
+            for start in range(0, len(rows), 500):
+                chunk = rows[start:start + 500]
+                cursor = self.conn.execute(
+                    f"SELECT row, seq, packed, body FROM docs WHERE row IN "
+                    f"({', '.join('?' * len(chunk))}) ORDER BY row", chunk)
+                for row, seq, packed, body in cursor:
+                    raw = unpack(packed, body)
+                    yield row, seq, raw, bson.decode(raw, codec_options=CODEC)
+            return
+        cursor = self.conn.execute(
+            "SELECT row, seq, packed, body FROM docs WHERE coll = ? ORDER BY row", (coll,))
+        for row, seq, packed, body in cursor:
+            if row not in found.rows:
+                raw = unpack(packed, body)
+                yield row, seq, raw, bson.decode(raw, codec_options=CODEC)
+
+    def seqs(self, coll: str, found: Candidates) -> dict[int, int]:
+        """The generation of each candidate's last write, without reading any body."""
+        if found.complement or len(found.rows) > 5000:
+            every = dict(self.conn.execute("SELECT row, seq FROM docs WHERE coll = ?", (coll,)))
+            if found.complement:
+                return {r: s for r, s in every.items() if r not in found.rows}
+            return {r: every[r] for r in found.rows if r in every}
+        rows, result = sorted(found.rows), {}
+        for start in range(0, len(rows), 500):
+            chunk = rows[start:start + 500]
+            result.update(self.conn.execute(
+                f"SELECT row, seq FROM docs WHERE row IN ({', '.join('?' * len(chunk))})", chunk))
+        return result
+
+    def put_many(self, coll: str, docs: Iterable[dict[str, Any]], *, seq: int,
+                 conn: sqlite3.Connection | None = None) -> None:
+        """Insert new documents in batches (sqlite3.IntegrityError if an ``_id`` exists).
+
+        Row ids are assigned here, above any ever used (AUTOINCREMENT never reuses one), so
+        documents and their index rows go in with one ``executemany`` per batch.
+        """
+        conn = conn or self.conn
+        last = conn.execute("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'docs'),"
+                            " 0), COALESCE((SELECT max(row) FROM docs), 0)").fetchone()
+        row = max(last)
+        batch: list[tuple] = []
+        entries: list[tuple] = []
+        for doc in docs:
+            row += 1
+            values = index_values(doc)
+            packed, body = encode_body(doc)
+            batch.append((row, coll, id_key(doc["_id"]), seq, values.number, values.name,
+                          int(values.irregular), packed, body))
+            entries.extend((row, coll, *entry) for entry in values.entries)
+            if len(batch) >= 1000:
+                self._insert(conn, batch, entries)
+        self._insert(conn, batch, entries)
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, batch: list[tuple], entries: list[tuple]) -> None:
+        conn.executemany("INSERT INTO docs (row, coll, key, seq, number, name, irregular, packed, "
+                         "body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
+        conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)", entries)
+        batch.clear()
+        entries.clear()
+
+    def replace(self, coll: str, row: int, doc: dict[str, Any], *, seq: int) -> None:
+        values = index_values(doc)
+        packed, body = encode_body(doc)
+        self.conn.execute(
+            "UPDATE docs SET key = ?, seq = ?, number = ?, name = ?, irregular = ?, packed = ?, "
+            "body = ? WHERE row = ?", (id_key(doc["_id"]), seq, values.number, values.name,
+                                       int(values.irregular), packed, body, row))
+        self.conn.execute("DELETE FROM entries WHERE doc = ?", (row,))
+        self._put_entries(self.conn, coll, row, values.entries)
+
+    def delete(self, rows: Iterable[int]) -> None:
+        for row in rows:
+            self.conn.execute("DELETE FROM docs WHERE row = ?", (row,))
+            self.conn.execute("DELETE FROM entries WHERE doc = ?", (row,))
+
+    @staticmethod
+    def _put_entries(conn: sqlite3.Connection, coll: str, row: int,
+                     entries: list[tuple[Any, Any, Any, Any]]) -> None:
+        if entries:
+            conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
+                             [(row, coll, *entry) for entry in entries])
+
+    # -- the clock ------------------------------------------------------------------------
+
+    def server_time(self) -> dt.datetime:
+        """The kernel time of the machine holding the store: the mtime of a byte just written.
+
+        Not ``time.time()``: that is the local process's clock (and a faked one under
+        libfaketime); the file system stamps the write with the kernel's clock of the machine
+        that holds the file (the file server's, for a network file system).
+        """
+        fd = os.open(self.directory / CLOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"\n")
+            mtime_ns = os.fstat(fd).st_mtime_ns
+        finally:
+            os.close(fd)
+        return dt.datetime.fromtimestamp(mtime_ns / 1e9, tz=dt.timezone.utc)

@@ -1,0 +1,201 @@
+"""The embedded store's index: which documents a query may match, found without decoding any.
+
+The store evaluates every query with mongomock, so that each stays valid MongoDB; this module
+only narrows the documents it is evaluated on.  Each document gets a few index values (its
+``number`` and ``name``, and one row per ``data[]`` entry with host, type, status and
+processor version), and a query is turned into a set of candidate documents that is always a
+*superset* of its matches: a condition the index cannot judge selects everything, so a
+wrong answer is impossible, only a slower one.
+
+Negative conditions matter as much as positive ones: a copy task asks for runs that have a
+copy at the peer but *no* entry here, and in steady state every run has both.  ``$not
+$elemMatch`` whose conditions the index holds exactly is answered as a complement, so such a
+pass decodes no document at all.
+
+Documents whose indexed fields are not plain values (an array for ``number``, an entry that
+is not an object, a host that is a list) are marked irregular: they are candidates for every
+query and never counted as certain matches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+#: Entry fields held by the index, and their column names.
+ENTRY_COLUMNS = {"host": "host", "type": "type", "status": "status", "pax_version": "version"}
+#: Top-level fields held by the index (columns of the document table).
+DOC_COLUMNS = ("number", "name")
+
+Scalar = (str, int, float)
+
+
+@dataclass
+class IndexValues:
+    """What the index holds for one document."""
+
+    number: Any
+    name: Any
+    entries: list[tuple[Any, Any, Any, Any]]
+    irregular: bool
+
+
+def _plain(value: Any) -> bool:
+    return value is None or (isinstance(value, Scalar) and not isinstance(value, bool))
+
+
+def index_values(doc: dict[str, Any]) -> IndexValues:
+    """Return the index values of ``doc``; irregular if any field is not a plain value."""
+    number, name, data = doc.get("number"), doc.get("name"), doc.get("data")
+    irregular = not (_plain(number) and _plain(name))
+    entries: list[tuple[Any, Any, Any, Any]] = []
+    if data is not None and not isinstance(data, list):
+        irregular = True
+    for entry in data or ():
+        if not isinstance(entry, dict):
+            irregular = True
+            continue
+        values = tuple(entry.get(field) for field in ENTRY_COLUMNS)
+        if not all(_plain(v) for v in values):
+            irregular = True
+        entries.append(values)  # type: ignore[arg-type]
+    return IndexValues(number, name, [] if irregular else entries, irregular)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A set of document row ids, or (``complement``) every document except those."""
+
+    rows: frozenset[int]
+    complement: bool
+
+    @property
+    def everything(self) -> bool:
+        return self.complement and not self.rows
+
+
+EVERYTHING = Candidates(frozenset(), True)
+
+
+def intersect(a: Candidates, b: Candidates) -> Candidates:
+    if not a.complement and not b.complement:
+        return Candidates(a.rows & b.rows, False)
+    if a.complement and b.complement:
+        return Candidates(a.rows | b.rows, True)
+    pos, neg = (a, b) if not a.complement else (b, a)
+    return Candidates(pos.rows - neg.rows, False)
+
+
+def union(a: Candidates, b: Candidates) -> Candidates:
+    if not a.complement and not b.complement:
+        return Candidates(a.rows | b.rows, False)
+    if a.complement and b.complement:
+        return Candidates(a.rows & b.rows, True)
+    pos, neg = (a, b) if not a.complement else (b, a)
+    return Candidates(neg.rows - pos.rows, True)
+
+
+def _values(condition: Any) -> list[Any] | None:
+    """The plain values an equality or ``$in`` condition accepts, or None if it is neither."""
+    if isinstance(condition, dict):
+        if set(condition) == {"$eq"}:
+            condition = condition["$eq"]
+        elif set(condition) == {"$in"} and isinstance(condition["$in"], list):
+            values = condition["$in"]
+            return values if all(_plain(v) and v is not None for v in values) else None
+        else:
+            return None
+    return [condition] if _plain(condition) and condition is not None else None
+
+
+def _id_values(condition: Any) -> list[Any] | None:
+    """The ``_id`` values an equality or ``$in`` accepts (any BSON value), or None."""
+    if isinstance(condition, dict) and condition and all(k.startswith("$") for k in condition):
+        if set(condition) == {"$eq"}:
+            return [condition["$eq"]]
+        if set(condition) == {"$in"} and isinstance(condition["$in"], list):
+            return [v for v in condition["$in"] if not isinstance(v, (dict, list))] \
+                if all(not isinstance(v, (dict, list)) for v in condition["$in"]) else None
+        return None
+    return None if isinstance(condition, (list, type(None))) else [condition]
+
+
+class Planner:
+    """Turns one query into candidates, asking ``lookup`` for the row ids of index matches.
+
+    ``lookup(table_conditions)`` gets ``("doc", {column: values})`` or ``("entry", {column:
+    values})`` and returns the row ids of regular documents matching all of them (the
+    irregular ones are added once, at the end, by the caller).
+    """
+
+    def __init__(self, lookup: Any):
+        self.lookup = lookup
+
+    def plan(self, query: dict[str, Any]) -> Candidates:
+        result = EVERYTHING
+        for key, condition in query.items():
+            result = intersect(result, self._field(key, condition))
+        return result
+
+    def _field(self, key: str, condition: Any) -> Candidates:
+        if key in ("$and", "$or") and isinstance(condition, list) and condition:
+            parts = [self.plan(q) if isinstance(q, dict) else EVERYTHING for q in condition]
+            combine = intersect if key == "$and" else union
+            result = parts[0]
+            for part in parts[1:]:
+                result = combine(result, part)
+            return result
+        if key == "_id":
+            values = _id_values(condition)
+            return EVERYTHING if values is None else self._rows("doc", {"_id": values})
+        if key in DOC_COLUMNS:
+            values = _values(condition)
+            return EVERYTHING if values is None else self._rows("doc", {key: values})
+        if key.startswith("data.") and key[5:] in ENTRY_COLUMNS:
+            values = _values(condition)
+            return EVERYTHING if values is None else self._rows(
+                "entry", {ENTRY_COLUMNS[key[5:]]: values})
+        if key == "data" and isinstance(condition, dict):
+            return self._data(condition)
+        return EVERYTHING
+
+    def _data(self, condition: dict[str, Any]) -> Candidates:
+        result = EVERYTHING
+        for op, arg in condition.items():
+            if op == "$elemMatch" and isinstance(arg, dict):
+                columns, _ = self._entry_columns(arg)
+                if columns:
+                    result = intersect(result, self._rows("entry", columns))
+            elif op == "$not" and isinstance(arg, dict) and set(arg) == {"$elemMatch"} \
+                    and isinstance(arg["$elemMatch"], dict):
+                columns, exact = self._entry_columns(arg["$elemMatch"])
+                if columns and exact:
+                    result = intersect(result, Candidates(self._rows("entry", columns).rows, True))
+        return result
+
+    @staticmethod
+    def _entry_columns(match: dict[str, Any]) -> tuple[dict[str, list[Any]], bool]:
+        """The index columns ``match`` restricts, and whether they are all it asks."""
+        columns: dict[str, list[Any]] = {}
+        exact = True
+        for field, condition in match.items():
+            values = _values(condition) if field in ENTRY_COLUMNS else None
+            if values is None:
+                exact = False
+            else:
+                columns[ENTRY_COLUMNS[field]] = values
+        return columns, exact
+
+    def _rows(self, table: str, columns: dict[str, list[Any]]) -> Candidates:
+        return Candidates(frozenset(self.lookup(table, columns)), False)
+
+
+def sql_conditions(columns: dict[str, Iterable[Any]]) -> tuple[str, list[Any]]:
+    """Return ``col IN (?, ...) AND ...`` and its parameters."""
+    parts, params = [], []
+    for column, values in columns.items():
+        values = list(values)
+        parts.append(f"{column} IN ({', '.join('?' * len(values))})")
+        params.extend(values)
+    return " AND ".join(parts), params
