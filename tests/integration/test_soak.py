@@ -27,7 +27,7 @@ from tests.conftest import edit_site
 from tests.integration.conftest import make_dataset, register, scratches
 
 RUNS = 200
-CHAOS_S = 60
+CHAOS_S = 45
 SETTLE_S = 150
 
 
@@ -124,7 +124,8 @@ def test_soak_three_daemons_kill9_sshd_restarts_db_outages(ssh_sites, runsdb, ru
           f"corrupt {corrupt}, lost {lost}, registered twice {len(twice)}, redone {redone} "
           f"(unexplained {unexplained}), scratch dirs left {left}")
     assert corrupt == 0 and lost == 0 and not twice and unexplained == 0
-    states = Counter((e.get("status"), (e.get("error") or "")[:60])
+    states = Counter((e.get("status"), e.get("error_kind"), e.get("attempts"),
+                      (e.get("error") or "")[-90:])
                      for run in runsdb.find_runs({})
                      for e in [find_entry(run, EntryKey("remote", "raw")) or {}]
                      if e.get("status") != TRANSFERRED)
