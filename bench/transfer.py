@@ -20,13 +20,22 @@ first connection (cold) is timed separately.  paramiko-sftp uses cax's paramiko 
 (TCP_NODELAY, aes128-gcm, 2^27 window).  Every ssh command on a site pays that site's login
 shell start-up (here root's ~/.bashrc runs ``pyenv init``, about 80 ms); cax-rsync pays it three
 times per verified copy (prepare, rsync, manifest), the anchors once.  The destination is
-emptied (and synced) between runs, outside the timing.  The last line is ``ratio cax/scp <R>``:
-the wall time of the fastest verified cax SSH method over OpenSSH scp's, for the 1 GiB run
-(target <= 1.25); for openssh that is the "source manifest recorded" time (the other methods
-are timed with their source scan).
+emptied (and synced) between runs, outside the timing.
+
+  rsync-mux       plain rsync -a over an OpenSSH ControlMaster started once (the anchor for
+                  the many-small-files target)
+  cax-stream, cax-auto
+                  put + destination manifest re-read, against the recorded manifest
+  cax-auto (streamed manifest)
+                  put, verified against the manifest put returned (computed at the site from
+                  the bytes as they were written); rsync's re-read where auto chose rsync
+
+The last line is ``ratio cax/rsync <R>``: "cax-auto (streamed manifest)" over rsync-mux for
+1,000 x 100 kB (target <= 0.5); the line before gives the same for the 1 GiB run (must not get
+worse), and an earlier line the old ``ratio cax/scp`` of the fastest method on 1 GiB.
 
     .venv/bin/python bench/transfer.py [--rounds 3] [--dir /var/tmp] [--keep]
-        [--remote-python /usr/bin/python3]
+        [--remote-python /usr/bin/python3] [--methods cax-rsync,cax-auto]
 """
 
 from __future__ import annotations

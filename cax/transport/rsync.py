@@ -277,6 +277,8 @@ class RsyncTransport(ssh.SiteScripts, Transport):
         """Start the ControlMaster unless it runs; raise TransferError if it cannot connect."""
         if self._master_proc is not None and self._master_proc.poll() is None:
             return
+        if self.aborted:  # after abort nothing new starts until close
+            raise self.fail("connect to", "", "aborted", retryable=True)
         self._stop_master()
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
         if os.path.lexists(self._control):
@@ -298,6 +300,9 @@ class RsyncTransport(ssh.SiteScripts, Transport):
                 raise self._script_error("connect to", "", code or SSH_FAILURE_EXIT, stderr)
             time.sleep(0.01)
         self._master_proc = child
+        if self.aborted:  # abort came while this master started: it must not outlive it
+            self._stop_master()
+            raise self.fail("connect to", "", "aborted", retryable=True)
 
     def _kill_master(self) -> None:
         """Signal the master to die now (safe from another thread)."""
