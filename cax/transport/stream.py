@@ -63,11 +63,16 @@ class StreamTransport(RsyncTransport):
     def __init__(self, endpoint: Endpoint, *, stall_timeout_s: float = 60.0):
         super().__init__(endpoint, stall_timeout_s=stall_timeout_s)
         self.auto = endpoint.method == "auto"
+        #: Whether the last put/get streamed: its manifest was computed by the receiver from
+        #: the bytes it wrote, so it is the destination's (rsync's, when ``auto`` chose rsync,
+        #: is the source's read).
+        self.manifest_is_destination = False
 
     def put(self, local: Path, remote: str, progress: Progress | None = None) -> Manifest | None:
         local = Path(local).absolute()
         info = self.stat_source(local, "put")
-        if self.auto and not streams(info):
+        self.manifest_is_destination = not (self.auto and not streams(info))
+        if not self.manifest_is_destination:
             return super().put(local, remote, progress)
         try:
             listing = streamproto.list_tree(str(local))
@@ -83,8 +88,10 @@ class StreamTransport(RsyncTransport):
         if self.auto:
             (info,) = self._siteop("get", remote, ["stat", remote])
             if not streams(info):
+                self.manifest_is_destination = False
                 return super().get(remote, local, progress)
             size = info["size"]
+        self.manifest_is_destination = True
         return self._stream("get", remote, {"role": "send", "path": remote}, size, progress,
                             lambda r, w, add: streamproto.receive(str(local), r, w, add))
 

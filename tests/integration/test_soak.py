@@ -57,7 +57,7 @@ def runs_db_outage(store: Path, seconds: float) -> None:
 def test_soak_three_daemons_kill9_sshd_restarts_db_outages(ssh_sites, runsdb, runsdb_uri,
                                                            sshd, tmp_path):
     config = edit_site(ssh_sites("rsync"), "daq", max_transfers=2, max_attempts=20,
-                       retry_backoff=1)
+                       retry_backoff=0.2)  # retries soon: the test waits for all
     sources = {}
     for n in range(RUNS):
         path = tmp_path / f"daq/raw/170105_{n:04d}"
