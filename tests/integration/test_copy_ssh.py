@@ -240,3 +240,23 @@ def test_progress_shown_on_a_terminal(ssh_sites, runsdb, tmp_path):
     lines: list[str] = []
     one_pass(config, "daq", runsdb, console=lines.append)
     assert any("ETA" in line and "B/s" in line and "->remote [" in line for line in lines), lines
+
+
+def test_streamed_push_verified_by_the_receiver_without_reading_the_copy_again(
+        ssh_sites, runsdb, tmp_path, monkeypatch):
+    """Issue 12 item 3: the stream's receiver checksums the bytes as it writes them."""
+    from cax.transport.stream import StreamTransport
+
+    config = ssh_sites("stream")
+    raw = tmp_path / "daq/raw/170101_1700"
+    make_dataset(raw, files=30, size=2_000)
+    run_id = register(runsdb, 17, "daq", raw)
+
+    def no_reread(self, remote):
+        raise AssertionError(f"the copy {remote} was read again")
+
+    monkeypatch.setattr(StreamTransport, "manifest", no_reread)
+    result, _ = one_pass(config, "daq", runsdb)
+    assert result.failed == 0, result.last_error
+    copy = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
+    assert copy["status"] == TRANSFERRED and trees_equal(raw, copy["location"])
