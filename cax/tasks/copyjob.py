@@ -175,18 +175,21 @@ class CopyJob(ClaimedJob):
     def dest_ops(self, transport: Transport) -> Transport:
         return transport if self.plan.push else self.transports.local(self.ctx.site)
 
+    def prepare(self, keeper: Keeper) -> tuple[Transport, Transport, Manifest]:
+        """Connect (the keeper may abort the transport), name our scratch, and return the
+        transport, the destination's operations and the checksums the copy must have."""
+        assert self.claim is not None
+        transport = self.transports.get(self.plan.remote)
+        keeper.add_stopper(transport.abort)
+        dest_ops = self.dest_ops(transport)
+        expected = self._expected_manifest(transport, self.transports.local(self.ctx.site))
+        self.scratch = scratch_path(self.dest_path, self.claim.token)
+        return transport, dest_ops, expected
+
     def work(self, keeper: Keeper) -> None:
         plan = self.plan
-        assert self.claim is not None
         self.refuse_own_source()
-        transport = self.transports.get(plan.remote)
-        local = self.transports.local(self.ctx.site)
-        dest_ops = self.dest_ops(transport)
-        stop = getattr(transport, "abort", None)
-        if stop is not None:
-            keeper.add_stopper(stop)
-        expected = self._expected_manifest(transport, local)
-        self.scratch = scratch_path(self.dest_path, self.claim.token)
+        transport, dest_ops, expected = self.prepare(keeper)
         self.adopt_previous_scratch(dest_ops)
         if dest_ops.exists(self.dest_path):
             self.clear_destination(dest_ops)

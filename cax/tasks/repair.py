@@ -233,15 +233,7 @@ class RepairJob(CopyJob):
 
     def work(self, keeper: Keeper) -> None:
         plan = self.plan
-        assert self.claim is not None
-        transport = self.transports.get(plan.remote)
-        local = self.transports.local(self.ctx.site)
-        dest_ops = self.dest_ops(transport)
-        stop = getattr(transport, "abort", None)
-        if stop is not None:
-            keeper.add_stopper(stop)
-        expected = self._expected_manifest(transport, local)
-        self.scratch = scratch_path(self.dest_path, self.claim.token)
+        transport, dest_ops, expected = self.prepare(keeper)
         self._stage(dest_ops)
         bad = diff_manifests(expected, dest_ops.manifest(self.scratch))
         log.info("%s: re-fetching %d of %d file(s) (attempt %d of %d): %s", self.label,
