@@ -25,6 +25,7 @@ setup(
         "mongomock>=4.1",
         "paramiko>=3.0",
         "scp>=0.14",
+        "prometheus_client>=0.16",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "docutils>=0.18"],

@@ -1,8 +1,8 @@
 """Command-line entry points.  The only module that sets up logging, prints and exits.
 
 Exit codes: 0 success (also after a warm stop); 1 a task or item failed (``--once``); 2 usage
-or configuration invalid; 3 runs DB unreachable at start; 4 internal error; 128+N killed by
-a second signal N.
+or configuration invalid; 3 runs DB unreachable at start; 4 internal error; 5 another daemon of
+the same site runs on this machine; 128+N killed by a second signal N.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import cax
 from cax.config import Config, load_config
 from cax.daemon import Daemon, install_signal_handlers
 from cax.errors import (
+    AlreadyRunningError,
     CaxError,
     ConfigError,
     NotAvailableError,
@@ -38,7 +39,7 @@ from cax.workers import Background
 
 log = logging.getLogger("cax")
 
-EXIT_FAILED, EXIT_USAGE, EXIT_DB, EXIT_INTERNAL = 1, 2, 3, 4
+EXIT_FAILED, EXIT_USAGE, EXIT_DB, EXIT_INTERNAL, EXIT_RUNNING = 1, 2, 3, 4, 5
 LOG_FORMAT = "%(asctime)sZ %(levelname)-7s %(ctx)s%(message)s"
 FILE_FORMAT = "%(asctime)sZ %(levelname)-7s %(process)d %(name)s: %(ctx)s%(message)s"
 
@@ -77,6 +78,9 @@ def guarded(fn: Callable[..., int]) -> Callable[..., None]:
         except RunsDBError as exc:
             click.echo(f"cax: {exc}", err=True)
             code = EXIT_DB
+        except AlreadyRunningError as exc:
+            click.echo(f"cax: {exc}", err=True)
+            code = EXIT_RUNNING
         except CaxError as exc:
             click.echo(f"cax: {exc}", err=True)
             code = EXIT_FAILED
@@ -147,11 +151,16 @@ def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool =
 @click.option("--dry-run", is_flag=True, help="Log what a pass would do; change nothing.")
 @click.option("--disable-database-update", "--disable_database_update", "no_db_update",
               is_flag=True, help="Do the work but write nothing to the runs DB.")
+@click.option("--metrics-file", metavar="FILE", help="After each pass, write Prometheus "
+              "metrics to FILE (for node_exporter's textfile collector).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
+              help="Serve Prometheus metrics on 127.0.0.1:PORT.")
 @click.version_option(cax.__version__, prog_name="cax")
 @click.pass_context
 def cli(click_ctx: click.Context, once: bool, config_path: str | None, run_number: int | None,
         name: str | None, host: str | None, log_level: str, log_file: str | None,
-        dry_run: bool, no_db_update: bool) -> None:
+        dry_run: bool, no_db_update: bool, metrics_file: str | None,
+        metrics_port: int | None) -> None:
     """Keep this site's data where it must be, and tell the runs DB the truth about it."""
     if click_ctx.invoked_subcommand:
         click_ctx.obj = {"config_path": config_path or default_config_path(), "host": host,
@@ -160,25 +169,43 @@ def cli(click_ctx: click.Context, once: bool, config_path: str | None, run_numbe
     if run_number is not None and name is not None:
         raise click.UsageError("give --run or --name, not both")
     guarded(_daemon)(once, config_path or default_config_path(), run_number, name, host,
-                     log_level, log_file, dry_run, no_db_update)
+                     log_level, log_file, dry_run, no_db_update, metrics_file, metrics_port)
 
 
 def _daemon(once: bool, config_path: str, run: int | None, name: str | None, host: str | None,
-            log_level: str, log_file: str | None, dry_run: bool, no_db_update: bool) -> int:
+            log_level: str, log_file: str | None, dry_run: bool, no_db_update: bool,
+            metrics_file: str | None = None, metrics_port: int | None = None) -> int:
+    from cax.service import InstanceLock, Notifier
+
     if name is not None:
         safe_component(name)
     config = load_config(config_path, host)
     tasks = select_tasks(config.tasks_wanted)
+    # The looping daemon is the one per site and machine; --once and --dry-run runs are not.
+    lock = None if once or dry_run else InstanceLock(config.site.name).acquire()
     setup_logging(log_level, log_file)
     ctx = build_context(config, dry_run=dry_run, no_db_update=no_db_update, run=run, name=name,
                         once=once)
     log.info("cax %s for site %s (%s), config %s%s", cax.__version__, config.site.name,
              ctx.owner, config.path, ", dry run" if dry_run else "")
     install_signal_handlers(ctx.stop)
+    metrics = None
+    if metrics_file or metrics_port is not None:
+        from cax.metrics import DaemonMetrics
+
+        metrics = DaemonMetrics(config.site.name, ctx.now())
+        if metrics_port is not None:
+            port = metrics.serve(metrics_port)
+            log.info("metrics served on http://127.0.0.1:%d/metrics", port)
     try:
-        return Daemon(ctx, tasks).run(once=once)
+        return Daemon(ctx, tasks, metrics=metrics, metrics_file=metrics_file,
+                      notifier=Notifier()).run(once=once)
     finally:
         ctx.runsdb.close()
+        if metrics is not None:
+            metrics.close()
+        if lock is not None:
+            lock.release()
 
 
 @cli.command()
