@@ -532,6 +532,7 @@ def status(obj: dict[str, Any], run_number: int | None, name: str | None, stuck:
         raise click.UsageError("give one of --run, --name, --stuck, --summary")
     config = _admin_config(obj)
     db = _open_db(config, read_only=True)
+    paint = False
     try:
         site = None if all_sites else config.site.name
         if run_number is not None or name:
@@ -560,7 +561,7 @@ def status(obj: dict[str, Any], run_number: int | None, name: str | None, stuck:
         _echo_json(value)
     else:
         for line in lines:
-            click.echo(line)
+            click.echo(line, color=paint)  # click strips colours when not asked to keep them
     return 0
 
 

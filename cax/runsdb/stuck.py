@@ -126,7 +126,7 @@ def find_stuck(db: RunsDB, now: dt.datetime, *, max_attempts: Mapping[str, int] 
     states = daemon_states or {}
     lowest = min([*limits.values(), DEFAULT_MAX_ATTEMPTS])
     errors = {"data": {"$elemMatch": {"status": ERROR, "$or": [
-        {"attempts": {"$gte": lowest}}, {"next_attempt": {"$type": "null"}},
+        {"attempts": {"$gte": lowest}}, {"next_attempt": {"$exists": True, "$eq": None}},
         {"error_kind": {"$in": list(WAITING_KINDS)}}]}}}
     leases = {"data": {"$elemMatch": {"status": {"$in": [TRANSFERRING, PURGING]},
                                       "lease_expires": {"$lt": now}}}}
