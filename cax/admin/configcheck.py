@@ -79,7 +79,7 @@ def file_problems(config: Config) -> Iterator[str]:
 def runsdb_problem(config: Config) -> str | None:
     """Whether the runs DB answers (read-only: the check writes nothing)."""
     uri = config.runs_db
-    if uri and uri.startswith("file:") and not os.path.isdir(uri[5:]):
+    if uri and uri.startswith("file:") and not os.path.exists(uri[5:]):
         return None  # a new embedded store: created by the first daemon
     try:
         db = open_runsdb(uri, config.runs_db_name, config.runs_collection, read_only=True)
