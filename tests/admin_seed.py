@@ -99,3 +99,10 @@ def seed(runsdb: Any, now: dt.datetime | None = None) -> dt.datetime:
     for daemon_id, doc in heartbeats(now).items():
         runsdb.write_heartbeat(daemon_id, doc)
     return now
+
+
+def set_entry(runsdb: Any, run_id: Any, key: Any, fields: dict[str, Any]) -> None:
+    """Put an entry into a given state directly (a test's stand-in for a crashed daemon)."""
+    result = runsdb.runs.update_one({"_id": run_id, "data": key.elem_match()},
+                                    {"$set": {f"data.$.{k}": v for k, v in fields.items()}})
+    assert result.matched_count == 1

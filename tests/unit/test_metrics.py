@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cax.clock import utcnow
 from cax.metrics import DaemonMetrics
-from tests.admin_seed import seed
+from tests.admin_seed import seed, set_entry
 
 
 def samples(text):
@@ -22,7 +22,7 @@ def test_textfile_and_endpoint(runsdb, tmp_path):
     # one copy finished from daq since the daemon started: 3 MB in 10 s
     run_id = runsdb.find_runs({"number": 1})[0]["_id"]
     from cax.runsdb import EntryKey
-    assert runsdb.update_entry(run_id, EntryKey("lab", "raw"), {
+    set_entry(runsdb, run_id, EntryKey("lab", "raw"), {
         "transfer_start": now - dt.timedelta(seconds=10), "transfer_end": now})
     metrics = DaemonMetrics("daq", now - dt.timedelta(minutes=1))
     metrics.observe(runsdb, now=now, pass_start=now - dt.timedelta(seconds=4),
