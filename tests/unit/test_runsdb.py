@@ -192,10 +192,8 @@ def test_embedded_store_persists_across_clients(tmp_path):
 
 
 def test_dry_run_on_missing_embedded_db_creates_nothing(tmp_path):
-    import pytest
-
-    from cax.errors import RunsDBError
-
-    with pytest.raises(RunsDBError):
-        open_runsdb(f"file:{tmp_path / 'nothing'}", read_only=True)
+    """A dry run on a store not created yet sees an empty runs DB (issue 8: nothing to do)."""
+    db = open_runsdb(f"file:{tmp_path / 'nothing'}", read_only=True)
+    assert db.find_runs({}) == [] and db.find_heartbeats() == []
+    db.close()
     assert not (tmp_path / "nothing").exists()
