@@ -120,6 +120,16 @@ def terminal_line(text: str) -> None:
     click.echo("\r\x1b[K" + text[:width], err=True, nl=False)
 
 
+def tasks_of(config: Config) -> list:
+    """The tasks of this site; an unknown name is reported with the file and the section."""
+    try:
+        return select_tasks(config.tasks_wanted)
+    except ConfigError as exc:
+        where = f"site {config.site.name!r} key" if config.site.task_list is not None else "key"
+        raise ConfigError([f"{config.path.name}: {where} 'task_list': "
+                           f"{p.removeprefix('task_list: ')}" for p in exc.problems]) from None
+
+
 def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool = False,
                   run: int | None = None, name: str | None = None,
                   once: bool = False) -> Context:
@@ -180,7 +190,7 @@ def _daemon(once: bool, config_path: str, run: int | None, name: str | None, hos
     if name is not None:
         safe_component(name)
     config = load_config(config_path, host)
-    tasks = select_tasks(config.tasks_wanted)
+    tasks = tasks_of(config)
     # The looping daemon is the one per site and machine; --once and --dry-run runs are not.
     lock = None if once or dry_run else InstanceLock(config.site.name).acquire()
     setup_logging(log_level, log_file)

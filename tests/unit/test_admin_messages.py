@@ -31,3 +31,16 @@ def test_dry_run_on_a_new_embedded_store_has_nothing_to_do(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "pass 1: done, 0 item(s) done, 0 failed" in result.stderr
     assert not (tmp_path / "new-store").exists()  # a dry run creates nothing
+
+
+def test_task_list_error_names_the_file_and_site(tmp_path):
+    config = tmp_path / "cax.json"
+    config.write_text(json.dumps({"runs_db": "file:db", "sites": [
+        {"name": "daq", "method": "local", "dir_raw": str(tmp_path), "data_type": ["raw"],
+         "task_list": ["CopyPush", "Copypull"]}]}))
+    result = subprocess.run([sys.executable, "-m", "cax", "--config", str(config), "--host",
+                             "daq", "--once"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("cax: cax.json: site 'daq' key 'task_list': unknown task "
+                                    "'Copypull' (known: AddChecksum, ")
+    assert "::" not in result.stderr
