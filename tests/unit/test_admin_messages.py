@@ -44,3 +44,12 @@ def test_task_list_error_names_the_file_and_site(tmp_path):
     assert result.stderr.startswith("cax: cax.json: site 'daq' key 'task_list': unknown task "
                                     "'Copypull' (known: AddChecksum, ")
     assert "::" not in result.stderr
+
+
+def test_debug_log_of_a_command_does_not_inline_its_script():
+    from cax.proc import mask
+
+    script = "import os\n" + "x = 1\n" * 100
+    line = mask(["ssh", "-p", "22", "host", f"python3 -I -S -c {script!r}"])
+    assert line.startswith("ssh -p 22 host <python3 ... (")
+    assert "import os" not in line
