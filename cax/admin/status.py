@@ -29,6 +29,9 @@ from cax.schema import DATA_TYPES
 #: (plus MARGIN_S), late within LATE_INTERVALS (plus MARGIN_S), dead beyond.
 ALIVE_INTERVALS, LATE_INTERVALS, MARGIN_S = 2, 10, 30.0
 DEFAULT_SLEEP_S = 60.0
+#: Stopped or dead daemons are left out of the text view after a week (every restart of a
+#: daemon leaves a heartbeat document of its own).
+FORGET_AFTER_S = 7 * 86400
 #: History events shown per entry by ``--run``/``--name``.
 HISTORY_SHOWN = 5
 
@@ -236,6 +239,10 @@ def render_overview(view: dict[str, Any], retry_hint: str = "cax status --stuck"
                     ) -> Iterator[str]:
     """Yield the default view as text."""
     yield f"daemons (at {when(view['now'])}):"
+    shown = [d for d in view["daemons"] if d["state"] in ("alive", "late")
+             or (d["age_s"] is not None and d["age_s"] < FORGET_AFTER_S)]
+    hidden = len(view["daemons"]) - len(shown)
+    view = {**view, "daemons": shown}
     if view["daemons"]:
         yield from _table(
             ["site", "host", "pid", "version", "last pass", "age", "state", "last error"],
@@ -243,7 +250,9 @@ def render_overview(view: dict[str, Any], retry_hint: str = "cax status --stuck"
               when(d["last_pass"]), _ago(d["age_s"]), d["state"],
               (d["last_error"] or "-")[:60]] for d in view["daemons"]])
     else:
-        yield "  none has written a heartbeat"
+        yield "  none has written a heartbeat" if not hidden else "  none recently"
+    if hidden:
+        yield f"  ({hidden} daemon(s) stopped or dead for over a week not shown; --json lists them)"
     yield "copies:"
     if view["copies"]:
         yield from _table(["site", "type", "status", "count"],

@@ -121,3 +121,12 @@ def test_stuck_queries_are_few_and_indexed(seeded, runsdb):
     before = runsdb.round_trips
     find_stuck(runsdb, st.now_of(runsdb), max_attempts={"daq": 5, "lab": 5})
     assert runsdb.round_trips - before <= 3
+
+
+def test_daemons_gone_for_over_a_week_are_left_out_of_the_text(seeded, runsdb):
+    old = heartbeats(st.now_of(runsdb) - dt.timedelta(days=10))[DEAD]
+    runsdb.write_heartbeat("lab@older:1:1", old)
+    text = cax(seeded, "status").stdout
+    assert "older" not in text
+    assert "(1 daemon(s) stopped or dead for over a week not shown; --json lists them)" in text
+    assert len(json.loads(cax(seeded, "status", "--json").stdout)["daemons"]) == 4
