@@ -21,8 +21,6 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import bson
-
 from cax.admin import status as st
 from cax.config import load_config
 from cax.runsdb import open_runsdb
@@ -30,9 +28,8 @@ from cax.runsdb import open_runsdb
 CHECKSUM = "adler32:" + "ab" * 32
 
 
-def seed(store: Path, runs: int) -> None:
-    """Write the run documents straight into the store's BSON file (as the store keeps them):
-    inserting 100,000 runs through mongomock would take minutes."""
+def seed(db, runs: int) -> None:
+    """Insert the run documents (the store's streamed bulk insert)."""
     start = dt.datetime(2017, 1, 1, tzinfo=dt.timezone.utc)
     docs = []
     for n in range(runs):
@@ -51,8 +48,7 @@ def seed(store: Path, runs: int) -> None:
                      "data": [{"host": "daq", "type": "raw", "status": "transferred",
                                "checksum": CHECKSUM, "location": f"/daq/raw/{name}",
                                "size": 3_000_000, "file_count": 3}, lab]})
-    store.mkdir(parents=True, exist_ok=True)
-    (store / "run.runs_new.bson").write_bytes(b"".join(bson.encode(d) for d in docs))
+    db.insert_runs(docs)
 
 
 def full_scan(db) -> Counter:
@@ -89,8 +85,8 @@ def main() -> None:
             '{"name": "lab", "method": "local", "dir_raw": "/lab/raw", "data_type": ["raw"]}]}')
         config = load_config(root / "cax.json", "daq")
         t0 = time.perf_counter()
-        seed(root / "store", args.runs)
-        db = open_runsdb(config.runs_db)  # indexes; loads the store once, as a daemon has it
+        db = open_runsdb(config.runs_db)
+        seed(db, args.runs)
         db.find_runs({"number": -1})
         print(f"seeded {args.runs} runs in {time.perf_counter() - t0:.1f} s", flush=True)
         now = st.now_of(db)
