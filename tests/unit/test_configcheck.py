@@ -49,8 +49,9 @@ def test_each_problem_one_line(tmp_path):
     config = write_config(tmp_path / "cax.json", sites, runs_db=f"file:{tmp_path / 'db'}")
     result = check(config, "--network")
     assert result.exit_code == 2
-    lines = result.stderr.splitlines()
-    assert all(line.startswith("cax: cax.json: ") for line in lines)
+    # log records (e.g. of the ssh attempt) may go to stderr too; the problems are the cax: lines
+    lines = [line for line in result.stderr.splitlines() if line.startswith("cax: ")]
+    assert all(line.startswith("cax: cax.json: ") for line in lines), lines
     text = "\n".join(lines)
     assert f"site 'daq' key 'dir_processed': {tmp_path / 'afile'} is not a directory" in text
     assert f"site 'lab' key 'dir_raw': {tmp_path / 'gone'} does not exist" in text
