@@ -1,8 +1,8 @@
 """Command-line entry points.  The only module that sets up logging, prints and exits.
 
 Exit codes: 0 success (also after a warm stop); 1 a task or item failed (``--once``); 2 usage
-or configuration invalid; 3 runs DB unreachable at start; 4 internal error; 128+N killed by
-a second signal N.
+or configuration invalid; 3 runs DB unreachable at start; 4 internal error; 5 another daemon of
+the same site runs on this machine; 128+N killed by a second signal N.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import cax
 from cax.config import Config, load_config
 from cax.daemon import Daemon, install_signal_handlers
 from cax.errors import (
+    AlreadyRunningError,
     CaxError,
     ConfigError,
     NotAvailableError,
@@ -38,7 +39,7 @@ from cax.workers import Background
 
 log = logging.getLogger("cax")
 
-EXIT_FAILED, EXIT_USAGE, EXIT_DB, EXIT_INTERNAL = 1, 2, 3, 4
+EXIT_FAILED, EXIT_USAGE, EXIT_DB, EXIT_INTERNAL, EXIT_RUNNING = 1, 2, 3, 4, 5
 LOG_FORMAT = "%(asctime)sZ %(levelname)-7s %(ctx)s%(message)s"
 FILE_FORMAT = "%(asctime)sZ %(levelname)-7s %(process)d %(name)s: %(ctx)s%(message)s"
 
@@ -77,6 +78,9 @@ def guarded(fn: Callable[..., int]) -> Callable[..., None]:
         except RunsDBError as exc:
             click.echo(f"cax: {exc}", err=True)
             code = EXIT_DB
+        except AlreadyRunningError as exc:
+            click.echo(f"cax: {exc}", err=True)
+            code = EXIT_RUNNING
         except CaxError as exc:
             click.echo(f"cax: {exc}", err=True)
             code = EXIT_FAILED
@@ -116,6 +120,16 @@ def terminal_line(text: str) -> None:
     click.echo("\r\x1b[K" + text[:width], err=True, nl=False)
 
 
+def tasks_of(config: Config) -> list:
+    """The tasks of this site; an unknown name is reported with the file and the section."""
+    try:
+        return select_tasks(config.tasks_wanted)
+    except ConfigError as exc:
+        where = f"site {config.site.name!r} key" if config.site.task_list is not None else "key"
+        raise ConfigError([f"{config.path.name}: {where} 'task_list': "
+                           f"{p.removeprefix('task_list: ')}" for p in exc.problems]) from None
+
+
 def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool = False,
                   run: int | None = None, name: str | None = None,
                   once: bool = False) -> Context:
@@ -147,36 +161,61 @@ def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool =
 @click.option("--dry-run", is_flag=True, help="Log what a pass would do; change nothing.")
 @click.option("--disable-database-update", "--disable_database_update", "no_db_update",
               is_flag=True, help="Do the work but write nothing to the runs DB.")
+@click.option("--metrics-file", metavar="FILE", help="After each pass, write Prometheus "
+              "metrics to FILE (for node_exporter's textfile collector).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
+              help="Serve Prometheus metrics on 127.0.0.1:PORT.")
 @click.version_option(cax.__version__, prog_name="cax")
 @click.pass_context
 def cli(click_ctx: click.Context, once: bool, config_path: str | None, run_number: int | None,
         name: str | None, host: str | None, log_level: str, log_file: str | None,
-        dry_run: bool, no_db_update: bool) -> None:
+        dry_run: bool, no_db_update: bool, metrics_file: str | None,
+        metrics_port: int | None) -> None:
     """Keep this site's data where it must be, and tell the runs DB the truth about it."""
     if click_ctx.invoked_subcommand:
+        click_ctx.obj = {"config_path": config_path or default_config_path(), "host": host,
+                         "log_level": log_level, "log_file": log_file}
         return
     if run_number is not None and name is not None:
         raise click.UsageError("give --run or --name, not both")
     guarded(_daemon)(once, config_path or default_config_path(), run_number, name, host,
-                     log_level, log_file, dry_run, no_db_update)
+                     log_level, log_file, dry_run, no_db_update, metrics_file, metrics_port)
 
 
 def _daemon(once: bool, config_path: str, run: int | None, name: str | None, host: str | None,
-            log_level: str, log_file: str | None, dry_run: bool, no_db_update: bool) -> int:
+            log_level: str, log_file: str | None, dry_run: bool, no_db_update: bool,
+            metrics_file: str | None = None, metrics_port: int | None = None) -> int:
+    from cax.service import InstanceLock, Notifier
+
     if name is not None:
         safe_component(name)
     config = load_config(config_path, host)
-    tasks = select_tasks(config.tasks_wanted)
+    tasks = tasks_of(config)
+    # The looping daemon is the one per site and machine; --once and --dry-run runs are not.
+    lock = None if once or dry_run else InstanceLock(config.site.name).acquire()
     setup_logging(log_level, log_file)
     ctx = build_context(config, dry_run=dry_run, no_db_update=no_db_update, run=run, name=name,
                         once=once)
     log.info("cax %s for site %s (%s), config %s%s", cax.__version__, config.site.name,
              ctx.owner, config.path, ", dry run" if dry_run else "")
     install_signal_handlers(ctx.stop)
+    metrics = None
+    if metrics_file or metrics_port is not None:
+        from cax.metrics import DaemonMetrics
+
+        metrics = DaemonMetrics(config.site.name, ctx.now())
+        if metrics_port is not None:
+            port = metrics.serve(metrics_port)
+            log.info("metrics served on http://127.0.0.1:%d/metrics", port)
     try:
-        return Daemon(ctx, tasks).run(once=once)
+        return Daemon(ctx, tasks, metrics=metrics, metrics_file=metrics_file,
+                      notifier=Notifier()).run(once=once)
     finally:
         ctx.runsdb.close()
+        if metrics is not None:
+            metrics.close()
+        if lock is not None:
+            lock.release()
 
 
 @cli.command()
@@ -381,3 +420,233 @@ def cax_stray(delete: bool, yes: bool, **site: Any) -> int:
         return EXIT_FAILED if result.failed else 0
 
     return _oneshot(body, **site)
+
+
+# -- the operator's commands: run add, status, retry, config check (logic in cax/admin/) ------
+
+
+def _admin_config(obj: dict[str, Any]) -> Config:
+    config = load_config(obj["config_path"], obj["host"])
+    setup_logging(obj["log_level"], obj["log_file"])
+    return config
+
+
+def _open_db(config: Config, read_only: bool = False) -> Any:
+    return open_runsdb(config.runs_db, config.runs_db_name, config.runs_collection,
+                       read_only=read_only)
+
+
+def _echo_json(value: Any) -> None:
+    import json
+
+    def plain(item: Any) -> Any:
+        return item.isoformat() if hasattr(item, "isoformat") else str(item)
+
+    click.echo(json.dumps(value, indent=1, default=plain))
+
+
+def retry_prefix(config: Config) -> str:
+    """How the printed commands call cax: the name on PATH, else its full path, and the config."""
+    from cax.admin import cax_command
+
+    return f"{cax_command()} --config {config.path}"
+
+
+@cli.group("run")
+def run_group() -> None:
+    """Register runs in the runs DB, as the DAQ does."""
+
+
+@run_group.command("add")
+@click.option("--number", type=int, metavar="N", help="Run number (with --from-dir: the first).")
+@click.option("--name", metavar="NAME", help="Run name, e.g. 170131_1200 (default: the "
+              "location's last component).")
+@click.option("--detector", default="tpc", show_default=True, metavar="NAME")
+@click.option("--start", metavar="TIME", help="Start time, ISO 8601 UTC [default: from a "
+              "YYMMDD_HHMM name, else now].")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="A tag (repeatable).")
+@click.option("--site", metavar="SITE", help="Site holding the raw data [default: this site].")
+@click.option("--location", metavar="PATH", help="The raw dataset's directory at that site.")
+@click.option("--checksum", metavar="SUM", help="Register it transferred with this checksum "
+              "(default: verifying, so AddChecksum checksums it).")
+@click.option("--from-dir", "from_dir", metavar="DIR", help="Register every run directory "
+              "under DIR (inside the site's dir_raw) not registered yet.")
+@click.option("--json", "json_file", metavar="FILE", help="Register the run documents in FILE "
+              "(as the DAQ writes them).")
+@click.pass_obj
+@guarded
+def run_add(obj: dict[str, Any], number: int | None, name: str | None, detector: str,
+            start: str | None, tags: tuple[str, ...], site: str | None, location: str | None,
+            checksum: str | None, from_dir: str | None, json_file: str | None) -> int:
+    """Register a run (or every run under a folder, or run documents from a JSON file)."""
+    from cax.admin import register as reg
+
+    config = _admin_config(obj)
+    where = config.get_site(site) if site else config.site
+    if sum(x is not None for x in (location, from_dir, json_file)) != 1:
+        raise click.UsageError("give one of --location, --from-dir, --json")
+    db = _open_db(config)
+    try:
+        if from_dir:
+            result = reg.from_dir(db, where, from_dir, detector=detector, first_number=number,
+                                  tags=tags)
+        elif json_file:
+            result = reg.register(db, reg.load_json(json_file, config))
+        else:
+            if number is None:
+                raise click.UsageError("--number is required with --location")
+            path = os.path.abspath(location) if where is config.site else location
+            when = reg.parse_start(start, "--start") if start else None
+            doc_name = name or Path(path.rstrip("/")).name
+            if when is None:
+                when = reg.start_from_name(doc_name)
+            doc = reg.run_document(number, doc_name, detector, when, tags,
+                                   reg.raw_entry(where, path, checksum))
+            if where is config.site and not os.path.isdir(doc["data"][0]["location"]):
+                raise click.UsageError(f"--location: {path} is not a directory")
+            result = reg.register(db, [doc])
+    finally:
+        db.close()
+    for doc in result.added:
+        entry = doc["data"][0] if doc.get("data") else {}
+        click.echo(f"registered {reg.describe(doc)}"
+                   + (f": {entry.get('type')} at {entry.get('host')} {entry.get('status')}, "
+                      f"{entry.get('location')}" if entry else ""))
+    for line in result.skipped:
+        click.echo(f"skipped {line}")
+    for line in result.refused:
+        click.echo(f"cax: {line}", err=True)
+    return EXIT_FAILED if result.refused else 0
+
+
+@cli.command()
+@click.option("--run", "run_number", type=int, metavar="N", help="Every copy of run N.")
+@click.option("--name", metavar="NAME", help="Every copy of the run called NAME.")
+@click.option("--stuck", is_flag=True, help="What waits for a person, with the retry command.")
+@click.option("--summary", is_flag=True, help="Newest runs x sites matrix.")
+@click.option("--newest", default=20, show_default=True, metavar="N",
+              help="Runs shown by --summary.")
+@click.option("--all-sites", is_flag=True, help="--stuck: of every site, not only this one's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the view as JSON.")
+@click.option("--color/--no-color", default=None, help="Colour --summary [default: on a "
+              "terminal].")
+@click.pass_obj
+@guarded
+def status(obj: dict[str, Any], run_number: int | None, name: str | None, stuck: bool,
+           summary: bool, newest: int, all_sites: bool, as_json: bool,
+           color: bool | None) -> int:
+    """Show the daemons, the copies and what is stuck."""
+    from cax.admin import status as st
+
+    if sum(bool(x) for x in (run_number is not None, name, stuck, summary)) > 1:
+        raise click.UsageError("give one of --run, --name, --stuck, --summary")
+    config = _admin_config(obj)
+    db = _open_db(config, read_only=True)
+    paint = False
+    try:
+        site = None if all_sites else config.site.name
+        if run_number is not None or name:
+            runs = st.run_view(db, run_number, name)
+            if not runs:
+                raise ConfigError(f"no run {run_number if name is None else repr(name)} in "
+                                  "the runs DB")
+            lines = [] if as_json else list(st.render_runs(runs))
+            value: Any = runs
+        elif stuck:
+            entries = st.stuck(db, config, st.now_of(db), site)
+            prefix = retry_prefix(config)
+            value = [e.as_dict(prefix) for e in entries]
+            lines = list(st.render_stuck(entries, site, prefix))
+        elif summary:
+            table = st.summary(db, config, newest)
+            value = table.as_dict()
+            paint = sys.stdout.isatty() if color is None else color
+            lines = list(st.render_summary(table, colour=paint))
+        else:
+            value = st.overview(db, config, site)
+            lines = list(st.render_overview(value, f"{retry_prefix(config)} status --stuck"))
+    finally:
+        db.close()
+    if as_json:
+        _echo_json(value)
+    else:
+        for line in lines:
+            click.echo(line, color=paint)  # click strips colours when not asked to keep them
+    return 0
+
+
+@cli.command()
+@click.option("--run", "run_number", type=int, metavar="N", help="Entries of run N.")
+@click.option("--name", metavar="NAME", help="Entries of the run called NAME.")
+@click.option("--site", metavar="SITE", help="Only entries at SITE.")
+@click.option("--type", "data_type", type=click.Choice(["raw", "processed"]),
+              help="Only entries of this data type.")
+@click.option("--version", metavar="V", help="Only processed entries of this version.")
+@click.option("--all-stuck", is_flag=True, help="Every stuck entry concerning this site (with "
+              "--site: at that site).")
+@click.option("--dry-run", is_flag=True, help="Say what would be retried; change nothing.")
+@click.pass_obj
+@guarded
+def retry(obj: dict[str, Any], run_number: int | None, name: str | None, site: str | None,
+          data_type: str | None, version: str | None, all_stuck: bool, dry_run: bool) -> int:
+    """Make stuck entries retryable at the next pass (deletes nothing)."""
+    import getpass
+
+    from cax.admin import retry as rt
+    from cax.admin import status as st
+
+    if all_stuck == (run_number is not None or name is not None):
+        raise click.UsageError("give --run, --name or --all-stuck")
+    if run_number is not None and name is not None:
+        raise click.UsageError("give --run or --name, not both")
+    config = _admin_config(obj)
+    if site:
+        config.get_site(site)
+    db = _open_db(config, read_only=dry_run)
+    try:
+        now = st.now_of(db)
+        stuck = st.stuck(db, config, now, None if site else config.site.name)
+        if all_stuck:
+            targets = rt.targets_of_stuck(stuck, site=site, data_type=data_type,
+                                          version=version)
+        else:
+            targets = rt.targets_of_runs(db, number=run_number, name=name, site=site,
+                                         data_type=data_type, version=version)
+        by = f"{getpass.getuser()}@{socket.gethostname()} (cax retry)"
+        result = rt.retry(db, targets, by=by, now=now,
+                          stuck_keys={(e.run_id, e.key) for e in stuck}, dry_run=dry_run)
+    finally:
+        db.close()
+    verb = "would retry" if dry_run else "retryable at the next pass:"
+    for target in result.reset:
+        click.echo(f"{verb} {target.label()}")
+    for target, why in result.left:
+        click.echo(f"left {target.label()}: {why}")
+    if not targets:
+        click.echo("nothing to retry")
+    return 0
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Check the configuration."""
+
+
+@config_group.command("check")
+@click.option("--network", is_flag=True, help="Also reach every SSH site and run "
+              "remote_python there.")
+@click.pass_obj
+@guarded
+def config_check(obj: dict[str, Any], network: bool) -> int:
+    """Validate the configuration and what the machine must provide for it."""
+    from cax.admin.configcheck import check
+
+    config = _admin_config(obj)
+    problems = check(config, network=network)
+    for problem in problems:
+        click.echo(f"cax: {config.path.name}: {problem}", err=True)
+    if problems:
+        return EXIT_USAGE
+    click.echo(f"{config.path}: site {config.site.name}: no problems found"
+               + ("" if network else " (add --network to reach the SSH sites)"))
+    return 0

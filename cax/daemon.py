@@ -4,7 +4,11 @@ A pass is one function, ``run_pass``, so tests drive the daemon a pass at a time
 goes wrong in one task or one run stops the loop; a runs-DB outage makes the pause between
 passes grow (capped) until the database answers again.  Signal handlers only set a flag: the
 first SIGTERM/SIGINT lets the current step finish and exits 0; a second one kills the running
-commands and ends the process at once (exit 128+N).
+commands and ends the process at once (exit 128+N).  SIGHUP reopens the log file.
+
+After each pass the daemon writes its heartbeat (with its pause, so ``cax status`` can judge
+whether it is late), its metrics when asked to (``cax.metrics``) and, under systemd, pings the
+watchdog (``cax.service.Notifier``); a stopped daemon's last heartbeat says it stopped.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
 from cax import proc
 from cax.errors import CaxError
+from cax.service import Notifier, reopen_logs_soon
 from cax.tasks import Context, Outcome, Report, Task, run_task
 
 log = logging.getLogger(__name__)
@@ -60,11 +66,16 @@ class ErrorCounter(logging.Handler):
 class Daemon:
     """Runs ``tasks`` over the runs DB, pass after pass, for one site."""
 
-    def __init__(self, ctx: Context, tasks: list[type[Task]]):
+    def __init__(self, ctx: Context, tasks: list[type[Task]], *, metrics: Any = None,
+                 metrics_file: str | None = None, notifier: Notifier | None = None):
         self.ctx = ctx
         self.tasks = tasks
         self.passes = 0
         self.db_failures = 0
+        self.metrics = metrics  # cax.metrics.DaemonMetrics, when metrics are wanted
+        self.metrics_file = metrics_file
+        self.notifier = notifier or Notifier({})
+        self._last_info: dict[str, Any] | None = None
 
     def run_pass(self, wait_background: bool = False) -> PassResult:
         """Run every task once, then write the heartbeat; return what happened.
@@ -89,6 +100,7 @@ class Daemon:
             if self.ctx.stop.is_set():
                 log.info("stop requested: skipping the remaining tasks")
                 break
+            self.notifier.watchdog()
             result.outcomes.append(run_task(task_class(self.ctx), self.ctx))
         if self.ctx.background is not None:
             if wait_background:
@@ -98,6 +110,7 @@ class Daemon:
                 background.fail(failure)
             result.outcomes.append(background)
         self._report(result, started)
+        self._metrics(result, started)
         db_trouble = any(o.db_errors for o in result.outcomes)
         self.db_failures = self.db_failures + 1 if db_trouble else 0
         log.info("pass %d: done, %d item(s) done, %d failed", self.passes,
@@ -110,12 +123,49 @@ class Daemon:
             "pass_end": self.ctx.now(),
             "counts": {o.task: {"done": o.done, "failed": o.failed} for o in result.outcomes},
             "last_error": result.last_error,
+            "sleep_seconds": self.ctx.config.sleep_seconds,
         }
+        self._last_info = info
         try:
             Report(self.ctx).heartbeat(info)
         except CaxError as exc:
             log.warning("heartbeat not written: %s", exc)
             result.outcomes.append(Outcome("Report", failed=1, db_errors=1, errors=[str(exc)]))
+
+    def _metrics(self, result: PassResult, started: Any) -> None:
+        """Snapshot the metrics and write the textfile; a failure costs only this snapshot."""
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.observe(
+                self.ctx.runsdb, now=self.ctx.now(), pass_start=started,
+                failed_by_task={o.task: o.failed for o in result.outcomes},
+                max_attempts={s.name: s.max_attempts for s in self.ctx.config.sites})
+            if self.metrics_file:
+                self.metrics.write(self.metrics_file)
+        except (CaxError, OSError) as exc:
+            log.warning("metrics not updated: %s", exc)
+
+    def _stopped(self) -> None:
+        """Leave a last heartbeat that says this daemon stopped (not died)."""
+        if self._last_info is None or self.ctx.runsdb.read_only:
+            return
+        try:
+            Report(self.ctx).heartbeat({**self._last_info, "stopped": self.ctx.now()})
+        except CaxError as exc:
+            log.warning("last heartbeat not written: %s", exc)
+
+    def _pause(self, seconds: float) -> bool:
+        """Sleep until the next pass, pinging the watchdog; True if a stop was requested."""
+        step = self.notifier.watchdog_s
+        if not step:
+            return self.ctx.stop.wait(seconds)
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.notifier.watchdog()
+            if self.ctx.stop.wait(min(left, step / 2)):
+                return True
+        return self.ctx.stop.is_set()
 
     def sleep_seconds(self) -> float:
         """The pause before the next pass: the configured one, longer after DB failures."""
@@ -126,6 +176,7 @@ class Daemon:
 
     def run(self, once: bool = False) -> int:
         """Loop until stopped; return the exit status (``--once``: 1 if anything failed)."""
+        self.notifier.ready(f"site {self.ctx.site.name}: first pass")
         try:
             while True:
                 result = self.run_pass(wait_background=once)
@@ -134,21 +185,28 @@ class Daemon:
                 if self.ctx.stop.is_set():
                     break
                 pause = self.sleep_seconds()
+                self.notifier.status(f"site {self.ctx.site.name}: pass {result.number} done, "
+                                     f"{result.failed} failed; sleeping {pause:.0f} s")
                 log.info("sleeping %.0f s", pause)
-                if self.ctx.stop.wait(pause):
+                if self._pause(pause):
                     break
         finally:
+            self.notifier.stopping()
             if self.ctx.background is not None:
                 self.ctx.background.wait()
                 self.ctx.background.shutdown()
             if self.ctx.transports is not None:
                 self.ctx.transports.close_all()
+            self._stopped()
         log.info("stopped after %d pass(es)", self.passes)
         return 0
 
 
 def install_signal_handlers(stop: threading.Event) -> None:
-    """First SIGTERM/SIGINT: warm stop (set ``stop``).  Second: cold stop, exit 128+N."""
+    """First SIGTERM/SIGINT: warm stop (set ``stop``).  Second: cold stop, exit 128+N.
+
+    SIGHUP reopens the log file (logrotate's ``postrotate``), instead of killing the daemon.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if not stop.is_set():
@@ -162,3 +220,4 @@ def install_signal_handlers(stop: threading.Event) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
+    signal.signal(signal.SIGHUP, lambda signum, frame: reopen_logs_soon())

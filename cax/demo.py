@@ -1,8 +1,11 @@
 """``cax demo``: a self-contained example on the embedded runs DB, with two local sites.
 
 It plays the DAQ (writes runs of real files and registers them as ``verifying`` at site
-``daq``), then runs one pass of cax as ``daq`` and one as ``lab``: the DAQ's copies get their
-checksums, are pushed to ``lab`` and verified there.  Everything stays in one directory.
+``daq`` the way ``cax run add`` does), then runs one pass of cax as ``daq`` and one as
+``lab``: the DAQ's copies get their checksums, are pushed to ``lab`` and verified there.  One
+more run directory is written but left unregistered, so the suggested next commands (register
+it, run the passes, look at the status) have something to do.  Everything stays in one
+directory.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from cax.clock import utcnow
 from cax.config import load_config
 from cax.daemon import Daemon
 from cax.errors import ConfigError
-from cax.runsdb import VERIFYING, open_runsdb
+from cax.admin import cax_command
+from cax.admin.register import raw_entry, register, run_document
+from cax.runsdb import open_runsdb
 from cax.tasks import Context, select_tasks
 from cax.workers import Background
 
@@ -53,22 +58,22 @@ def prepare(root: Path, runs: int) -> Path:
     root = root.resolve()
     config = root / "cax.json"
     config.write_text(json.dumps(demo_config(root), indent=2) + "\n")
+    daq = load_config(config, "daq").site
     db = open_runsdb(f"file:{root / 'runsdb'}")
-    start = utcnow() - dt.timedelta(days=runs)
+    start = utcnow() - dt.timedelta(days=runs + 1)
     docs = []
-    for number in range(1, runs + 1):
+    for number in range(1, runs + 2):
         when = start + dt.timedelta(days=number)
         name = when.strftime("%y%m%d_%H%M")
         location = root / "daq" / "raw" / name
         location.mkdir(parents=True)
         for i in range(FILES_PER_RUN):
             (location / f"XENON1T-{number}-{i:09d}.zip").write_bytes(os.urandom(FILE_BYTES))
-        docs.append({"number": number, "name": name, "detector": "tpc", "start": when,
-                     "tags": [], "data": [{"host": "daq", "type": "raw", "status": VERIFYING,
-                                           "location": str(location), "checksum": None,
-                                           "creation_time": when}]})
+        if number <= runs:  # the last one is for the user to register
+            docs.append(run_document(number, name, "tpc", when, [],
+                                     raw_entry(daq, str(location), now=when)))
     (root / "lab" / "raw").mkdir(parents=True)
-    db.insert_runs(docs)
+    register(db, docs)
     db.close()
     return config
 
@@ -103,13 +108,20 @@ def summary(config_path: Path) -> Iterator[str]:
 def run_demo(root: Path, runs: int = 4) -> Iterator[str]:
     """Build the demo under ``root``, run cax on it, and yield lines describing what it did."""
     config = prepare(root, runs)
-    yield f"cax demo in {config.parent}: {runs} runs of {FILES_PER_RUN} files at site daq"
+    yield f"cax demo in {config.parent}: {runs} runs of {FILES_PER_RUN} files registered at " \
+          "site daq"
     for site in ("daq", "lab"):
         failed = one_pass(config, site)
         yield f"pass as site {site}: {'ok' if not failed else f'{failed} failure(s)'}"
     yield ""
     yield from summary(config)
     yield ""
+    cax = f"{cax_command()} --config {config}"
+    yield f"One more run is waiting in {config.parent / 'daq' / 'raw'}, not registered yet."
     yield "Try it yourself:"
-    yield f"  cax --config {config} --host lab --once --log debug"
-    yield f"  cax --config {config} --host daq --dry-run --once"
+    yield f"  {cax} --host daq run add --from-dir {config.parent / 'daq' / 'raw'}"
+    yield f"  {cax} --host daq --once --dry-run"
+    yield f"  {cax} --host daq --once"
+    yield f"  {cax} --host lab --once --log debug"
+    yield f"  {cax} --host daq status --summary"
+    yield f"  {cax} --host daq status"

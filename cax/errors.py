@@ -85,3 +85,7 @@ class TapeError(CaxError):
 
 class NotAvailableError(CaxError):
     """A command or feature exists in the interface but is not implemented in this release."""
+
+
+class AlreadyRunningError(CaxError):
+    """Another cax daemon of the same site runs on this machine (it holds the instance lock)."""

@@ -84,6 +84,10 @@ class _Spawner:
 _spawner = _Spawner()
 
 
+#: Arguments longer than this (or with a newline) are logged as their size only.
+SCRIPT_SHOWN = 160
+
+
 def mask(argv: Sequence[str]) -> str:
     """Return ``argv`` as one loggable line, secret values replaced by ``***``."""
     out, hide_next = [], False
@@ -93,6 +97,11 @@ def mask(argv: Sequence[str]) -> str:
             hide_next = False
         elif any(arg.startswith(flag + "=") for flag in SECRET_FLAGS):
             out.append(arg.split("=", 1)[0] + "=***")
+        elif "\n" in arg or len(arg) > SCRIPT_SHOWN:
+            # an inlined script (python3 -c ..., or the remote command ssh runs): its first
+            # word and size, not its text, which would bury the line that matters
+            out.append(f"<{arg.split()[0] if arg.split() else 'script'} ... "
+                       f"({len(arg)} bytes)>")
         else:
             hide_next = arg in SECRET_FLAGS
             out.append(arg)

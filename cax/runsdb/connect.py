@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from urllib.parse import quote_plus
 
+import pymongo
 from pymongo import MongoClient, monitoring
 from pymongo.errors import PyMongoError
 
@@ -20,6 +24,8 @@ log = logging.getLogger(__name__)
 DEFAULT_EMBEDDED = "cax-runsdb"
 PASSWORD_VARIABLES = ("MONGODB_PASSWORD", "MONGO_PASSWORD")  # the second is the original's name
 SERVER_TIMEOUT_MS = 10_000
+#: The start-up check of a server: an unreachable runs DB is reported within seconds.
+START_CHECK_S = 3.0
 
 
 class _RoundTripCounter(monitoring.CommandListener):
@@ -56,6 +62,14 @@ class _RoundTripCounter(monitoring.CommandListener):
         self._counts.discard(event.request_id)
 
 
+def short_cause(exc: Exception) -> str:
+    """The cause in a driver error, without its timeouts and topology dump."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for cut in (" (configured timeouts", ", Timeout:", ", Topology Description"):
+        text = text.split(cut, 1)[0]
+    return text[:200]
+
+
 def redact(uri: str) -> str:
     """Return ``uri`` with any password replaced, for logs and messages."""
     return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", uri)
@@ -90,8 +104,15 @@ def open_runsdb(uri: str | None, db_name: str = "run", runs_collection: str = "r
     if uri and not uri.startswith("file:"):
         raise ConfigError(f"runs DB {uri!r}: expected mongodb://, mongodb+srv:// or file:PATH")
     path = Path(uri[5:] if uri else DEFAULT_EMBEDDED)
+    store_read_only = read_only
+    if read_only and not path.exists():
+        # A dry run before any daemon created the store: an empty runs DB (nothing to do),
+        # kept in a temporary directory so that nothing is created at ``path``.
+        log.info("no runs DB at %s yet: nothing to do", path)
+        path, store_read_only = Path(tempfile.mkdtemp(prefix="cax-no-runsdb-")), False
+        atexit.register(shutil.rmtree, path, True)
     try:
-        client = EmbeddedClient(path, read_only=read_only)
+        client = EmbeddedClient(path, read_only=store_read_only)
         client.admin_ping()
     except (OSError, PyMongoError) as exc:  # PyMongoError: the store's file is unusable
         raise RunsDBError(f"embedded runs DB at {path}: {exc}") from exc
@@ -118,10 +139,12 @@ def _open_server(uri: str, db_name: str, runs_collection: str, read_only: bool,
     runsdb.client = client
     if check:
         try:
-            client.admin.command("ping")
+            with pymongo.timeout(START_CHECK_S):
+                client.admin.command("ping")
         except PyMongoError as exc:
             client.close()
-            raise RunsDBError(f"runs DB {redact(uri)} is unreachable: {exc}") from None
+            raise RunsDBError(f"runs DB {redact(uri)} (key 'runs_db') is unreachable: "
+                              f"{short_cause(exc)}") from None
     runsdb.ensure_indexes()
     log.debug("runs DB: %s database %s", redact(uri), db_name)
     return runsdb

@@ -31,6 +31,7 @@ from cax.runsdb.entries import (
     PURGING,
     TRANSFERRED,
     TRANSFERRING,
+    VERIFYING,
     EntryKey,
     find_entry,
 )
@@ -169,6 +170,7 @@ class RunsDB:
             [("number", ASCENDING)], [("name", ASCENDING), ("detector", ASCENDING)],
             [("start", DESCENDING)], [("tags.name", ASCENDING)],
             [("data.host", ASCENDING), ("data.type", ASCENDING), ("data.status", ASCENDING)],
+            [("data.status", ASCENDING)],  # cax status --stuck, over every site
         ):
             self.runs.create_index(keys)
         self.manifests.create_index([("run", ASCENDING), ("host", ASCENDING)])
@@ -196,6 +198,47 @@ class RunsDB:
         """Insert run documents (the DAQ's job; used by the demo and tests)."""
         if not self._skip("insert runs", len(runs)):
             self.runs.insert_many(list(runs))
+
+    @_db_call
+    def register_run(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """Insert a new run document as the DAQ would, unless it would be a duplicate.
+
+        A duplicate has the same ``number`` or the same ``name`` within its ``detector`` (run
+        numbers are not unique across detectors: the muon veto counts its own).  The check
+        and the insert are one upsert, so two registrations of one run cannot both succeed
+        on the embedded store.  Returns None when inserted, else the run already there
+        (and writes nothing).
+        """
+        detector = doc.get("detector")
+        same = {"$or": [{"number": doc["number"], "detector": detector},
+                        {"name": doc["name"], "detector": detector}]}
+        fields = {"number": 1, "name": 1, "detector": 1, "start": 1}
+        if self._skip("register run", doc["number"], doc["name"]):
+            return self.runs.find_one(same, fields)
+        result = self.runs.update_one(same, {"$setOnInsert": doc}, upsert=True)
+        if result.upserted_id is not None:
+            return None
+        return self.runs.find_one(same, fields) or {}
+
+    @_db_call
+    def highest_run_number(self) -> int | None:
+        """The highest run number in the runs DB (index on ``number``), or None if empty."""
+        top = self.runs.find_one({"number": {"$type": "number"}}, {"number": 1},
+                                 sort=[("number", DESCENDING)])
+        return int(top["number"]) if top else None
+
+    @_db_call
+    def count_copies(self, query: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Return ``{host, type, status, count}`` of every entry in the runs matching ``query``.
+
+        One aggregation: the server counts, nothing but the counts comes back.
+        """
+        pipeline: list[dict[str, Any]] = [{"$match": query}] if query else []
+        pipeline += [{"$project": {"_id": 0, "data.host": 1, "data.type": 1, "data.status": 1}},
+                     {"$unwind": "$data"},
+                     {"$group": {"_id": {"host": "$data.host", "type": "$data.type",
+                                         "status": "$data.status"}, "count": {"$sum": 1}}}]
+        return [{**row["_id"], "count": row["count"]} for row in self.runs.aggregate(pipeline)]
 
     @_db_call
     def set_run_fields(self, run_id: Any, fields: dict[str, Any]) -> bool:
@@ -512,20 +555,52 @@ class RunsDB:
     @_db_call
     def reset_entry(self, run_id: Any, key: EntryKey, *, by: str,
                     now: dt.datetime | None = None) -> bool:
-        """Make a stuck ``error`` entry retryable at the next pass (``cax retry``).
+        """Make a stuck entry retryable at the next pass (``cax retry``); deletes nothing.
 
-        Works for every kind of stuck entry: attempts used up, a permanent or configuration
-        error, a bad copy flagged and kept.  Deletes nothing; records who did it in the
-        entry's history.  An entry under a live lease is not touched.
+        * ``error`` (attempts used up, a permanent or configuration error, a bad copy flagged
+          and kept): attempts and failure kind are cleared and the retry is due now; an entry
+          cax did not copy here (no ``source``: the DAQ's, or one registered by hand) goes back
+          to ``verifying``, so AddChecksum checks it again against its recorded checksum;
+        * ``transferring`` whose lease expired (its daemon died): becomes a due ``error``, so
+          the copy tasks take it up again;
+        * ``purging`` whose lease expired: the lease is dropped, so the purge is finished.
+
+        An entry under a live lease is not touched.  Who and when go into ``history``.
+        Returns whether the entry was reset.
         """
         now = now or self.now()
-        query = {"_id": run_id, "data": key.elem_match(status=ERROR,
-                                                       lease_expires=_lease_free(now))}
-        update = {"$set": _positional({"attempts": 0, "next_attempt": now, "modified_time": now,
-                                       "checksum_failures": 0}),
-                  "$unset": {"data.$.error_kind": "", "data.$.config_hash": ""},
-                  "$push": {"data.$.history": {"$each": [history_event(now, "retry", by)],
-                                               "$slice": -HISTORY_KEPT}}}
+        run = self.runs.find_one({"_id": run_id}, {"data": 1})
+        entry = find_entry(run, key) if run else None
+        if entry is None:
+            return False
+        status = entry.get("status")
+        event = history_event(now, "retry", by, f"was {status}")
+        unset: list[str] = list(LEASE_FIELDS)
+        if status == ERROR:
+            cond: dict[str, Any] = {"status": ERROR, "lease_expires": _lease_free(now)}
+            fields: dict[str, Any] = {"attempts": 0, "next_attempt": now,
+                                      "checksum_failures": 0, "modified_time": now}
+            if "source" not in entry:
+                fields["status"] = VERIFYING
+                del fields["next_attempt"]
+                unset.append("next_attempt")
+            unset += ["error_kind", "config_hash"]
+        elif status in (TRANSFERRING, PURGING) and entry.get("lease_expires") is not None:
+            cond = {"status": status, "lease_expires": {"$lt": now}}
+            fields = {"modified_time": now}
+            if status == TRANSFERRING:
+                owner = entry.get("lease_owner") or "a daemon"
+                fields.update(status=ERROR, attempts=0, next_attempt=now, error_kind="transient",
+                              error=f"lease of {owner} expired; reset by {by}")
+        else:
+            return False
+        # Addressed by index, re-checked by identity and state in the filter: the positional
+        # ``$`` would have to match an entry whose status this same update changes.
+        at = f"data.{_index_of(run, key)}"
+        query = {"_id": run_id, **{f"{at}.{k}": v for k, v in {**key.match(), **cond}.items()}}
+        update = {"$set": {f"{at}.{k}": v for k, v in fields.items()},
+                  "$unset": {f"{at}.{k}": "" for k in unset if k not in fields},
+                  "$push": {f"{at}.history": {"$each": [event], "$slice": -HISTORY_KEPT}}}
         if self._skip("reset", run_id, key, by):
             return self.runs.count_documents(query) == 1
         return self.runs.update_one(query, update).matched_count == 1

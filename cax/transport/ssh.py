@@ -145,6 +145,9 @@ def host_key_message(ep: Endpoint, changed: bool = False) -> str:
             f"host key of {ep.address} CHANGED (site {ep.site}); it does not match "
             f"{ep.known_hosts_path}: check the server, then fix the entry"
         )
+    if not os.path.exists(ep.known_hosts_path):
+        return (f"known_hosts file {ep.known_hosts_path} of site {ep.site} is missing; create "
+                "it with the host key, or set accept_new_host_keys")
     return (
         f"host key of {ep.address} is not in {ep.known_hosts_path} (site {ep.site}); "
         "add it or set accept_new_host_keys"
@@ -172,7 +175,9 @@ def classify_ssh_stderr(ep: Endpoint, stderr: str) -> tuple[str, bool] | None:
 
 
 def auth_message(ep: Endpoint) -> str:
-    """Return the one-line explanation for a refused login."""
+    """Return the one-line explanation for a refused login (or a key file that is not there)."""
+    if ep.key_file and not os.path.exists(ep.key_file):
+        return f"key_file {ep.key_file} of site {ep.site} is missing"
     key = ep.key_file or "the default keys/agent"
     user = ep.username or "the default user"
     return f"authentication as {user} to {ep.address} failed (site {ep.site}) with {key}"
@@ -228,6 +233,8 @@ def _transport_factory(ep: Endpoint):
 
 def connect_paramiko(ep: Endpoint) -> paramiko.SSHClient:
     """Open an authenticated paramiko connection to ``ep``; raise TransferError on failure."""
+    if ep.key_file and not os.path.exists(ep.key_file):
+        raise TransferError(auth_message(ep), retryable=False)
     client = paramiko.SSHClient()
     known_hosts = ep.known_hosts_path
     if ep.accept_new_host_keys:

@@ -103,7 +103,7 @@ def test_claim_updates_the_right_element(runsdb):
 
 
 def test_failure_and_reset_recorded_in_history(runsdb):
-    run_id = fresh(runsdb, status=ERROR, attempts=0)
+    run_id = fresh(runsdb, status=ERROR, attempts=0, source="a")  # a failed copy from a
     claim = runsdb.claim(run_id, RAW_AT_B, statuses=[ERROR], owner="A", lease_s=60)
     assert runsdb.record_failure(claim, "disk on fire", kind="permanent", retry_at=None)
     entry = find_entry(runsdb.find_run(run_id), RAW_AT_B)
@@ -115,6 +115,15 @@ def test_failure_and_reset_recorded_in_history(runsdb):
     assert "error_kind" not in entry
     assert [(h["event"], h["by"]) for h in entry["history"]] == [("failed", "A"),
                                                                  ("retry", "alice")]
+
+
+def test_reset_of_an_entry_cax_did_not_copy_sends_it_back_to_verifying(runsdb):
+    """The DAQ's copy failed AddChecksum: no copy task redoes it, so AddChecksum must."""
+    run_id = fresh(runsdb, status=ERROR, attempts=5, next_attempt=None, error="mismatch")
+    assert runsdb.reset_entry(run_id, RAW_AT_B, by="alice")
+    entry = find_entry(runsdb.find_run(run_id), RAW_AT_B)
+    assert entry["status"] == "verifying" and "next_attempt" not in entry
+    assert entry["history"][-1]["detail"] == "was error"
 
 
 def test_remove_claimed_respects_owner_and_status(runsdb):
@@ -183,10 +192,8 @@ def test_embedded_store_persists_across_clients(tmp_path):
 
 
 def test_dry_run_on_missing_embedded_db_creates_nothing(tmp_path):
-    import pytest
-
-    from cax.errors import RunsDBError
-
-    with pytest.raises(RunsDBError):
-        open_runsdb(f"file:{tmp_path / 'nothing'}", read_only=True)
+    """A dry run on a store not created yet sees an empty runs DB (issue 8: nothing to do)."""
+    db = open_runsdb(f"file:{tmp_path / 'nothing'}", read_only=True)
+    assert db.find_runs({}) == [] and db.find_heartbeats() == []
+    db.close()
     assert not (tmp_path / "nothing").exists()

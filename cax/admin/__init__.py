@@ -1,0 +1,25 @@
+"""The operator's side of cax: registering runs, status views, retries, machine checks.
+
+Each module returns plain values and raises the named errors of ``cax.errors``; only
+``cax/cli.py`` prints them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+
+def cax_command() -> str:
+    """How a printed command should call cax: ``cax`` when that is on PATH, else a full path.
+
+    A command that works only when copied into a shell with the right PATH is no help.
+    """
+    found = shutil.which("cax")
+    if found:
+        return "cax"
+    beside = os.path.join(os.path.dirname(sys.executable), "cax")
+    if os.access(beside, os.X_OK):
+        return beside
+    return f"{sys.executable} -m cax"
