@@ -53,9 +53,10 @@ UNREADABLE = (OSError, ValueError, UnsafeNameError)
 def kind_of(checksum: Any) -> str | None:
     """Return the kind of a recorded checksum, or None if it is missing or not a cax checksum."""
     try:
-        return checksum_kind(checksum)
+        kind = checksum_kind(checksum)
     except ValueError:
         return None
+    return None if kind == "unknown" else kind
 
 
 def describe_files(files: list[str] | None) -> str:

@@ -358,6 +358,7 @@ class CopyJob(ClaimedJob):
 def _kind(checksum: Any) -> str | None:
     """The kind of a recorded checksum, None for formats cax cannot verify."""
     try:
-        return checksum_kind(checksum)
+        kind = checksum_kind(checksum)
     except ValueError:
         return None
+    return None if kind == "unknown" else kind
