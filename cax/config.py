@@ -252,6 +252,8 @@ def load_config(path: str | os.PathLike, host: str | None = None,
                             "name")
         _check_site(values, where, problems)
         sites.append(values)
+    if top["sites"] == []:
+        problems.append(f"{label}: key 'sites': no sites configured")
     _check_site_links(sites, label, problems)
     _check_overlaps(sites, label, problems)
     if problems:
@@ -566,8 +568,6 @@ def _check_site_links(sites: list[dict], label: str, problems: list[str]) -> Non
     names = [s.get("name") for s in sites if isinstance(s.get("name"), str)]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{label}: site {_short(name)!r}: duplicate site name")
-    if not sites:
-        problems.append(f"{label}: key 'sites': no sites configured")
     for site in sites:
         for option in ("upload_options", "download_options"):
             targets = site.get(option)
