@@ -278,7 +278,8 @@ def load_config(path: str | os.PathLike, host: str | None = None,
         task_list=_tuple(top["task_list"]),
         dataset_list=_tuple(top["dataset_list"]),
         processor_version=top["processor_version"],
-        legacy_checksums=top["legacy_checksums"],
+        legacy_checksums=bool(top["legacy_checksums"]
+                              or os.environ.get("CAX_LEGACY_CHECKSUMS") == "1"),
         notes=tuple(dict.fromkeys(notes)),
     )
 

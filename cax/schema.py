@@ -171,7 +171,8 @@ TOP_KEYS: tuple[Key, ...] = (
         "that name none.", read_from="top"),
     Key("legacy_checksums", ("bool",), False, "Mixed operation with the original cax: also "
         "record the original's sha512 dirhash of each new raw and processed copy, computed from "
-        "the same read, so old daemons count the copy as good.", read_from="top"),
+        "the same read, so old daemons count the copy as good (list form: CAX_LEGACY_CHECKSUMS=1).",
+        read_from="top"),
 )
 
 def _bounds(key: Key) -> str:

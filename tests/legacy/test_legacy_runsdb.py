@@ -237,3 +237,25 @@ def test_bad_legacy_copy_is_repaired_from_the_master_in_its_former_directory(dep
     master = next(e for e in run["data"] if e["host"] == DM)
     assert entry["status"] == "transferred", entry
     assert legacy_dirhash(deployment["bad"]) == master["checksum"]
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["new only", "mixed operation"])
+def test_mixed_operation_registers_the_originals_checksum_too(deployment, runsdb, monkeypatch,
+                                                              mixed):
+    """With CAX_LEGACY_CHECKSUMS=1 a new copy's `checksum` is what old daemons compare."""
+    if mixed:
+        monkeypatch.setenv("CAX_LEGACY_CHECKSUMS", "1")
+    fresh = dataset(Path(deployment["good"][0]).parents[2] / "dm/raw/170301_2100", 9)
+    runsdb.insert_runs([make_run(9, start=OLD + dt.timedelta(hours=9), data=[
+        {"host": DM, "type": "raw", "status": "transferred", "location": str(fresh),
+         "checksum": original_dirhash(fresh), "creation_time": OLD},
+    ], **daq_fields(9))])
+    one_pass(deployment["config"], MW, runsdb)
+    entry = next(e for e in next(r for r in runsdb.find_runs({"number": 9}))["data"]
+                 if e["host"] == MW)
+    assert entry["status"] == "transferred", entry
+    if mixed:
+        assert entry["checksum"] == original_dirhash(fresh)
+        assert entry["adler32_checksum"].startswith("adler32:")
+    else:
+        assert entry["checksum"].startswith("adler32:") and "adler32_checksum" not in entry
