@@ -160,6 +160,9 @@ class Config:
         None means "every version offered": a site copying processed data without a version
         copies each version another site holds (the original took the installed pax's).
         """
+        processing = getattr(site, "processing", None)  # the processing section, when present
+        if isinstance(processing, Mapping) and isinstance(processing.get("version"), str):
+            return processing["version"]
         return site.processor_version or self.processor_version
 
     def reference_sites(self, data_type: str, exclude: str | None = None) -> list[Site]:
