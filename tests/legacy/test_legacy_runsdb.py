@@ -79,7 +79,7 @@ def deployment(tmp_path: Path, runsdb: Any, runsdb_uri: tuple[str, str], monkeyp
          "dir_minitrees": "/project/lgrandi/xenon1t/minitrees", "grid_cert": "/x/proxy"},
         {"name": DM, "method": "local", "dir_raw": str(dm_raw), "dir_tsm": str(tmp_path / "tsm"),
          "legacy_dirs": [str(dm_old)], "data_type": ["raw"],
-         "upload_options": [MW, "tsm-server", "rucio-catalogue"], "download_options": [],
+         "upload_options": [MW, "rucio-catalogue"], "download_options": [],  # tape: tests/tape
          "rucio_upload_rse": "LNGS_USERDISK"},
         {"name": "tsm-server", "method": "tsm", "hostname": None, "dir_raw": None},
         {"name": "rucio-catalogue", "method": "rucio", "hostname": None, "dir_raw": None},
