@@ -152,9 +152,10 @@ class CopyJob(ClaimedJob):
 
     def claim_fields(self) -> dict[str, Any]:
         plan = self.plan
-        return {"status": TRANSFERRING, "location": self.dest_path, "source": plan.source.name,
-                "method": plan.remote.method, "transfer_start": self.ctx.now(),
-                "reading": plan.source_key.match()}
+        inherited = {k: plan.source_entry[k] for k in INHERITED_FIELDS if k in plan.source_entry}
+        return {**inherited, "status": TRANSFERRING, "location": self.dest_path,
+                "source": plan.source.name, "method": plan.remote.method,
+                "transfer_start": self.ctx.now(), "reading": plan.source_key.match()}
 
     def source_still_good(self) -> list[tuple[EntryKey, dict[str, Any]]]:
         """The claim requires the source copy to be verified, where it was, at that instant."""
@@ -373,6 +374,11 @@ class CopyJob(ClaimedJob):
     def _registration_extras(self, checksum: str) -> tuple[dict[str, Any], list[str]]:
         """Fields to set and to unset besides the usual ones when the copy is registered."""
         return {}, []
+
+
+#: Fields a copy carries over from its source, as the original's copy_handshake did (processed
+#: data: which pax made it, where); its readers use them.
+INHERITED_FIELDS = ("pax_hash", "creation_place")
 
 
 def _kind(checksum: Any) -> str | None:

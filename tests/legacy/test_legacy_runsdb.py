@@ -259,3 +259,28 @@ def test_mixed_operation_registers_the_originals_checksum_too(deployment, runsdb
         assert entry["adler32_checksum"].startswith("adler32:")
     else:
         assert entry["checksum"].startswith("adler32:") and "adler32_checksum" not in entry
+
+
+def test_processed_copy_keeps_pax_hash_and_creation_place(deployment, runsdb, tmp_path):
+    config = json.loads(deployment["config"].read_text())
+    for site in config:
+        if site["name"] == DM:
+            site.update(dir_processed=str(tmp_path / "dm/processed"),
+                        data_type=["raw", "processed"])
+        if site["name"] == MW:
+            site.update(processor_version="v6.4.2")
+    deployment["config"].write_text(json.dumps(config))
+    root = tmp_path / "dm/processed/pax_v6.4.2/170301_2200.root"
+    root.parent.mkdir(parents=True)
+    root.write_bytes(b"processed" * 999)
+    runsdb.insert_runs([make_run(10, start=OLD + dt.timedelta(hours=10), data=[
+        {"host": DM, "type": "processed", "status": "transferred", "location": str(root),
+         "checksum": original_dirhash(root), "creation_time": OLD, "pax_version": "v6.4.2",
+         "pax_hash": "3f2a9c1", "creation_place": "midway-login1"},
+    ], **daq_fields(10))])
+    one_pass(deployment["config"], MW, runsdb)
+    entry = next(e for e in next(r for r in runsdb.find_runs({"number": 10}))["data"]
+                 if e["host"] == MW)
+    assert entry["status"] == "transferred", entry
+    assert (entry["pax_version"], entry["pax_hash"], entry["creation_place"]) == (
+        "v6.4.2", "3f2a9c1", "midway-login1")
