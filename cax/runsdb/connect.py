@@ -17,7 +17,6 @@ from cax.runsdb.store import EmbeddedClient
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EMBEDDED = "cax-runsdb"
 PASSWORD_VARIABLES = ("MONGODB_PASSWORD", "MONGO_PASSWORD")  # the second is the original's name
 SERVER_TIMEOUT_MS = 10_000
 
