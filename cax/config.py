@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import logging
 import math
 import os
 import posixpath
@@ -34,8 +33,6 @@ from cax.schema import (
     Key,
 )
 from cax.tape.dsmc import setup_problems
-
-log = logging.getLogger(__name__)
 
 MAX_CONFIG_BYTES = 1 << 20
 """A cax.json is a few kB; anything past 1 MiB is refused unread (no parse, nothing echoed)."""

@@ -32,9 +32,8 @@ class Key:
     items: str | None = None  # element type of a list
     absolute_path: bool = False
     maximum: float | None = None
-    #: Whose section the daemon reads the key from, for the reference table: "own" (the
-    #: daemon's own site), "destination"/"source" (the other end of a copy), "any" (every
-    #: daemon reads every site's value), "top" (top level).
+    #: Whose section a daemon reads the key from (a column of the reference): "own", "peer",
+    #: "all" or "top", as explained above SITE_KEYS.
     read_from: str = "own"
 
 
