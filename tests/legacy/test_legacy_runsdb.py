@@ -284,3 +284,19 @@ def test_processed_copy_keeps_pax_hash_and_creation_place(deployment, runsdb, tm
     assert entry["status"] == "transferred", entry
     assert (entry["pax_version"], entry["pax_hash"], entry["creation_place"]) == (
         "v6.4.2", "3f2a9c1", "midway-login1")
+
+
+def test_mixed_operation_new_daq_data_get_the_originals_checksum(deployment, runsdb,
+                                                                  monkeypatch, tmp_path):
+    monkeypatch.setenv("CAX_LEGACY_CHECKSUMS", "1")
+    fresh = dataset(tmp_path / "dm/raw/170301_2300", 11)
+    runsdb.insert_runs([make_run(11, start=OLD + dt.timedelta(hours=11), data=[
+        {"host": DM, "type": "raw", "status": "verifying", "location": str(fresh),
+         "checksum": None, "creation_time": OLD},
+    ], **daq_fields(11))])
+    one_pass(deployment["config"], DM, runsdb)
+    entry = next(e for e in next(r for r in runsdb.find_runs({"number": 11}))["data"]
+                 if e["host"] == DM)
+    assert entry["status"] == "transferred", entry
+    assert entry["checksum"] == original_dirhash(fresh)
+    assert entry["adler32_checksum"].startswith("adler32:")
