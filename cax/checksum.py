@@ -246,33 +246,115 @@ def _sha512_path(path: bytes, nofollow: bool) -> str:
     return digest.hexdigest()
 
 
+def _list_legacy(root: bytes) -> list:
+    """List a dataset the way the original's ``checksumdir`` walked it, for its dirhashes.
+
+    ``os.walk`` without following links: a symlink to a file is hashed by its target's content,
+    a symlink to a directory is not descended (both as the original did, so the recorded
+    dirhash verifies). A link that dangles or leads outside the dataset raises ValueError: its
+    bytes are not part of the dataset, and a copy could not reproduce them.
+    """
+    info = os.stat(root)
+    if stat.S_ISREG(info.st_mode):
+        return [(".", root)]
+    if not stat.S_ISDIR(info.st_mode):
+        raise ValueError("dataset is neither a regular file nor a directory: " + _shown(root))
+    top = os.path.realpath(root)
+    found, pending = [], [(b"", root)]
+    while pending:
+        prefix, directory = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                rel = prefix + entry.name
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if not os.path.exists(target):
+                        raise ValueError("dangling symlink in dataset: " + _shown(entry.path))
+                    if not target.startswith(top + b"/"):
+                        raise ValueError("symlink leaves the dataset: " + _shown(entry.path))
+                    if os.path.isdir(target):
+                        continue  # the original's walk did not descend into it
+                    found.append((rel.decode("utf-8", "surrogateescape"), target))
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append((rel + b"/", entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    found.append((rel.decode("utf-8", "surrogateescape"), entry.path))
+                else:
+                    raise ValueError("special file in dataset: " + _shown(entry.path))
+    found.sort()
+    return found
+
+
 def legacy_dirhash(path: str | os.PathLike[str]) -> str:
     """Return the checksum the original cax (2016-2017) stored, to verify its old entries.
 
     That is ``checksumdir.dirhash(path, "sha512")`` for a directory: the sha512 hex of each file's
     content (names ignored), sorted, fed as UTF-8 into a fresh sha512; for a file, its sha512 hex.
-    An empty directory gives sha512(b""). Unlike checksumdir, read errors raise OSError, and a
-    symlink or special file in the tree raises ValueError (as in ``scan_dataset``).
+    An empty directory gives sha512(b""). Unlike checksumdir, read errors raise OSError. Symlinks
+    are treated as the original treated them (see ``_list_legacy``): followed to files inside the
+    dataset, directory links skipped, dangling or escaping links refused with ValueError.
     """
-    files = _list_dataset(_fsbytes(path))
+    files = _list_legacy(_fsbytes(path))
     if len(files) == 1 and files[0][0] == ".":
         return _sha512_path(files[0][1], False)
+    return _combine_sha512(_sha512_path(p, False) for _, p in files)
+
+
+def _combine_sha512(hexdigests) -> str:
     digest = hashlib.sha512()
-    for hexdigest in sorted(_sha512_path(p, True) for _, p in files):
+    for hexdigest in sorted(hexdigests):
         digest.update(hexdigest.encode("utf-8"))
     return digest.hexdigest()
 
 
-def checksum_kind(checksum: str) -> str:
-    """Return ``"adler32"`` or ``"sha512-dirhash"`` (legacy) for a stored checksum.
+def _both_path(path: bytes, nofollow: bool) -> tuple[int, str, str]:
+    """Return (size, adler32 hex, sha512 hex) of one file from a single read."""
+    f, size = _open_regular(path, nofollow)
+    value, total, digest = 1, 0, hashlib.sha512()
+    with f:
+        for block in _blocks(f, size):
+            value = zlib.adler32(block, value)
+            digest.update(block)
+            total += len(block)
+    return total, f"{value & 0xFFFFFFFF:08x}", digest.hexdigest()
 
-    Raises ValueError for anything else, e.g. a truncated value or None.
+
+def scan_with_dirhash(path: str | os.PathLike[str]) -> tuple[Manifest, str]:
+    """Return the manifest of the dataset at ``path`` and the original's sha512 dirhash of it.
+
+    Both from one read of each file, for mixed operation (``legacy_checksums``): a new copy is
+    registered with the original's checksum as well, so old daemons still count it as good.
+    Raises as ``scan_dataset``.
+    """
+    files = _list_dataset(_fsbytes(path))
+    results = {rel: _both_path(p, rel != ".") for rel, p in files}
+    manifest: Manifest = {rel: (size, adler) for rel, (size, adler, _) in results.items()}
+    if len(files) == 1 and files[0][0] == ".":
+        return manifest, results["."][2]
+    return manifest, _combine_sha512(sha for _, _, sha in results.values())
+
+
+def legacy_checksum_fields(manifest: Manifest, dirhash: str) -> dict[str, str]:
+    """Return the checksum fields of a new copy registered in mixed operation.
+
+    ``checksum`` holds the original's sha512 dirhash (what old daemons compare); the adler32
+    dataset checksum, which covers names and allows per-file repair, goes to
+    ``adler32_checksum``. cax verifies either kind.
+    """
+    return {"checksum": dirhash, "adler32_checksum": dataset_checksum(manifest)}
+
+
+def checksum_kind(checksum: object) -> str:
+    """Return ``"adler32"``, ``"sha512-dirhash"`` (legacy) or ``"unknown"`` for a stored value.
+
+    Never raises: runs DBs hold ``None``, ``"n/a"``, truncated values and ruciax's ``:a:b:c``,
+    and none of them may crash a pass. ``"unknown"`` counts as unverified.
     """
     if isinstance(checksum, str) and _DATASET_RE.fullmatch(checksum):
         return "adler32"
     if isinstance(checksum, str) and _LEGACY_RE.fullmatch(checksum):
         return "sha512-dirhash"
-    raise ValueError(f"not a cax checksum: {checksum!r}")
+    return "unknown"
 
 
 def compute_checksum_like(
@@ -284,7 +366,10 @@ def compute_checksum_like(
 
     Raises ValueError if ``reference`` is not a cax checksum, and as ``scan_dataset`` otherwise.
     """
-    if checksum_kind(reference) == "sha512-dirhash":
+    kind = checksum_kind(reference)
+    if kind == "unknown":
+        raise ValueError(f"not a cax checksum: {str(reference)[:40]!r}")
+    if kind == "sha512-dirhash":
         return legacy_dirhash(path), None
     manifest = scan_dataset(path)
     return dataset_checksum(manifest), manifest

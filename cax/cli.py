@@ -154,7 +154,12 @@ def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool =
               help="Configuration file [default: $CAX_CONFIG or ./cax.json].")
 @click.option("--run", "run_number", type=int, metavar="N", help="Only the run(s) numbered N.")
 @click.option("--name", metavar="NAME", help="Only the run(s) called NAME.")
-@click.option("--host", metavar="SITE", help="Act as this site [default: short host name].")
+@click.option("--host", metavar="SITE", help="Act as this site [default: $CAX_HOST, $HOSTNAME "
+              "if it names a site, else the short host name].")
+@click.option("--runs-db", metavar="URI", help="The runs DB: mongodb://..., embedded:PATH "
+              "[default: $CAX_RUNS_DB, else the config's runs_db].")
+@click.option("--ncpu", type=int, metavar="N", hidden=True,
+              help="Accepted for the original's batch scripts; ignored.")
 @click.option("--log", "log_level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.option("--log-file", metavar="FILE", help="Also write the log to FILE.")
@@ -168,9 +173,9 @@ def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool =
 @click.version_option(cax.__version__, prog_name="cax")
 @click.pass_context
 def cli(click_ctx: click.Context, once: bool, config_path: str | None, run_number: int | None,
-        name: str | None, host: str | None, log_level: str, log_file: str | None,
-        dry_run: bool, no_db_update: bool, metrics_file: str | None,
-        metrics_port: int | None) -> None:
+        name: str | None, host: str | None, runs_db: str | None, ncpu: int | None,
+        log_level: str, log_file: str | None, dry_run: bool, no_db_update: bool,
+        metrics_file: str | None, metrics_port: int | None) -> None:
     """Keep this site's data where it must be, and tell the runs DB the truth about it."""
     if click_ctx.invoked_subcommand:
         click_ctx.obj = {"config_path": config_path or default_config_path(), "host": host,
@@ -179,21 +184,25 @@ def cli(click_ctx: click.Context, once: bool, config_path: str | None, run_numbe
     if run_number is not None and name is not None:
         raise click.UsageError("give --run or --name, not both")
     guarded(_daemon)(once, config_path or default_config_path(), run_number, name, host,
-                     log_level, log_file, dry_run, no_db_update, metrics_file, metrics_port)
+                     log_level, log_file, dry_run, no_db_update, metrics_file, metrics_port,
+                     runs_db)
 
 
 def _daemon(once: bool, config_path: str, run: int | None, name: str | None, host: str | None,
             log_level: str, log_file: str | None, dry_run: bool, no_db_update: bool,
-            metrics_file: str | None = None, metrics_port: int | None = None) -> int:
+            metrics_file: str | None = None, metrics_port: int | None = None,
+            runs_db: str | None = None) -> int:
     from cax.service import InstanceLock, Notifier
 
     if name is not None:
         safe_component(name)
-    config = load_config(config_path, host)
+    config = load_config(config_path, host, runs_db)
     tasks = tasks_of(config)
     # The looping daemon is the one per site and machine; --once and --dry-run runs are not.
     lock = None if once or dry_run else InstanceLock(config.site.name).acquire()
     setup_logging(log_level, log_file)
+    for note in config.notes:
+        log.info("%s", note)
     ctx = build_context(config, dry_run=dry_run, no_db_update=no_db_update, run=run, name=name,
                         once=once)
     log.info("cax %s for site %s (%s), config %s%s", cax.__version__, config.site.name,

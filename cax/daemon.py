@@ -96,6 +96,8 @@ class Daemon:
     def _run_tasks(self, result: PassResult, wait_background: bool) -> None:
         started = self.ctx.now()
         log.info("pass %d: start (%d tasks)", self.passes, len(self.tasks))
+        for line in self.ctx.config.silent_noops():
+            log.warning("%s", line)
         for task_class in self.tasks:
             if self.ctx.stop.is_set():
                 log.info("stop requested: skipping the remaining tasks")

@@ -61,6 +61,9 @@ def checked_location(site: Site, data_type: str, location: object,
     """Return ``location`` if it is a dataset inside ``site``'s folder for ``data_type`` (for
     processed data of a ``version``: directly in that version's folder).
 
+    A location in one of the site's ``legacy_dirs`` (a former directory, same layout) is
+    accepted too: copies the original registered there are valid sources.
+
     Raises UnsafeNameError for anything else (relative, with ``..``, elsewhere, in another
     version's folder), so a corrupt or hostile runs-DB entry can never make cax read or delete
     elsewhere -- nor PurgeProcessed delete a newer version's data through an old entry.
@@ -70,9 +73,16 @@ def checked_location(site: Site, data_type: str, location: object,
         raise UnsafeNameError(f"refusing {data_type} location {location!r} at site {site.name}")
     norm = posixpath.normpath(location)
     folder = base_dir(site, data_type, version)
-    inside = norm.startswith(folder + "/")
+    folders = [folder]  # and the site's former directories (legacy_dirs), laid out alike
+    for legacy in site.legacy_dirs:
+        old = posixpath.normpath(legacy)
+        if data_type != "raw" and version:
+            old = posixpath.join(old, posixpath.basename(folder))
+        folders.append(old)
     if version is not None and data_type != "raw":
-        inside = posixpath.dirname(norm) == folder  # not a sub-folder named like a version
+        inside = posixpath.dirname(norm) in folders  # not a sub-folder named like a version
+    else:
+        inside = any(norm.startswith(f + "/") for f in folders)
     if norm != location.rstrip("/") or not inside:
         raise UnsafeNameError(f"refusing {data_type} location {location!r} at site {site.name}: "
                               f"not inside {folder}")

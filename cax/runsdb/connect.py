@@ -21,7 +21,6 @@ from cax.runsdb.store import EmbeddedClient
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EMBEDDED = "cax-runsdb"
 PASSWORD_VARIABLES = ("MONGODB_PASSWORD", "MONGO_PASSWORD")  # the second is the original's name
 SERVER_TIMEOUT_MS = 10_000
 #: The start-up check of a server: an unreachable runs DB is reported within seconds.
@@ -95,15 +94,22 @@ def open_runsdb(uri: str | None, db_name: str = "run", runs_collection: str = "r
                 read_only: bool = False, check: bool = True) -> RunsDB:
     """Connect to the runs DB at ``uri`` and return it, its indexes ensured.
 
-    ``uri`` is ``mongodb://...`` (or ``mongodb+srv://``) for a server, ``file:PATH`` for the
-    embedded store, or None for the embedded store in ./cax-runsdb.  With ``check`` the server
+    ``uri`` is ``mongodb://...`` (or ``mongodb+srv://``) for a server, ``embedded:PATH`` or
+    ``file:PATH`` for the embedded store.  None is refused: the embedded store is used only
+    when asked for, never as a silent fallback.  With ``check`` the server
     is pinged, so an unreachable DB fails here with RunsDBError rather than mid-pass.
     """
-    if uri and uri.startswith(("mongodb://", "mongodb+srv://")):
+    if not uri:
+        raise ConfigError("no runs DB configured: give --runs-db, set CAX_RUNS_DB, or set "
+                          "'runs_db' (embedded:PATH for the embedded store)")
+    if uri.startswith(("mongodb://", "mongodb+srv://")):
         return _open_server(uri, db_name, runs_collection, read_only, check)
-    if uri and not uri.startswith("file:"):
-        raise ConfigError(f"runs DB {uri!r}: expected mongodb://, mongodb+srv:// or file:PATH")
-    path = Path(uri[5:] if uri else DEFAULT_EMBEDDED)
+    if uri.startswith("embedded:"):
+        uri = "file:" + uri[len("embedded:"):]
+    if not uri.startswith("file:"):
+        raise ConfigError(f"runs DB {uri[:60]!r}: expected mongodb://, mongodb+srv://, "
+                          "embedded:PATH or file:PATH")
+    path = Path(uri[5:])
     store_read_only = read_only
     if read_only and not path.exists():
         # A dry run before any daemon created the store: an empty runs DB (nothing to do),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 from cax.errors import ConfigError
+from cax.schema import ORIGINAL_TASKS
 from cax.tasks.base import Context, Outcome, Task, run_task
 from cax.tasks.checksum import AddChecksum, CompareChecksums
 from cax.tasks.copy import CopyPull, CopyPush
@@ -30,7 +33,12 @@ def select_tasks(wanted: tuple[str, ...] | None) -> list[type[Task]]:
     if wanted is None:
         return list(TASKS)
     known = {t.name for t in TASKS}
-    unknown = [name for name in wanted if name not in known]
+    original = [name for name in wanted if name not in known and name in ORIGINAL_TASKS]
+    if original:
+        logging.getLogger(__name__).info(
+            "task_list: ignoring task %s of the original cax (not in this release)",
+            ", ".join(original))
+    unknown = [name for name in wanted if name not in known and name not in ORIGINAL_TASKS]
     if unknown:
         raise ConfigError(f"task_list: unknown task {', '.join(map(repr, unknown))} "
                           f"(known: {', '.join(t.name for t in TASKS)})")

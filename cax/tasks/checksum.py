@@ -26,6 +26,7 @@ from cax.checksum import (
     dataset_checksum,
     diff_manifests,
     scan_dataset,
+    scan_with_dirhash,
 )
 from cax.claimed import FINAL_STEP_LEFT, Keeper
 from cax.errors import LeaseLostError, UnsafeNameError
@@ -53,9 +54,10 @@ UNREADABLE = (OSError, ValueError, UnsafeNameError)
 def kind_of(checksum: Any) -> str | None:
     """Return the kind of a recorded checksum, or None if it is missing or not a cax checksum."""
     try:
-        return checksum_kind(checksum)
+        kind = checksum_kind(checksum)
     except ValueError:
         return None
+    return None if kind == "unknown" else kind
 
 
 def describe_files(files: list[str] | None) -> str:
@@ -122,6 +124,8 @@ class ChecksumTask(Task):
                 path = self.path(entry)
                 if kind_of(recorded):
                     value, manifest = compute_checksum_like(path, recorded)
+                elif self.ctx.config.legacy_checksums:  # mixed operation: what old daemons read
+                    manifest, value = scan_with_dirhash(path)
                 else:
                     manifest = scan_dataset(path)
                     value = dataset_checksum(manifest)
@@ -146,6 +150,8 @@ class ChecksumTask(Task):
                                   dataset_checksum(manifest), now)
             fields.update(size=sum(size for size, _ in manifest.values()),
                           file_count=len(manifest))
+            if kind_of(checksum) == "sha512-dirhash":
+                fields["adler32_checksum"] = dataset_checksum(manifest)
         return fields
 
 

@@ -49,8 +49,10 @@ class CopyBase(Task):
 
     def kinds(self) -> list[tuple[str, str | None]]:
         """The (data type, version) pairs this site copies."""
-        return [(data_type, self.site.processor_version if data_type == "processed" else None)
-                for data_type in self.site.data_type]
+        version = self.ctx.config.version_of(self.site)
+        return [(data_type, version if data_type == "processed" else None)
+                for data_type in self.site.data_type
+                if data_type != "processed" or version]  # no version: warned per pass
 
     def needs_copy(self, key: EntryKey) -> list[dict[str, Any]]:
         """Query parts: the destination ``key`` has no entry, a due retry, or a dead lease."""

@@ -35,7 +35,9 @@ from cax.checksum import (
     checksum_kind,
     dataset_checksum,
     diff_manifests,
+    legacy_checksum_fields,
     legacy_dirhash,
+    scan_with_dirhash,
 )
 from cax.claimed import ClaimedJob, Keeper
 from cax.clock import as_utc
@@ -144,14 +146,16 @@ class CopyJob(ClaimedJob):
         self.scratch: str | None = None
         self.writing = False  # bytes may be at the scratch path
         self.adopted: str | None = None  # the previous attempt's scratch we resumed from
+        self.legacy_hash: str | None = None  # the original's sha512, in mixed operation
 
     # -- claim (in the task's thread) ---------------------------------------------------------
 
     def claim_fields(self) -> dict[str, Any]:
         plan = self.plan
-        return {"status": TRANSFERRING, "location": self.dest_path, "source": plan.source.name,
-                "method": plan.remote.method, "transfer_start": self.ctx.now(),
-                "reading": plan.source_key.match()}
+        inherited = {k: plan.source_entry[k] for k in INHERITED_FIELDS if k in plan.source_entry}
+        return {**inherited, "status": TRANSFERRING, "location": self.dest_path,
+                "source": plan.source.name, "method": plan.remote.method,
+                "transfer_start": self.ctx.now(), "reading": plan.source_key.match()}
 
     def source_still_good(self) -> list[tuple[EntryKey, dict[str, Any]]]:
         """The claim requires the source copy to be verified, where it was, at that instant."""
@@ -216,8 +220,11 @@ class CopyJob(ClaimedJob):
         keeper.check()
         if read is not None and getattr(transport, "manifest_is_destination", False):
             actual, read = read, None  # the receiver checksummed the bytes as it wrote them
+            if self.ctx.config.legacy_checksums:  # mixed operation: the original's checksum too
+                self.legacy_hash = scan_with_dirhash(
+                    self.source_path if plan.push else self.scratch)[1]
         else:
-            actual = dest_ops.manifest(self.scratch)
+            actual, self.legacy_hash = self._read_back(dest_ops)
         bad = diff_manifests(expected, actual)
         if bad:
             source_bad = read is not None and diff_manifests(expected, read)
@@ -331,6 +338,18 @@ class CopyJob(ClaimedJob):
                                         "registered checksum; not copying it")
         return computed
 
+    def _read_back(self, dest_ops: Transport) -> tuple[Manifest, str | None]:
+        """The copy's manifest and, in mixed operation (``legacy_checksums``), its sha512 dirhash.
+
+        On a local destination both come from one read of each file; a push to a remote site
+        hashes the local source instead (the per-file adler32 comparison ties the two).
+        """
+        if not self.ctx.config.legacy_checksums:
+            return dest_ops.manifest(self.scratch), None
+        if not self.plan.push or self.plan.remote.method == "local":
+            return scan_with_dirhash(self.scratch)
+        return dest_ops.manifest(self.scratch), scan_with_dirhash(self.source_path)[1]
+
     def _check_legacy(self, temp: str, dest_ops: Transport) -> None:
         """Verify a copy of a source registered by the original cax against its sha512 dirhash."""
         checksum = self.plan.source_entry.get("checksum")
@@ -349,6 +368,8 @@ class CopyJob(ClaimedJob):
                   "file_count": len(manifest), "transfer_end": now}
         unset = ("checksum_problem", "expected_checksum", "partial", "reading")
         extra, drop = self._registration_extras(checksum)
+        if self.legacy_hash:  # mixed operation: old daemons read `checksum`
+            extra = {**extra, **legacy_checksum_fields(manifest, self.legacy_hash)}
         self.register({**fields, **extra}, unset + tuple(drop))
         log.info("%s: %s (%s, %d bytes)", plan.route(), self.done_message, checksum[:20],
                  fields["size"])
@@ -358,9 +379,15 @@ class CopyJob(ClaimedJob):
         return {}, []
 
 
+#: Fields a copy carries over from its source, as the original's copy_handshake did (processed
+#: data: which pax made it, where); its readers use them.
+INHERITED_FIELDS = ("pax_hash", "creation_place")
+
+
 def _kind(checksum: Any) -> str | None:
     """The kind of a recorded checksum, None for formats cax cannot verify."""
     try:
-        return checksum_kind(checksum)
+        kind = checksum_kind(checksum)
     except ValueError:
         return None
+    return None if kind == "unknown" else kind

@@ -54,7 +54,7 @@ class PurgePolicy:
     @classmethod
     def of(cls, config: Config) -> PurgePolicy:
         return cls(config.site.name, config.site.min_copies, config.site.purge,
-                   frozenset(s.name for s in config.sites if "raw" in s.reference_for),
+                   frozenset(s.name for s in config.reference_sites("raw")),
                    frozenset(s.name for s in config.sites))
 
 

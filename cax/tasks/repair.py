@@ -1,7 +1,8 @@
 """Reference copies, good copies, and the per-file repair of a copy whose checksum is wrong.
 
 A copy is compared with the *reference* copy of its data type and version: the first site, in
-config order, whose ``reference_for`` lists the type and that holds a ``transferred`` entry.
+the order of ``Config.reference_sites`` (explicit ``reference_for`` by ``reference_priority``,
+else the documented defaults), that holds a ``transferred`` entry.
 A copy found to differ (by CompareChecksums or Scrub) leaves ``transferred`` at once, so the
 runs DB never claims a good copy that is bad:
 
@@ -63,8 +64,8 @@ def compare_token(ours: Any, reference: str) -> str:
 
 
 def reference_sites(config: Config, data_type: str) -> list[Site]:
-    """Return the sites holding reference copies of ``data_type``, in config order."""
-    return [site for site in config.sites if data_type in site.reference_for]
+    """Return the sites holding reference copies of ``data_type``, best first (see Config)."""
+    return config.reference_sites(data_type)
 
 
 def find_reference(config: Config, run: dict[str, Any], key: EntryKey) -> dict[str, Any] | None:

@@ -29,8 +29,10 @@ def command(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     code = f"import sys; from cax.cli import {name}; sys.argv[0] = {name!r}; {name}()"
     if name == "main":
         code = "import sys; from cax.cli import main; main()"
+    # list-form configs name no runs DB (issue 11): the environment does
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "CAX_RUNS_DB": f"embedded:{cwd}/cax-runsdb"}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          cwd=cwd, timeout=300, env=env)
 
 
 def original_config(name: str, root: Path) -> Path:

@@ -384,11 +384,13 @@ def test_checksum_kind_known_format_returns_kind(value: str, kind: str) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [None, "", "adler32:", "adler32:" + "0" * 63, "0" * 127, SHA512_OF_NOTHING.upper(), "md5:ab"],
+    [None, "", "adler32:", "adler32:" + "0" * 63, "0" * 127, SHA512_OF_NOTHING.upper(), "md5:ab",
+     ":a:b:c", "n/a", 42],
 )
-def test_checksum_kind_unknown_format_raises_value_error(value: str) -> None:
+def test_checksum_kind_unknown_format_is_unknown_never_raises(value: str) -> None:
+    assert checksum.checksum_kind(value) == "unknown"
     with pytest.raises(ValueError, match="not a cax checksum"):
-        checksum.checksum_kind(value)
+        checksum.compute_checksum_like("/nonexistent", value)
 
 
 def test_compute_checksum_like_legacy_reference_uses_dirhash(tree: Path) -> None:

@@ -518,8 +518,9 @@ def test_scrub_budget_limits_bytes_oldest_first(config, runsdb, tmp_path):
     assert fresh == [1, 2, 3, 4]
 
 
-def test_scrub_off_by_default_selects_nothing(config, runsdb):
-    assert Scrub(make_context(config(), "lab", runsdb)).query() is None
+def test_scrub_on_by_default_and_off_with_a_zero_budget(config, runsdb):
+    assert Scrub(make_context(config(), "lab", runsdb)).query() is not None
+    assert Scrub(make_context(config(scrub_bytes_per_pass=0), "lab", runsdb)).query() is None
 
 
 @pytest.mark.parametrize("runs", [2, 20])

@@ -18,6 +18,13 @@ GOOD_SITE = {"name": "a", "method": "local", "dir_raw": "/data/raw"}
 OTHER_SITE = {"name": "b", "method": "rsync", "hostname": "b.example.org"}
 
 
+@pytest.fixture(autouse=True)
+def runs_db_from_environment(tmp_path, monkeypatch):
+    """List-form configs name no runs DB: these tests give it as the original's users would."""
+    monkeypatch.setenv("CAX_RUNS_DB", f"embedded:{tmp_path / 'runsdb'}")
+    monkeypatch.delenv("HOSTNAME", raising=False)
+
+
 def run_cax(tmp_path: Path, config: object, *args: str) -> tuple[int, list[str], set[str]]:
     """Run ``cax --once`` in ``tmp_path`` with ``config``; return code, stderr lines, new files."""
     path = tmp_path / "cax.json"
@@ -55,8 +62,8 @@ BAD_CONFIGS = [
     ("not a list or object", "42", ["cax.json", "expected a list of sites"]),
     ("broken JSON", '{"sites": [', ["cax.json", "line", "invalid JSON"]),
     ("no sites", {"sites": []}, ["no sites configured"]),
-    ("processed without version", [{**GOOD_SITE, "data_type": ["raw", "processed"]}],
-     ["site 'a' key 'processor_version'", "required when data_type includes 'processed'"]),
+    ("processed without its directory", [{**GOOD_SITE, "data_type": ["raw", "processed"]}],
+     ["site 'a' key 'data_type'", "'processed' needs 'dir_processed'"]),
 ]
 
 

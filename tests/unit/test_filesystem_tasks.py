@@ -214,4 +214,4 @@ def test_config_good_permissions_loaded(tmp_path):
                    "processed": {"mode": "2755"}}
     path.write_text(json.dumps([{"name": "a", "method": "local", "dir_raw": "/data/raw",
                                  "permissions": permissions}]))
-    assert load_config(path, "a").site.permissions == permissions
+    assert load_config(path, "a", "embedded:/unused").site.permissions == permissions
