@@ -66,12 +66,9 @@ def raw_entry(site: Site, location: str, checksum: str | None = None,
               now: dt.datetime | None = None) -> dict[str, Any]:
     """The raw data entry of a new run at ``site``: verifying, or transferred with ``checksum``."""
     path = checked_location(site, "raw", location)
-    if checksum is not None:
-        try:
-            checksum_kind(checksum)
-        except ValueError:
-            raise ConfigError(f"--checksum: {checksum[:40]!r} is not a cax checksum "
-                              "(adler32:<64 hex> or a 128-hex sha512 of the original)") from None
+    if checksum is not None and checksum_kind(checksum) not in ("adler32", "sha512-dirhash"):
+        raise ConfigError(f"--checksum: {checksum[:40]!r} is not a cax checksum "
+                          "(adler32:<64 hex> or a 128-hex sha512 of the original)")
     return {"host": site.name, "type": "raw", "status": TRANSFERRED if checksum else VERIFYING,
             "location": path, "checksum": checksum, "creation_time": now or utcnow()}
 

@@ -467,6 +467,8 @@ def _descendants_outside_sshd() -> list[str]:
             continue
         if cmdline[0] == SSHD_BIN.encode() or cmdline[0].startswith(b"sshd: "):  # retitled
             servers.add(pid)
+        if len(cmdline) < 2 or not cmdline[0]:
+            continue  # exiting (a zombie's cmdline is empty)
         if b"cax-site-script" in cmdline[-2] and os.path.basename(cmdline[0]) != b"ssh":
             continue  # the site's end, reparented when its session closed: not ours
         found[pid] = b" ".join(cmdline).decode(errors="replace")
