@@ -32,7 +32,7 @@ import os
 import posixpath
 import shutil
 import time
-import uuid
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,18 +51,19 @@ from cax.clock import as_utc
 from cax.config import Processing, Site
 from cax.errors import BatchError, CaxError, LeaseLostError
 from cax.logcontext import log_context
-from cax.paths import checked_location
+from cax.paths import checked_location, scratch_path
 from cax.processors.command import fill_command, placeholders
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
 from cax.runsdb import safe_component
 from cax.tasks.base import Context, Task
-from cax.tasks.copyjob import backoff_s, retry_conditions, short_reason
+from cax.claimed import backoff_s, short_reason
+from cax.runsdb.runs import Claim
+from cax.tasks.copyjob import retry_conditions
 
 log = logging.getLogger(__name__)
 
 DONOTPROCESS = "donotprocess"
 ONCE_POLL_S = 1.0
-SCRATCH_SUFFIX = ".cax-partial"
 
 
 # -- where things go ---------------------------------------------------------------------------
@@ -84,9 +85,9 @@ def output_path(site: Site, processing: Processing, run: dict[str, Any]) -> str:
 
 
 def scratch_output(final: str, token: str) -> str:
-    """The per-attempt name the processor writes to, beside ``final`` (hidden)."""
-    head, tail = posixpath.split(final)
-    return posixpath.join(head, f".{tail}.{safe_component(token, 'job token')}{SCRATCH_SUFFIX}")
+    """The per-attempt name the processor writes to, beside ``final`` (hidden); the entry
+    names it in ``partial`` while the job runs, so scratch cleanup leaves it alone."""
+    return scratch_path(final, safe_component(token, "job token"))
 
 
 def job_name(run: dict[str, Any], processing: Processing) -> str:
@@ -130,6 +131,13 @@ def _remove(path: str) -> None:
         log.warning("cannot remove %s: %s", path, exc)
 
 
+def _held(run: dict[str, Any], key: EntryKey, entry: dict[str, Any]) -> Claim:
+    """Our claim on ``entry``, rebuilt from the runs DB: its owner and token are ours (the
+    lease outlives one pass while the job is queued or running)."""
+    return Claim(run["_id"], key, entry["lease_owner"], entry.get("lease_token") or "",
+                 int(entry.get("attempts") or 1), entry)
+
+
 # -- the task --------------------------------------------------------------------------------
 
 @dataclass
@@ -138,6 +146,7 @@ class _Work:
 
     run: dict[str, Any]
     entry: dict[str, Any] | None  # None: no entry yet
+    claim: Claim | None = None  # ours, once claimed
 
 
 class ProcessBatchQueue(Task):
@@ -233,7 +242,7 @@ class ProcessBatchQueue(Task):
 
     def _renew_active(self, now: dt.datetime) -> None:
         if self._mine_active and not self.ctx.dry_run:
-            renewed = self.db.renew_leases(self.key, self.ctx.owner, now,
+            renewed = self.db.renew_leases(self.key, self.ctx.owner,
                                            self.ctx.config.lease_seconds)
             log.debug("renewed %d lease(s) of queued or running jobs", renewed)
 
@@ -253,17 +262,22 @@ class ProcessBatchQueue(Task):
                          status.state.value if status else "none")
                 return None
             adopt = status is not None and status.active
-            claimed = self.db.claim_entry(
-                item.run["_id"], self.key, statuses=[TRANSFERRING], owner=self.ctx.owner,
-                now=now, lease_s=self.ctx.config.lease_seconds,
+            # The attempt is the job's: adopting it, or recording how it ended, counts none;
+            # a claim whose daemon died before submitting anything is a new attempt.
+            claimed = self.db.claim(
+                item.run["_id"], self.key, owner=self.ctx.owner,
+                lease_s=self.ctx.config.lease_seconds, statuses=[TRANSFERRING],
                 fields={"job_id": status.job_id} if adopt else None,
-                conditions={"lease_expires": {"$not": {"$gt": now}}})
+                count_attempt=status is None)
             if claimed is None:
                 return None  # another daemon was faster
             log.info("took over %s from %s (%s)", self.key, entry.get("lease_owner"),
                      f"adopting job {status.job_id}, {status.state.value}" if adopt
                      else "its job is gone" if status else "it never submitted a job")
-            item.entry = entry = claimed
+            item.claim, item.entry = claimed, claimed.entry
+            entry = claimed.entry
+        elif item.claim is None:
+            item.claim = _held(item.run, self.key, entry)
         if status is None:  # claimed, but no job was ever submitted (a crash in between)
             return self._start_job(item, now, takeover=True)
         if status.active:
@@ -342,18 +356,15 @@ class ProcessBatchQueue(Task):
                                                                   run),
                   "creation_place": self.site.name, "pax_hash": self.processing.pax_hash,
                   "reading": self.raw_key.match(), "transfer_start": now}
-        entry = {**self.key.match(), **fields, "checksum": None, "creation_time": now,
-                 "modified_time": now, "attempts": 1, "lease_owner": self.ctx.owner,
-                 "lease_expires": now + dt.timedelta(seconds=lease_s)}
-        if self.db.add_entry(run["_id"], entry):
-            item.entry = entry
-            return True
-        claimed = self.db.claim_entry(run["_id"], self.key, statuses=[ERROR],
-                                      owner=self.ctx.owner, now=now, lease_s=lease_s,
-                                      fields=fields, conditions=retry_conditions(self.site, now),
-                                      count_attempt=True)
-        item.entry = claimed
-        return claimed is not None
+        entry = {"checksum": None}
+        claimed = self.db.claim(run["_id"], self.key, owner=self.ctx.owner, lease_s=lease_s,
+                                statuses=[ERROR], conditions=retry_conditions(self.site, now),
+                                fields=fields, new_entry=entry,
+                                requires=[(self.raw_key, {"status": TRANSFERRED})])
+        if claimed is None:
+            return False
+        item.claim, item.entry = claimed, claimed.entry
+        return True
 
     def _job_spec(self, run: dict[str, Any], token: str) -> JobSpec:
         raw = find_entry(run, self.raw_key)
@@ -376,22 +387,21 @@ class ProcessBatchQueue(Task):
     def _start_job(self, item: _Work, now: dt.datetime, takeover: bool = False) -> str | None:
         """Submit the job of a claimed entry and record its id; a refusal is a failure."""
         run, entry = item.run, item.entry
-        token = f"{entry.get('attempts', 1)}-{uuid.uuid4().hex[:8]}"
+        token = secrets.token_hex(4)  # names the scratch output like every claim's scratch
         spec = self._job_spec(run, token)
+        scratch = scratch_output(output_path(self.site, self.processing, run), token)
         os.makedirs(output_dir(self.site, self.processing), exist_ok=True)
         # Name and token first: a crash between submit and recording the id leaves a job that
         # a taker-over finds by its name.
-        if not self.db.update_entry(run["_id"], self.key, {"job_name": spec.name,
-                                                           "job_token": token,
-                                                           "job_backend": self.backend.kind},
-                                    owner=self.ctx.owner, unset=["job_id"]):
+        if not self.db.update_claimed(item.claim, {"job_name": spec.name, "job_token": token,
+                                                   "job_backend": self.backend.kind,
+                                                   "job_id": None, "partial": scratch}):
             raise LeaseLostError(f"{self.key}: claim lost before submitting")
         try:
             job_id = self.backend.submit(spec)
         except BatchError as exc:
             return self._fail(item, f"not submitted: {exc}", now)
-        if not self.db.update_entry(run["_id"], self.key, {"job_id": job_id},
-                                    owner=self.ctx.owner):
+        if not self.db.update_claimed(item.claim, {"job_id": job_id}):
             log.warning("%s: claim lost after submitting job %s; cancelling it", self.key, job_id)
             self.backend.cancel(job_id)
             return None
@@ -412,12 +422,11 @@ class ProcessBatchQueue(Task):
         size = sum(size for size, _ in manifest.values())
         os.replace(scratch, final)
         self.db.save_manifest(run["_id"], self.key, manifest, checksum, now)
-        fields = {"status": TRANSFERRED, "location": final, "checksum": checksum, "size": size,
+        fields = {"location": final, "checksum": checksum, "size": size,
                   "file_count": len(manifest), "pax_version": self.processing.version,
                   "pax_hash": self.processing.pax_hash, "creation_place": self.site.name,
-                  "transfer_end": now, "verified_time": now, "modified_time": now}
-        if not self.db.update_entry(run["_id"], self.key, fields, owner=self.ctx.owner,
-                                    release=True, unset=["error", "next_attempt", "reading"]):
+                  "transfer_end": now}
+        if not self.db.register_verified(item.claim, fields, unset=["reading", "partial"]):
             raise LeaseLostError(f"{self.key}: changed hands before registration")
         log.info("processed %s: %s (%d bytes, %s)", self.key, final, size, checksum[:20])
 
@@ -429,15 +438,13 @@ class ProcessBatchQueue(Task):
         attempts = item.entry.get("attempts", 1)
         stuck = attempts >= self.site.max_attempts
         reason = short_reason(Exception(reason), limit=600)
-        fields: dict[str, Any] = {"status": ERROR, "error": reason, "transfer_end": now,
-                                  "modified_time": now}
+        retry_at = None if stuck else now + dt.timedelta(
+            seconds=backoff_s(self.site.retry_backoff, attempts))
         if stuck:
-            fields["next_attempt"] = None
             log.error("%s: failed, stuck after %d attempt(s): %s", self.key, attempts, reason)
         else:
-            fields["next_attempt"] = now + dt.timedelta(seconds=backoff_s(self.site, attempts))
             log.warning("%s: attempt %d failed, retry after %s: %s", self.key, attempts,
-                        fields["next_attempt"].strftime("%H:%M:%S"), reason)
-        self.db.update_entry(item.run["_id"], self.key, fields, owner=self.ctx.owner,
-                             release=True, unset=["reading"])
+                        retry_at.strftime("%H:%M:%S"), reason)
+        self.db.record_failure(item.claim, reason, kind="transient", retry_at=retry_at,
+                               fields={"transfer_end": now}, unset=["reading", "partial"])
         return f"{run_label(item.run)}: {reason}"
