@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import pytest
 from cax.batch import JobSpec, JobState, Resources, SlurmBackend
 from cax.batch.slurm import slurm_time
 from cax.errors import BatchError
-from tests.batch.test_backends import wait_final
 
 
 def fake_slurm(tmp_path: Path, monkeypatch, **scripts: str) -> None:
@@ -79,14 +77,3 @@ def test_a_job_forgotten_by_squeue_is_found_in_the_completion_file(tmp_path, mon
     assert polled["12"].state == JobState.TIMEOUT
     assert (polled["13"].state, polled["13"].exit_code) == (JobState.FAILED, 3)
     assert polled["14"].state == JobState.LOST
-
-
-@pytest.mark.slow
-def test_a_job_over_its_time_limit_is_reported_timeout(slurm, tmp_path):
-    """SLURM counts whole minutes and checks limits every 30 s: about 90 s of waiting."""
-    backend = SlurmBackend(4)
-    spec = JobSpec("cax_overtime_v1", (sys.executable, "-c", "import time; time.sleep(600)"),
-                   str(tmp_path / "job.log"), Resources(mem_per_cpu_mb=100, walltime_s=1))
-    status = wait_final(backend, backend.submit(spec), timeout=240)
-    assert status.state == JobState.TIMEOUT
-    assert "timeout" in status.reason(spec.output)
