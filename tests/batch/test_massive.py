@@ -54,3 +54,13 @@ def test_massive_cax_once_processes_runs_end_to_end(slurm, tmp_path, runsdb_uri,
                            for i in ids), timeout=240, what="the jobs to process the runs")
     entry = processed(runsdb, ids[0])
     assert entry["job_id"].startswith("local:")  # processed inside the SLURM job, by cax
+
+
+def test_the_demo_processes_its_runs(tmp_path):
+    from cax.demo import run_demo
+
+    lines = list(run_demo(tmp_path / "demo", 2))
+    rows = [line for line in lines if " processed " in line]
+    assert len(rows) == 2 and all("transferred" in row for row in rows), "\n".join(lines)
+    made = sorted((tmp_path / "demo/lab/processed/pax_v1.0.0").glob("*.root"))
+    assert len(made) == 2 and all(p.stat().st_size > 0 for p in made)
