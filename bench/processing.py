@@ -3,13 +3,13 @@
 Starts the one-node SLURM of the tests (munged, slurmctld, slurmd as root) with its partition
 down, so every job stays pending; registers 1,500 runs with a verified raw copy at site
 ``lab``, 500 of them with a processed entry claimed by the daemon whose job was submitted
-(pending) -- what a first pass leaves, made directly because the embedded store's writes
-would take minutes.  The measured pass finds 1,000 runs that need processing and 500 queued jobs, and counts its runs-DB
-round trips and batch-system calls (squeue, sacct, sbatch).
+(pending) -- what a first pass leaves, made directly because the embedded store's writes would
+take minutes. The measured pass finds 1,000 runs that need processing and 500 queued jobs, and
+counts its runs-DB round trips and batch-system calls (squeue, sacct, sbatch).
 
 Anchor, in the same process: the original's pattern of one runs-DB query per run per pass
-(``find`` then ``find_one`` per run) on the same runs DB.  Last line: ``ratio cax/original R``
-(round trips per pass).  ``--runs`` and ``--queued`` change the sizes.
+(``find`` then ``find_one`` per run) on the same runs DB. Last line: ``ratio cax/original R``
+(round trips per pass). ``--runs`` and ``--queued`` change the sizes.
 """
 
 from __future__ import annotations

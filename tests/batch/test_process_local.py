@@ -172,17 +172,19 @@ def test_kill_9_mid_job_then_takeover_never_runs_two_processors(tmp_path, runsdb
 
 @pytest.mark.timeout(180)
 def test_takeover_adopts_a_job_whose_processor_still_runs(tmp_path, runsdb_uri, runsdb):
-    """A daemon that stops answering (SIGSTOP) loses its lease, but its processor runs on:
-    the daemon taking over adopts that job instead of starting a second one."""
+    """A daemon that stops renewing (hung: here, it simply runs no more passes) loses its
+    lease, but its processor runs on: the daemon taking over adopts that job instead of
+    starting a second one."""
     count, gate = tmp_path / "starts", tmp_path / "gate"
     config = processing_config(tmp_path, runsdb_uri, counting_reference(count, gate),
                                top={"lease_seconds": 5})
     (run_id,) = raw_runs(tmp_path, runsdb, 1)
-    daemon = start_daemon(config, tmp_path)
+    hung = make_context(config, "lab", runsdb)
+    ctx = make_context(config, "lab", runsdb)
+    ctx.owner += "-other"
+    Daemon(hung, [ProcessBatchQueue]).run_pass()
     try:
         wait_until(lambda: starts(count), what="the first processor")
-        os.kill(daemon.pid, signal.SIGSTOP)
-        ctx = make_context(config, "lab", runsdb)
         other = Daemon(ctx, [ProcessBatchQueue])
         wait_until(lambda: (other.run_pass() and False) or
                    processed(runsdb, run_id).get("lease_owner") == ctx.owner,
@@ -193,6 +195,9 @@ def test_takeover_adopts_a_job_whose_processor_still_runs(tmp_path, runsdb_uri, 
                    processed(runsdb, run_id)["status"] == TRANSFERRED, what="registration")
         assert len(starts(count)) == 1
         assert processed(runsdb, run_id)["attempts"] == 1
+        Daemon(hung, [ProcessBatchQueue]).run_pass()  # the hung daemon wakes: changes nothing
+        assert processed(runsdb, run_id)["status"] == TRANSFERRED
     finally:
-        os.kill(daemon.pid, signal.SIGKILL)
-        daemon.wait()
+        hung.batch.close()
+        if ctx.batch:
+            ctx.batch.close()
