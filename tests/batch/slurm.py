@@ -147,6 +147,10 @@ class SlurmCluster:
             return
         try:
             self.cancel_all()
+            deadline = time.monotonic() + 20  # let slurmd end the job steps it started
+            while self.run("squeue", "--noheader", "--user=root").strip() and \
+                    time.monotonic() < deadline:
+                time.sleep(0.2)
         except (OSError, subprocess.SubprocessError):
             pass
         for proc in reversed(self.procs):
