@@ -158,8 +158,6 @@ def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool =
               "if it names a site, else the short host name].")
 @click.option("--runs-db", metavar="URI", help="The runs DB: mongodb://..., embedded:PATH "
               "[default: $CAX_RUNS_DB, else the config's runs_db].")
-@click.option("--ncpu", type=int, metavar="N", hidden=True,
-              help="Accepted for the original's batch scripts; ignored.")
 @click.option("--log", "log_level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.option("--log-file", metavar="FILE", help="Also write the log to FILE.")
@@ -170,12 +168,15 @@ def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool =
               "metrics to FILE (for node_exporter's textfile collector).")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
               help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+@click.option("--ncpu", type=click.IntRange(1), metavar="N",
+              help="Process here with N CPUs (the job command line of massive-cax and of the "
+              "original's batch scripts).")
 @click.version_option(cax.__version__, prog_name="cax")
 @click.pass_context
 def cli(click_ctx: click.Context, once: bool, config_path: str | None, run_number: int | None,
-        name: str | None, host: str | None, runs_db: str | None, ncpu: int | None,
-        log_level: str, log_file: str | None, dry_run: bool, no_db_update: bool,
-        metrics_file: str | None, metrics_port: int | None) -> None:
+        name: str | None, host: str | None, runs_db: str | None, log_level: str,
+        log_file: str | None, dry_run: bool, no_db_update: bool, metrics_file: str | None,
+        metrics_port: int | None, ncpu: int | None) -> None:
     """Keep this site's data where it must be, and tell the runs DB the truth about it."""
     if click_ctx.invoked_subcommand:
         click_ctx.obj = {"config_path": config_path or default_config_path(), "host": host,
@@ -185,13 +186,13 @@ def cli(click_ctx: click.Context, once: bool, config_path: str | None, run_numbe
         raise click.UsageError("give --run or --name, not both")
     guarded(_daemon)(once, config_path or default_config_path(), run_number, name, host,
                      log_level, log_file, dry_run, no_db_update, metrics_file, metrics_port,
-                     runs_db)
+                     runs_db, ncpu)
 
 
 def _daemon(once: bool, config_path: str, run: int | None, name: str | None, host: str | None,
             log_level: str, log_file: str | None, dry_run: bool, no_db_update: bool,
             metrics_file: str | None = None, metrics_port: int | None = None,
-            runs_db: str | None = None) -> int:
+            runs_db: str | None = None, ncpu: int | None = None) -> int:
     from cax.service import InstanceLock, Notifier
 
     if name is not None:
@@ -205,6 +206,7 @@ def _daemon(once: bool, config_path: str, run: int | None, name: str | None, hos
         log.info("%s", note)
     ctx = build_context(config, dry_run=dry_run, no_db_update=no_db_update, run=run, name=name,
                         once=once)
+    ctx.ncpu = ncpu
     log.info("cax %s for site %s (%s), config %s%s", cax.__version__, config.site.name,
              ctx.owner, config.path, ", dry run" if dry_run else "")
     install_signal_handlers(ctx.stop)
@@ -256,7 +258,53 @@ def _not_available(command: str, issue: str) -> Callable[[], None]:
     return entry
 
 
-massive_cax = _not_available("massive-cax", "batch processing comes in a later release")
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--once", is_flag=True, help="One pass, then exit.")
+@click.option("--config", "config_path", metavar="FILE", default=None,
+              help="Configuration file [default: $CAX_CONFIG or ./cax.json].")
+@click.option("--host", metavar="SITE", help="Act as this site [default: short host name].")
+@click.option("--run", "run_number", type=int, metavar="N", help="Only run N.")
+@click.option("--start", type=int, metavar="N", help="Only runs numbered N or higher.")
+@click.option("--stop", type=int, metavar="N", help="Only runs numbered N or lower.")
+@click.option("--tag", metavar="TAG", help="Only runs with this tag.")
+@click.option("--ncpu", type=click.IntRange(1), default=1, show_default=True,
+              help="CPUs per job (passed on to cax in the job).")
+@click.option("--mem-per-cpu", "--mem_per_cpu", "mem_per_cpu", type=click.IntRange(1),
+              default=2000, show_default=True, help="MB of memory per CPU.")
+@click.option("--walltime", default="48:00:00", show_default=True, help="Job time limit.")
+@click.option("--partition", metavar="NAME", help="SLURM partition.")
+@click.option("--qos", metavar="NAME", help="SLURM qos [default: the partition's, if known].")
+@click.option("--reservation", metavar="NAME", help="SLURM reservation.")
+@click.option("--max-queued", type=click.IntRange(1), metavar="N",
+              help="Own jobs queued at most [default: processing.max_jobs].")
+@click.option("--sleep", "sleep_s", type=float, default=3600, show_default=True,
+              help="Seconds between passes (iterative mode).")
+@click.option("--dry-run", is_flag=True, help="Print the scripts and commands; submit nothing.")
+@click.option("--log", "log_level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--log-file", metavar="FILE", help="Also write the log to FILE.")
+@click.version_option(cax.__version__, prog_name="massive-cax")
+@guarded
+def massive_cax(once: bool, config_path: str | None, host: str | None, run_number: int | None,
+                start: int | None, stop: int | None, tag: str | None, ncpu: int,
+                mem_per_cpu: int, walltime: str, partition: str | None, qos: str | None,
+                reservation: str | None, max_queued: int | None, sleep_s: float, dry_run: bool,
+                log_level: str, log_file: str | None) -> int:
+    """Submit one batch job (cax --once --run N) per run that still needs processing."""
+    from cax.batch.massive import MassiveOptions, parse_walltime, run_massive
+
+    config = load_config(config_path or default_config_path(), host)
+    setup_logging(log_level, log_file)
+    opts = MassiveOptions(once, run_number, start, stop, tag, ncpu, mem_per_cpu,
+                          parse_walltime(walltime), partition, qos, reservation, max_queued,
+                          dry_run, sleep_s)
+    ctx = build_context(config, dry_run=dry_run, once=True)
+    install_signal_handlers(ctx.stop)
+    try:
+        return run_massive(ctx, opts, click.echo)
+    finally:
+        ctx.background.shutdown()
+        ctx.runsdb.close()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -15,6 +15,7 @@ import os
 import posixpath
 import re
 import socket
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,6 +28,8 @@ from cax.schema import (
     LEGACY_METHODS,
     LEGACY_SITE_KEYS,
     ORIGINAL_MASTERS,
+    PROCESSING_KEYS,
+    PROCESSING_PLACEHOLDERS,
     SITE_KEYS,
     TAPE_METHODS,
     TOP_KEYS,
@@ -47,6 +50,30 @@ PERMISSION_KEYS = ("mode", "group", "acl_command")
 _JSON_TYPES = {
     "str": str, "int": int, "bool": bool, "list": list, "dict": dict, "null": type(None),
 }
+
+
+@dataclass(frozen=True)
+class Processing:
+    """A site's ``processing`` section: the processor, its version, where its jobs run."""
+
+    command: tuple[str, ...]
+    version: str
+    pax_hash: str
+    prefix: str
+    suffix: str
+    required_fields: tuple[str, ...]
+    backend: str
+    max_jobs: int
+    timeout: float
+    ncpus: int
+    mem_per_cpu: int
+    partition: str | None
+    qos: str | None
+    reservation: str | None
+    account: str | None
+    accounting: str
+    jobs_dir: str
+    python: str | None
 
 
 @dataclass(frozen=True)
@@ -84,6 +111,7 @@ class Site:
     permissions: Mapping[str, Any] | None
     scrub_bytes_per_pass: int
     scrub_after_days: float
+    processing: Processing | None
     task_list: tuple[str, ...] | None
     dataset_list: tuple[str, ...] | None
 
@@ -247,6 +275,8 @@ def load_config(path: str | os.PathLike, host: str | None = None,
         values = _check_section(section, SITE_KEYS, LEGACY_SITE_KEYS, where, problems, notes)
         _check_permissions(values.get("permissions"), where, problems)
         problems.extend(f"{where} key 'tsm{p}" for p in setup_problems(values.get("tsm")))
+        values["processing"] = _check_processing(values.get("processing"), name, where, path,
+                                                 problems)
         if values.get("name") is not None and not SAFE_NAME.match(values["name"]):
             problems.append(f"{where} key 'name': {_short(values['name'])!r} is not a safe site "
                             "name")
@@ -355,6 +385,38 @@ def _tuple(value: list | None) -> tuple | None:
     return None if value is None else tuple(value)
 
 
+def _check_processing(value: Any, site: Any, where: str, config_path: Path,
+                      problems: list[str]) -> Processing | None:
+    """Validate a site's ``processing`` section; return it (None if absent or invalid)."""
+    if not isinstance(value, dict):
+        return None  # null, or a wrong type already reported
+    at = f"{where} key 'processing'"
+    found = len(problems)
+    values = _check_section(value, PROCESSING_KEYS, (), at, problems)
+    command = values.get("command")
+    if isinstance(command, list) and all(isinstance(a, str) for a in command):
+        fields_used = set()
+        for arg in command:
+            try:
+                fields_used |= {f for _, f, _, _ in string.Formatter().parse(arg) if f is not None}
+            except ValueError as exc:
+                problems.append(f"{at}.command: {arg!r}: {exc}")
+        unknown = sorted(fields_used - set(PROCESSING_PLACEHOLDERS))
+        if unknown:
+            problems.append(f"{at}.command: unknown placeholder(s) {', '.join(unknown)} "
+                            f"(known: {', '.join(PROCESSING_PLACEHOLDERS)})")
+        if not command:
+            problems.append(f"{at}.command: empty")
+        elif "output" not in fields_used:
+            problems.append(f"{at}.command: must name {{output}}, where the processor writes")
+    if len(problems) > found:
+        return None
+    jobs_dir = values["jobs_dir"] or str(config_path.resolve().parent / "cax-jobs" / str(site))
+    return Processing(**{**values, "jobs_dir": jobs_dir, "command": tuple(command),
+                         "required_fields": tuple(values["required_fields"]),
+                         "timeout": float(values["timeout"])})
+
+
 def _make_site(values: dict[str, Any]) -> Site:
     kwargs = {}
     for f in fields(Site):
@@ -364,6 +426,8 @@ def _make_site(values: dict[str, Any]) -> Site:
         if f.name in ("upload_options", "download_options", "data_type") and value is None:
             value = ()
         kwargs[f.name] = value
+    if kwargs["processing"] and not kwargs["processor_version"]:
+        kwargs["processor_version"] = kwargs["processing"].version  # the version it makes
     return Site(**kwargs)
 
 

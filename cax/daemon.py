@@ -199,6 +199,9 @@ class Daemon:
                 self.ctx.background.shutdown()
             if self.ctx.transports is not None:
                 self.ctx.transports.close_all()
+            if self.ctx.batch is not None:
+                self.ctx.batch.close()  # local jobs end (and are retried); SLURM jobs go on
+                self.ctx.batch = None
             self._stopped()
         log.info("stopped after %d pass(es)", self.passes)
         return 0

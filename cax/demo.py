@@ -1,11 +1,12 @@
 """``cax demo``: a self-contained example on the embedded runs DB, with two local sites.
 
 It plays the DAQ (writes runs of real files and registers them as ``verifying`` at site
-``daq`` the way ``cax run add`` does), then runs one pass of cax as ``daq`` and one as
-``lab``: the DAQ's copies get their checksums, are pushed to ``lab`` and verified there.  One
-more run directory is written but left unregistered, so the suggested next commands (register
-it, run the passes, look at the status) have something to do.  Everything stays in one
-directory.
+``daq`` the way ``cax run add`` does), then runs one pass of cax as ``daq`` and two as
+``lab``: the DAQ's copies get their checksums, are pushed to ``lab`` and verified there, and
+``lab`` processes them with the reference processor (local batch backend) into
+``lab/processed/pax_v1.0.0/``.  One more run directory is written but left unregistered, so the
+suggested next commands (register it, run the passes, look at the status) have something to
+do.  Everything stays in one directory.
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ def demo_config(root: Path) -> dict:
              "data_type": ["raw"], "reference_for": ["raw"], "upload_options": ["lab"],
              "purge": 30, "min_copies": 1},
             {"name": "lab", "method": "local", "dir_raw": str(root / "lab" / "raw"),
-             "data_type": ["raw"], "download_options": ["daq"]},
+             "dir_processed": str(root / "lab" / "processed"),
+             "data_type": ["raw"], "download_options": ["daq"],
+             "processing": {"command": ["{python}", "-m", "cax.processors.reference", "{input}",
+                                        "{output}", "--ncpus", "{ncpus}"],
+                            "version": "v1.0.0", "backend": "local", "max_jobs": 2,
+                            "timeout": 600}},
         ],
     }
 
@@ -89,6 +95,8 @@ def one_pass(config_path: Path, site: str) -> int:
     finally:
         if ctx.transports:
             ctx.transports.close_all()
+        if ctx.batch:
+            ctx.batch.close()
         db.close()
 
 
@@ -96,11 +104,13 @@ def summary(config_path: Path) -> Iterator[str]:
     """Yield a table of every copy the runs DB knows of."""
     config = load_config(config_path, "daq")
     db = open_runsdb(config.runs_db)
-    yield f"{'run':>4} {'name':<12} {'site':<5} {'type':<4} {'status':<12} {'size':>9}  checksum"
+    yield (f"{'run':>4} {'name':<12} {'site':<5} {'type':<9} {'version':<7} {'status':<12} "
+           f"{'size':>9}  checksum")
     for run in sorted(db.find_runs({}), key=lambda r: r["number"]):
         for entry in run["data"]:
-            yield (f"{run['number']:>4} {run['name']:<12} {entry['host']:<5} {entry['type']:<4} "
-                   f"{entry['status']:<12} {entry.get('size', 0):>9}  "
+            yield (f"{run['number']:>4} {run['name']:<12} {entry['host']:<5} {entry['type']:<9} "
+                   f"{entry.get('pax_version') or '-':<7} {entry['status']:<12} "
+                   f"{entry.get('size', 0):>9}  "
                    f"{(entry.get('checksum') or '-')[:24]}")
     db.close()
 
@@ -110,9 +120,10 @@ def run_demo(root: Path, runs: int = 4) -> Iterator[str]:
     config = prepare(root, runs)
     yield f"cax demo in {config.parent}: {runs} runs of {FILES_PER_RUN} files registered at " \
           "site daq"
-    for site in ("daq", "lab"):
+    for site, what in (("daq", "checksums, push"), ("lab", "pull, verify"),
+                       ("lab", "process (reference processor, local batch backend)")):
         failed = one_pass(config, site)
-        yield f"pass as site {site}: {'ok' if not failed else f'{failed} failure(s)'}"
+        yield f"pass as site {site} ({what}): {'ok' if not failed else f'{failed} failure(s)'}"
     yield ""
     yield from summary(config)
     yield ""

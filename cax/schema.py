@@ -117,9 +117,46 @@ SITE_KEYS: tuple[Key, ...] = (
         maximum=1 << 50),
     Key("scrub_after_days", ("number",), 7, "Days after its last verification when a copy is "
         "re-checksummed from disk by Scrub.", minimum=0, maximum=3650),
+    Key("processing", ("dict", "null"), None, "Process raw into processed data at this site: "
+        "{command, version, ...}; keys in the processing table below."),
     Key("task_list", ("list", "null"), None, "Only these tasks run at this site.", items="str"),
     Key("dataset_list", ("list", "null"), None, "Only these run names are handled at this site.",
         items="str"),
+)
+
+BATCH_BACKENDS = ("local", "slurm")
+#: Placeholders a processing command may use; each argument is filled in, never run by a shell.
+PROCESSING_PLACEHOLDERS = ("input", "output", "name", "number", "detector", "ncpus", "version",
+                           "site", "python", "mem_per_cpu")
+
+PROCESSING_KEYS: tuple[Key, ...] = (
+    Key("command", ("list",), None, "The processor as an argument list with placeholders "
+        "{input} {output} {name} {number} {detector} {ncpus} {version} {site} {python} "
+        "{mem_per_cpu}; never a shell string.", required=True, items="str"),
+    Key("version", ("str",), None, "Version of the processed data it makes (stored as "
+        "`pax_version`), e.g. v6.8.0.", required=True),
+    Key("pax_hash", ("str",), "n/a", "Processor build id recorded as `pax_hash`."),
+    Key("prefix", ("str",), "pax_", "Output directory under dir_processed: <prefix><version>/."),
+    Key("suffix", ("str",), ".root", "Appended to the run name to make the output file name."),
+    Key("required_fields", ("list",), [], "Run-document fields (dotted paths) that must be "
+        "present before a run is processed.", items="str"),
+    Key("backend", ("str",), "local", "Where jobs run.", choices=BATCH_BACKENDS),
+    Key("max_jobs", ("int",), 2, "Own jobs queued or running at once.", minimum=1),
+    Key("timeout", ("number",), 172800, "Seconds a job may run (the SLURM time limit).",
+        minimum=1),
+    Key("ncpus", ("int",), 1, "CPUs per job.", minimum=1),
+    Key("mem_per_cpu", ("int",), 2000, "Memory per CPU in MB (SLURM).", minimum=1),
+    Key("partition", ("str", "null"), None, "SLURM partition."),
+    Key("qos", ("str", "null"), None, "SLURM quality of service."),
+    Key("reservation", ("str", "null"), None, "SLURM reservation."),
+    Key("account", ("str", "null"), None, "SLURM account."),
+    Key("accounting", ("str",), "completion", "How finished SLURM jobs are looked up: sacct "
+        "(slurmdbd), completion (the job-completion file), none.",
+        choices=("sacct", "completion", "none")),
+    Key("jobs_dir", ("str", "null"), None, "Job scripts and logs (shared with the batch nodes); "
+        "default cax-jobs/<site> beside the configuration file.", absolute_path=True),
+    Key("python", ("str", "null"), None, "Python that runs job scripts on batch nodes "
+        "(default: the one running cax)."),
 )
 
 #: Keys of the original cax.json that are accepted and ignored with one log line (grid, rucio,
@@ -208,4 +245,5 @@ def reference_rst() -> str:
             "daemon that reaches a site (push, pull, checksum there) reads that site's "
             "section; ``all`` = every daemon reads every site's value; ``top`` = top level.\n\n"
             f"Top-level keys (object form):\n\n{_rst_table(TOP_KEYS)}\n\n"
-            f"Site keys:\n\n{_rst_table(SITE_KEYS)}\n")
+            f"Site keys:\n\n{_rst_table(SITE_KEYS)}\n\n"
+            f"Keys of a site's ``processing`` section:\n\n{_rst_table(PROCESSING_KEYS)}\n")

@@ -457,6 +457,19 @@ class RunsDB:
         return result.matched_count == 1
 
     @_db_call
+    def renew_leases(self, key: EntryKey, owner: str, lease_s: float) -> int:
+        """Extend, in one write, every lease ``owner`` holds on an entry ``key`` (processing:
+        the entries of all its queued and running jobs); return how many were renewed."""
+        if self._skip("renew leases", key, owner):
+            return 0
+        now = self.now()
+        result = self.runs.update_many(
+            {"data": key.elem_match(lease_owner=owner)},
+            {"$set": _positional({"lease_expires": now + dt.timedelta(seconds=lease_s),
+                                  "modified_time": now})})
+        return result.modified_count
+
+    @_db_call
     def update_claimed(self, claim: Claim, fields: dict[str, Any]) -> bool:
         """Set fields of an entry we hold (e.g. a batch job id), keeping the lease."""
         return self._finish(claim, "update", {**fields, "modified_time": self.now()}, ())

@@ -10,6 +10,7 @@ from cax.tasks.base import Context, Outcome, Task, run_task
 from cax.tasks.checksum import AddChecksum, CompareChecksums
 from cax.tasks.copy import CopyPull, CopyPush
 from cax.tasks.filesystem import AddSize, SetPermission
+from cax.tasks.process import ProcessBatchQueue
 from cax.tasks.purge import BufferPurger, PurgeProcessed
 from cax.tasks.repair import RetryBadChecksumTransfer
 from cax.tasks.report import Report
@@ -23,7 +24,8 @@ from cax.tasks.tape import TapeRestore, TapeUpload
 #: does not read data about to be deleted.  Tape work follows the copies, before purging.
 TASKS: list[type[Task]] = [
     AddChecksum, CompareChecksums, RetryStalledTransfer, RetryBadChecksumTransfer,
-    CopyPush, CopyPull, TapeUpload, TapeRestore, SetPermission, AddSize, PurgeProcessed,
+    CopyPush, CopyPull, ProcessBatchQueue, TapeUpload, TapeRestore, SetPermission, AddSize,
+    PurgeProcessed,
     BufferPurger, Scrub,
 ]
 

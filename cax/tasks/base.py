@@ -40,6 +40,8 @@ class Context:
     console: Callable[[str], None] | None = None  # live progress line on a terminal, if any
     transports: Any = None  # cax.transport.pool.TransportPool, made when first needed
     board: Any = None  # cax.progress.ProgressBoard of the running copies
+    batch: Any = None  # cax.batch.BatchBackend of processing, made when first needed
+    ncpu: int | None = None  # cax --ncpu: process here, in this (batch) job, with N CPUs
 
     def __post_init__(self) -> None:
         if self.now is None:

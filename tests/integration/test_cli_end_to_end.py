@@ -77,8 +77,9 @@ def test_demo_runs_and_shows_verified_copies(tmp_path):
     result = cax("demo", "--dir", str(tmp_path / "demo"), "--runs", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line[:4].strip().isdigit()]
-    assert len(rows) == 4  # two runs, each at daq and at lab
-    assert {row[4] for row in rows} == {TRANSFERRED}
+    assert len(rows) == 6  # two runs, raw at daq and at lab, processed at lab
+    assert {row[5] for row in rows} == {TRANSFERRED}
+    assert sum(row[3] == "processed" for row in rows) == 2
     assert {row[2] for row in rows} == {"daq", "lab"}
     again = cax("demo", "--dir", str(tmp_path / "demo"), "--runs", "1", cwd=tmp_path)
     assert again.returncode == 0  # an earlier demo is replaced, anything else refused
