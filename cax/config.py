@@ -392,7 +392,7 @@ def _check_processing(value: Any, site: Any, where: str, config_path: Path,
         return None  # null, or a wrong type already reported
     at = f"{where} key 'processing'"
     found = len(problems)
-    values = _check_section(value, PROCESSING_KEYS, (), at, problems)
+    values = _check_section(value, PROCESSING_KEYS, (), at, problems, [])
     command = values.get("command")
     if isinstance(command, list) and all(isinstance(a, str) for a in command):
         fields_used = set()

@@ -455,12 +455,15 @@ def test_transport_progress_callback_exception_aborts_and_transport_recovers(
     assert same_tree(small, tmp_path / "dst")
 
 
-def _descendants_outside_sshd() -> list[str]:
-    """Return the command lines of this process's descendants but the test sshd and its own."""
+def _descendants_outside_sshd(before: frozenset = frozenset()) -> list[str]:
+    """Return the command lines of this process's descendants but the test sshd and its own,
+    and those already there ``before`` (other fixtures' servers: munged, slurmd)."""
     from tests.sshd import SSHD_BIN, _children
 
     found, servers = {}, set()
     for pid in _children(os.getpid()):
+        if pid in before:
+            continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -502,6 +505,9 @@ def test_transport_abort_from_another_thread_stops_copy(
     dst.mkdir()
     sshd = request.getfixturevalue("sshd") if transport.endpoint.method != "local" else None
     sizes: list[int] = []
+    from tests.sshd import _children
+
+    before = frozenset(_children(os.getpid()))
 
     def slow(nbytes: int) -> None:
         time.sleep(0.002)  # a slow link: the copy lasts long enough to be aborted
@@ -516,7 +522,7 @@ def test_transport_abort_from_another_thread_stops_copy(
     watcher.join()
     assert sizes, "the copy finished before it could be aborted"
     assert "aborted" in str(err.value) and err.value.retryable
-    assert _descendants_outside_sshd() == []
+    assert _descendants_outside_sshd(before) == []
     # at a remote destination the site's end may still write what was already on the site
     # (pipe buffers) in the moments before it sees the connection gone; then nothing more
     time.sleep(0.5)
