@@ -581,6 +581,7 @@ def run_add(obj: dict[str, Any], number: int | None, name: str | None, detector:
 @click.option("--name", metavar="NAME", help="Every copy of the run called NAME.")
 @click.option("--stuck", is_flag=True, help="What waits for a person, with the retry command.")
 @click.option("--summary", is_flag=True, help="Newest runs x sites matrix.")
+@click.option("--tape", is_flag=True, help="Tape: volume per month, pending and failed datasets.")
 @click.option("--newest", default=20, show_default=True, metavar="N",
               help="Runs shown by --summary.")
 @click.option("--all-sites", is_flag=True, help="--stuck: of every site, not only this one's.")
@@ -590,13 +591,13 @@ def run_add(obj: dict[str, Any], number: int | None, name: str | None, detector:
 @click.pass_obj
 @guarded
 def status(obj: dict[str, Any], run_number: int | None, name: str | None, stuck: bool,
-           summary: bool, newest: int, all_sites: bool, as_json: bool,
+           summary: bool, tape: bool, newest: int, all_sites: bool, as_json: bool,
            color: bool | None) -> int:
     """Show the daemons, the copies and what is stuck."""
     from cax.admin import status as st
 
-    if sum(bool(x) for x in (run_number is not None, name, stuck, summary)) > 1:
-        raise click.UsageError("give one of --run, --name, --stuck, --summary")
+    if sum(bool(x) for x in (run_number is not None, name, stuck, summary, tape)) > 1:
+        raise click.UsageError("give one of --run, --name, --stuck, --summary, --tape")
     config = _admin_config(obj)
     db = _open_db(config, read_only=True)
     paint = False
@@ -614,6 +615,13 @@ def status(obj: dict[str, Any], run_number: int | None, name: str | None, stuck:
             prefix = retry_prefix(config)
             value = [e.as_dict(prefix) for e in entries]
             lines = list(st.render_stuck(entries, site, prefix))
+        elif tape:
+            from dataclasses import asdict
+
+            from cax.tape.report import tape_report
+
+            report = tape_report(db, config)
+            value, lines = asdict(report), report.lines()
         elif summary:
             table = st.summary(db, config, newest)
             value = table.as_dict()

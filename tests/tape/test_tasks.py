@@ -219,6 +219,16 @@ def test_tape_report_shows_volume_per_month_pending_and_failed(tape_config, runs
     assert "ANS1017E" in report.failed[0].detail
     assert [(r.run, r.status) for r in report.pending] == [("run 9 (170109_0000)", "missing")]
     assert report.lines()[1].startswith("tsm-server")
+    # the same through the CLI, as text and as JSON
+    from click.testing import CliRunner
+
+    from cax.cli import cli
+
+    args = ["--config", str(config), "--host", "daq", "status", "--tape"]
+    shown = CliRunner().invoke(cli, args)
+    assert shown.exit_code == 0 and shown.output.splitlines() == report.lines(), shown.output
+    as_json = CliRunner().invoke(cli, [*args, "--json"])
+    assert '"pending"' in as_json.output and "170109_0000" in as_json.output
 
 
 def test_purge_leaves_the_local_copy_alone_while_tape_reads_it(tape_config, runsdb, tmp_path):
