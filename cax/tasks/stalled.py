@@ -109,8 +109,19 @@ class RetryStalledTransfer(Task):
         if claim:
             self.db.record_failure(claim, "stalled: transferring for over 24 h (original cax)",
                                    kind="transient", retry_at=self.ctx.now(),
-                                   fields={"attempts": 0})
+                                   fields={"attempts": 0, **self.resumable(entry)})
             log.info("%s: %s: stalled transfer -> error, to be redone", run_label(run), key)
+
+    def resumable(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """The original copied straight to the final path: keep those bytes for a method that
+        resumes (the next copy hard-links them into its scratch, see CopyJob)."""
+        if entry.get("host") != self.site.name:
+            return {}
+        try:
+            path = entry_location(self.site, entry)
+        except UnsafeNameError:
+            return {}
+        return {"partial": path} if os.path.exists(path) else {}
 
     def config_changed(self, entry: dict[str, Any]) -> bool:
         mine = entry.get("host") in self.hosts() or entry.get("source") == self.site.name

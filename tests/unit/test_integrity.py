@@ -292,3 +292,21 @@ def test_once_fails_after_any_error_line(sites, runsdb, tmp_path):
                                   "checksum": "n/a", "location": "/x/170101_1201"}]))
     ctx = make_context(sites, "lab", runsdb)
     assert Daemon(ctx, [CompareChecksums]).run(once=True) == 1
+
+
+def test_stalled_legacy_pull_resumes_from_the_bytes_it_left(sites, runsdb, tmp_path):
+    """Issue 11 item 7: a stalled transfer of the original keeps its bytes for rsync."""
+    source = make_dataset(tmp_path / "daq/raw/170101_1600", files=4)
+    half = tmp_path / "lab/raw/170101_1600"
+    half.mkdir(parents=True)
+    first = sorted(p for p in source.rglob("*") if p.is_file())[1]
+    (half / first.name).write_bytes(first.read_bytes())  # what the original got across
+    run_id = insert(runsdb, make_run(16, data=[copy_entry("daq", source), {
+        "host": "lab", "type": "raw", "status": TRANSFERRING, "location": str(half),
+        "creation_time": utcnow() - dt.timedelta(days=3)}]))
+    import os
+    old = utcnow().timestamp() - 3 * 86400
+    os.utime(half / first.name, (old, old))
+    os.utime(half, (old, old))
+    pass_of(sites, "lab", runsdb, [RetryStalledTransfer])
+    assert entry(runsdb, run_id)["partial"] == str(half)
