@@ -357,6 +357,12 @@ def checksum_kind(checksum: object) -> str:
     return "unknown"
 
 
+def verifiable_kind(checksum: object) -> str | None:
+    """The kind of a checksum cax can verify, or None (missing, ``n/a``, unknown formats)."""
+    kind = checksum_kind(checksum)
+    return None if kind == "unknown" else kind
+
+
 def compute_checksum_like(
     path: str | os.PathLike[str], reference: str
 ) -> tuple[str, Manifest | None]:

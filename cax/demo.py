@@ -18,12 +18,12 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from cax.admin import cax_command
+from cax.admin.register import raw_entry, register, run_document
 from cax.clock import utcnow
 from cax.config import load_config
 from cax.daemon import Daemon
 from cax.errors import ConfigError
-from cax.admin import cax_command
-from cax.admin.register import raw_entry, register, run_document
 from cax.runsdb import open_runsdb
 from cax.tasks import Context, select_tasks
 from cax.workers import Background

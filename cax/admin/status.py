@@ -21,8 +21,22 @@ from typing import Any
 
 from cax.clock import as_utc, utcnow
 from cax.config import Config
-from cax.runsdb import ERROR, PURGING, TRANSFERRED, TRANSFERRING, VERIFYING, RunsDB, safe_component
-from cax.runsdb.stuck import DEFAULT_MAX_ATTEMPTS, StuckEntry, error_reason, find_stuck, when
+from cax.runsdb import (
+    ERROR,
+    PURGING,
+    TRANSFERRED,
+    TRANSFERRING,
+    VERIFYING,
+    RunsDB,
+    safe_component,
+)
+from cax.runsdb.stuck import (
+    DEFAULT_MAX_ATTEMPTS,
+    StuckEntry,
+    error_reason,
+    find_stuck,
+    when,
+)
 from cax.schema import DATA_TYPES
 
 #: A heartbeat is judged against its daemon's interval: alive within ALIVE_INTERVALS of them

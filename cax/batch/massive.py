@@ -94,7 +94,10 @@ def payload(ctx: Any, run: dict[str, Any], ncpu: int) -> tuple[str, ...]:
 
 def run_massive(ctx: Any, opts: MassiveOptions, echo: Callable[[str], None]) -> int:
     """Submit jobs for the runs that need them; return the exit status (1: a pass failed)."""
-    from cax.tasks.process import ProcessBatchQueue, job_name  # tasks import the batch package
+    from cax.tasks.process import (  # tasks import the batch package
+        ProcessBatchQueue,
+        job_name,
+    )
 
     processing = ctx.site.processing
     if processing is None:

@@ -28,10 +28,10 @@ list, so callers pass ``sort``/``limit`` as arguments rather than chaining curso
 from __future__ import annotations
 
 import datetime as dt
-from collections import OrderedDict
 import logging
 import os
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +45,12 @@ from bson import ObjectId
 from bson.codec_options import CodecOptions
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
-from pymongo.results import DeleteResult, InsertManyResult, InsertOneResult, UpdateResult
+from pymongo.results import (
+    DeleteResult,
+    InsertManyResult,
+    InsertOneResult,
+    UpdateResult,
+)
 
 from cax.runsdb.storefile import StoreFile, id_key
 from cax.runsdb.storeindex import EVERYTHING, Candidates, intersect

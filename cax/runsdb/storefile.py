@@ -32,7 +32,13 @@ from typing import Any
 import bson
 from bson.codec_options import CodecOptions
 
-from cax.runsdb.storeindex import EVERYTHING, Candidates, Planner, index_values, sql_conditions
+from cax.runsdb.storeindex import (
+    EVERYTHING,
+    Candidates,
+    Planner,
+    index_values,
+    sql_conditions,
+)
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from typing import Any
 
 from cax.checksum import (
     Manifest,
-    checksum_kind,
     compute_checksum_like,
     dataset_checksum,
     diff_manifests,
     scan_dataset,
     scan_with_dirhash,
+    verifiable_kind,
 )
 from cax.claimed import FINAL_STEP_LEFT, Keeper
 from cax.errors import LeaseLostError, UnsafeNameError
@@ -51,13 +51,7 @@ log = logging.getLogger(__name__)
 UNREADABLE = (OSError, ValueError, UnsafeNameError)
 
 
-def kind_of(checksum: Any) -> str | None:
-    """Return the kind of a recorded checksum, or None if it is missing or not a cax checksum."""
-    try:
-        kind = checksum_kind(checksum)
-    except ValueError:
-        return None
-    return None if kind == "unknown" else kind
+kind_of = verifiable_kind
 
 
 def describe_files(files: list[str] | None) -> str:

@@ -32,12 +32,12 @@ from typing import Any
 
 from cax.checksum import (
     Manifest,
-    checksum_kind,
     dataset_checksum,
     diff_manifests,
     legacy_checksum_fields,
     legacy_dirhash,
     scan_with_dirhash,
+    verifiable_kind,
 )
 from cax.claimed import ClaimedJob, Keeper
 from cax.clock import as_utc
@@ -384,10 +384,4 @@ class CopyJob(ClaimedJob):
 INHERITED_FIELDS = ("pax_hash", "creation_place")
 
 
-def _kind(checksum: Any) -> str | None:
-    """The kind of a recorded checksum, None for formats cax cannot verify."""
-    try:
-        kind = checksum_kind(checksum)
-    except ValueError:
-        return None
-    return None if kind == "unknown" else kind
+_kind = verifiable_kind

@@ -30,9 +30,9 @@ import datetime as dt
 import logging
 import os
 import posixpath
+import secrets
 import shutil
 import time
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,17 +47,24 @@ from cax.batch import (
     recorded_status,
 )
 from cax.checksum import dataset_checksum, scan_dataset
+from cax.claimed import backoff_s, short_reason
 from cax.clock import as_utc
 from cax.config import Processing, Site
 from cax.errors import BatchError, CaxError, LeaseLostError
 from cax.logcontext import log_context
 from cax.paths import checked_location, scratch_path
 from cax.processors.command import fill_command, placeholders
-from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
-from cax.runsdb import safe_component
-from cax.tasks.base import Context, Task
-from cax.claimed import backoff_s, short_reason
+from cax.runsdb import (
+    ERROR,
+    TRANSFERRED,
+    TRANSFERRING,
+    EntryKey,
+    find_entry,
+    run_label,
+    safe_component,
+)
 from cax.runsdb.runs import Claim
+from cax.tasks.base import Context, Task
 from cax.tasks.copyjob import retry_conditions
 
 log = logging.getLogger(__name__)

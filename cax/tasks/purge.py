@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cax.checksum import checksum_kind
+from cax.checksum import verifiable_kind
 from cax.claimed import Keeper
 from cax.clock import as_utc
 from cax.config import Config
@@ -76,17 +76,9 @@ def _keep(entry: dict[str, Any]) -> tuple[EntryKey, dict[str, Any]]:
     return EntryKey.of(entry), extra
 
 
-def verifiable(checksum: Any) -> str | None:
-    """The kind of a checksum cax can verify (adler32, the original's sha512), else None.
-
-    A copy counts as verified only with one: a ``transferred`` entry without a checksum, or
-    with ``n/a``, ``ADLER32:...`` or a ruciax ``:a:b:c``, proves nothing about its bytes.
-    """
-    try:
-        kind = checksum_kind(checksum)
-    except (ValueError, TypeError):
-        return None
-    return kind if kind in ("adler32", "sha512-dirhash") else None
+#: A copy counts as verified only with a checksum cax can verify: a ``transferred`` entry
+#: without one, or with ``n/a``, ``ADLER32:...`` or a ruciax ``:a:b:c``, proves nothing.
+verifiable = verifiable_kind
 
 
 def _same_data(ours: dict[str, Any], other: dict[str, Any]) -> bool:

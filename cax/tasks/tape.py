@@ -26,18 +26,18 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from cax.checksum import dataset_checksum
+from cax.claimed import ClaimedJob, Keeper, schedule, short_reason
 from cax.clock import as_utc
 from cax.config import Site
-from cax.claimed import ClaimedJob, Keeper, schedule, short_reason
 from cax.errors import CaxError, ConfigError
 from cax.paths import checked_location, scratch_path
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
+from cax.runsdb.runs import Claim
 from cax.schema import TAPE_METHODS
 from cax.tape.dsmc import Dsmc, TsmSetup
 from cax.tape.roundtrip import backup_and_verify, restore_and_verify
 from cax.tape.staging import DatasetRefused, remove_tree
 from cax.tasks.base import Context, Task
-from cax.runsdb.runs import Claim
 from cax.tasks.copyjob import is_retry_due, retry_conditions
 
 log = logging.getLogger(__name__)
