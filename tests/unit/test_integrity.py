@@ -260,7 +260,7 @@ def test_bad_pushed_copy_repaired_by_the_pushing_site_file_by_file(sites, runsdb
     expected = dataset_checksum(scan_dataset(daq))
     run_id = insert(runsdb, make_run(15, data=[copy_entry("daq", daq), copy_entry(
         "lab", lab, status=ERROR, checksum_problem="daq", expected_checksum=expected,
-        attempts=0, next_attempt=utcnow())]))
+        attempts=0, next_attempt=utcnow() - dt.timedelta(minutes=1))]))
     untouched = {p: p.stat().st_ino for p in lab.rglob("*") if p.is_file() and p != bad}
     sent = []
     from cax.transport.local import LocalTransport
