@@ -28,7 +28,6 @@ from cax.errors import (
     AlreadyRunningError,
     CaxError,
     ConfigError,
-    NotAvailableError,
     RunsDBError,
     UnsafeNameError,
 )
@@ -72,7 +71,7 @@ def guarded(fn: Callable[..., int]) -> Callable[..., None]:
             for problem in exc.problems:
                 click.echo(f"cax: {problem}", err=True)
             code = EXIT_USAGE
-        except (UnsafeNameError, NotAvailableError) as exc:
+        except UnsafeNameError as exc:
             click.echo(f"cax: {exc}", err=True)
             code = EXIT_USAGE
         except RunsDBError as exc:
@@ -248,14 +247,6 @@ def main() -> None:
     """Entry point of ``cax``."""
     threading.current_thread().name = "cax"
     cli(prog_name="cax")
-
-
-def _not_available(command: str, issue: str) -> Callable[[], None]:
-    @guarded
-    def entry() -> int:
-        raise NotAvailableError(f"{command} is not available yet ({issue})")
-
-    return entry
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -83,9 +83,6 @@ class TapeError(CaxError):
     """The tape client (IBM TSM ``dsmc``) failed or reported failed objects."""
 
 
-class NotAvailableError(CaxError):
-    """A command or feature exists in the interface but is not implemented in this release."""
-
 
 class AlreadyRunningError(CaxError):
     """Another cax daemon of the same site runs on this machine (it holds the instance lock)."""
