@@ -83,6 +83,5 @@ class TapeError(CaxError):
     """The tape client (IBM TSM ``dsmc``) failed or reported failed objects."""
 
 
-
 class AlreadyRunningError(CaxError):
     """Another cax daemon of the same site runs on this machine (it holds the instance lock)."""
