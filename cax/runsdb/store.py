@@ -53,7 +53,13 @@ from pymongo.results import (
 )
 
 from cax.runsdb.storefile import StoreFile, id_key
-from cax.runsdb.storeindex import EVERYTHING, Candidates, intersect
+from cax.runsdb.storeindex import (
+    ENTRY_COLUMNS,
+    EVERYTHING,
+    SORT_COLUMNS,
+    Candidates,
+    intersect,
+)
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +226,49 @@ class EmbeddedCollection:
 
     # -- reads --------------------------------------------------------------------------
 
+    def _index_order(self, sort: Any) -> list[tuple[str, int]] | None:
+        """``sort`` as index columns, if the index can order by it."""
+        if not self.file.sortable or not isinstance(sort, list) or not sort:
+            return None
+        order = [(key, direction) for key, direction in sort
+                 if key in SORT_COLUMNS and direction in (1, -1)]
+        return order if len(order) == len(sort) else None
+
+    def _first_in_order(self, filter: dict, order: list[tuple[str, int]], limit: int
+                        ) -> list[dict]:
+        """A superset of the first ``limit`` matches in ``order``, decoding few documents.
+
+        The regular documents come in index order; after ``limit`` matches, only those tied
+        with the last are taken (the server's choice among ties is its own).  Irregular
+        documents, ordered by rules the index does not hold, are all evaluated.  The caller
+        sorts and limits the result as mongomock would.
+        """
+        found = self.file.candidates(self.coll, filter)
+        naive = mongomock.helpers.patch_datetime_awareness_in_document(filter)
+        docs: list[dict] = []
+        last = None
+        for key, _, _, doc in self.file.ordered(self.coll, order, found):
+            if len(docs) >= limit and key != last:
+                break
+            if mongomock.filtering.filter_applies(naive, doc):
+                docs.append(doc)
+                last = key
+        odd = {r for r in self.file.irregular_rows(self.coll)
+               if (r in found.rows) != found.complement}
+        docs += [doc for _, _, _, doc in self.file.load(self.coll, Candidates(frozenset(odd), False))
+                 if mongomock.filtering.filter_applies(naive, doc)]
+        return docs
+
     def find(self, filter: dict | None = None, projection: Any = None, *, sort: Any = None,
              limit: int = 0, skip: int = 0) -> list[dict]:
         filter = _bson_roundtrip(filter or {})
         with self._op("find", write=False):
-            scratch = self._scratch([doc for _, _, doc in self._matching(filter, memo=True)])
+            order = self._index_order(sort) if limit and not skip else None
+            if order:
+                docs = self._first_in_order(filter, order, limit)
+            else:
+                docs = [doc for _, _, doc in self._matching(filter, memo=True)]
+            scratch = self._scratch(docs)
             cursor = scratch.find({}, projection)
             if sort:
                 cursor = cursor.sort(sort)
@@ -255,10 +299,48 @@ class EmbeddedCollection:
         pipeline = _bson_roundtrip(pipeline)
         first = pipeline[0].get("$match") if pipeline else None
         with self._op("aggregate", write=False):
-            docs = self._matching(first if isinstance(first, dict) else {})
-            found = list(self._scratch([d for _, _, d in docs]).aggregate(pipeline))
+            grouped = _entry_count(pipeline)
+            if grouped:
+                found = self._count_entries(pipeline, *grouped)
+            else:
+                docs = self._matching(first if isinstance(first, dict) else {})
+                found = list(self._scratch([d for _, _, d in docs]).aggregate(pipeline))
         self._returned(len(found))
         return found
+
+    def _count_entries(self, pipeline: list[dict], names: dict[str, str], total: str
+                       ) -> list[dict]:
+        """Answer an entry count (see ``_entry_count``) from the index.
+
+        The documents the index cannot answer for (an entry with a grouped field unset, an
+        irregular document) go through mongomock with the same pipeline, and the two
+        results are added up.
+        """
+        columns = list(names.values())
+        counts, left_out = self.file.count_entries(self.coll, columns)
+        result: dict[tuple, int] = {}
+        for *values, n in counts:
+            result[tuple(values)] = result.get(tuple(values), 0) + n
+        found = [{"_id": dict(zip(names, key, strict=True)), total: n}
+                 for key, n in result.items()]
+        if left_out:
+            docs = [d for _, _, _, d in self.file.load(self.coll,
+                                                        Candidates(frozenset(left_out), False))]
+            found += self._merge_into(found, self._scratch(docs).aggregate(pipeline), total)
+        return found
+
+    @staticmethod
+    def _merge_into(found: list[dict], extra: Iterable[dict], total: str) -> list[dict]:
+        """Add ``extra``'s counts to equal groups of ``found``; return the groups it lacks."""
+        by_id = {bson.encode(row["_id"]): row for row in found}
+        new = []
+        for row in extra:
+            same = by_id.get(bson.encode(row["_id"]))
+            if same is None:
+                new.append(row)
+            else:
+                same[total] += row[total]
+        return new
 
     # -- writes -------------------------------------------------------------------------
 
@@ -354,6 +436,39 @@ class EmbeddedCollection:
         with self._op("drop", write=True):
             self.file.next_seq()
             self.file.delete(row for row, _, _, _ in self.file.load(self.coll, EVERYTHING))
+
+
+def _entry_count(pipeline: list[dict]) -> tuple[dict[str, str], str] | None:
+    """Recognise a count of ``data[]`` entries grouped by index fields, else None.
+
+    The shape is ``[$project of data.* fields (optional), $unwind "$data", $group {_id:
+    {name: "$data.<field>", ...}, total: {$sum: 1}}]``, with every field one the index holds:
+    the index then answers it exactly, without decoding run documents.  Returns the group
+    names mapped to index columns, and the name of the total.
+    """
+    stages = list(pipeline)
+    if stages and set(stages[0]) == {"$project"} and all(
+            key == "_id" or key.startswith("data.") for key in stages[0]["$project"]):
+        projected = {key[5:] for key, keep in stages[0]["$project"].items() if key != "_id" and keep}
+        stages = stages[1:]
+    else:
+        projected = None
+    if len(stages) != 2 or stages[0] != {"$unwind": "$data"} or set(stages[1]) != {"$group"}:
+        return None
+    group = dict(stages[1]["$group"])
+    key = group.pop("_id", None)
+    if not isinstance(key, dict) or not key or len(group) != 1:
+        return None
+    (total, accumulator), = group.items()
+    if accumulator != {"$sum": 1}:
+        return None
+    names = {}
+    for name, path in key.items():
+        field = path[6:] if isinstance(path, str) and path.startswith("$data.") else None
+        if field not in ENTRY_COLUMNS or (projected is not None and field not in projected):
+            return None
+        names[name] = ENTRY_COLUMNS[field]
+    return names, total
 
 
 def _project(doc: dict, projection: Any) -> dict:

@@ -46,24 +46,28 @@ log = logging.getLogger(__name__)
 CODEC = CodecOptions()
 FILE_NAME = "runsdb.sqlite"
 CLOCK_NAME = "clock"
-FORMAT = 1
+#: 1: the first SQLite format; 2: ``docs.start`` (epoch ms) added, for sorted limited finds.
+FORMAT = 2
 PACK_ABOVE = 2048
 BUSY_TIMEOUT_S = 60.0
 
-SCHEMA = """
+TABLES = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS docs (
     row INTEGER PRIMARY KEY AUTOINCREMENT,
     coll TEXT NOT NULL, key BLOB NOT NULL, seq INTEGER NOT NULL,
     number, name, irregular INTEGER NOT NULL DEFAULT 0,
-    packed INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL);
+    packed INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL, start INTEGER);
+CREATE TABLE IF NOT EXISTS entries (
+    doc INTEGER NOT NULL, coll TEXT NOT NULL, host, type, status, version);
+"""
+INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS docs_key ON docs (coll, key);
 CREATE INDEX IF NOT EXISTS docs_seq ON docs (seq);
 CREATE INDEX IF NOT EXISTS docs_number ON docs (coll, number);
 CREATE INDEX IF NOT EXISTS docs_name ON docs (coll, name);
 CREATE INDEX IF NOT EXISTS docs_irregular ON docs (coll, irregular);
-CREATE TABLE IF NOT EXISTS entries (
-    doc INTEGER NOT NULL, coll TEXT NOT NULL, host, type, status, version);
+CREATE INDEX IF NOT EXISTS docs_start ON docs (coll, start, number);
 CREATE INDEX IF NOT EXISTS entries_doc ON entries (doc);
 CREATE INDEX IF NOT EXISTS entries_hts ON entries (coll, host, type, status);
 CREATE INDEX IF NOT EXISTS entries_sh ON entries (coll, status, host);
@@ -71,10 +75,29 @@ CREATE INDEX IF NOT EXISTS entries_sh ON entries (coll, status, host);
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
-    """Create the tables inside the caller's transaction (``executescript`` would commit)."""
-    for statement in SCHEMA.split(";"):
+    """Create the tables inside the caller's transaction (``executescript`` would commit),
+    bringing a format-1 store's ``docs`` up to date first."""
+    for statement in TABLES.split(";"):
         if statement.strip():
             conn.execute(statement)
+    if "start" not in {column for _, column, *_ in conn.execute("PRAGMA table_info(docs)")}:
+        _add_start(conn)
+    for statement in INDEXES.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _add_start(conn: sqlite3.Connection) -> None:
+    """Format 1 -> 2: fill ``docs.start`` from every body (once; seconds at 100,000 runs)."""
+    conn.execute("ALTER TABLE docs ADD COLUMN start INTEGER")
+    updates = []
+    for row, packed, body in conn.execute("SELECT row, packed, body FROM docs").fetchall():
+        values = index_values(bson.decode(unpack(packed, body), codec_options=CODEC))
+        updates.append((values.start, int(values.irregular), row))
+    conn.executemany("UPDATE docs SET start = ?, irregular = ? WHERE row = ?", updates)
+    conn.execute("UPDATE meta SET value = ? WHERE name = 'format'", (FORMAT,))
+    log.info("runs DB: upgraded the embedded store to format %d (%d documents)", FORMAT,
+             len(updates))
 
 
 def id_key(value: Any) -> bytes:
@@ -110,6 +133,8 @@ class StoreFile:
             self.conn = self._connect(str(self.path), uri=False)
             self._set_up()
         self.identity = self._identity()
+        #: False for a format-1 store opened read-only (it cannot be upgraded in place).
+        self.sortable = "start" in {c for _, c, *_ in self.conn.execute("PRAGMA table_info(docs)")}
 
     # -- opening ------------------------------------------------------------------------
 
@@ -235,8 +260,7 @@ class StoreFile:
         found = Planner(lookup).plan(query)
         if found.everything:
             return EVERYTHING
-        irregular = {r for (r,) in self.conn.execute(
-            "SELECT row FROM docs WHERE coll = ? AND irregular = 1", (coll,))}
+        irregular = self.irregular_rows(coll)
         if found.complement:
             return Candidates(found.rows - irregular, True)
         return Candidates(found.rows | irregular, False)
@@ -262,6 +286,57 @@ class StoreFile:
             if row not in found.rows:
                 raw = unpack(packed, body)
                 yield row, seq, raw, bson.decode(raw, codec_options=CODEC)
+
+    def ordered(self, coll: str, order: list[tuple[str, int]], found: Candidates
+                ) -> Iterator[tuple[tuple[Any, ...], int, bytes, dict[str, Any]]]:
+        """Yield (sort key, row, BSON, document) of the regular candidates in ``order``.
+
+        ``order`` is a list of (column of ``SORT_COLUMNS``, 1 or -1).  SQLite orders NULL,
+        then numbers, then text, as MongoDB orders null (and missing), numbers, strings;
+        regular documents hold nothing else in these columns.  Irregular documents are not
+        yielded: the caller evaluates them apart.  Bodies are read in chunks, so a caller
+        that stops early has decoded only what it used.
+        """
+        columns = ", ".join(column for column, _ in order)
+        by = ", ".join(f"{column} {'DESC' if direction < 0 else 'ASC'}"
+                       for column, direction in order)
+        cursor = self.conn.execute(
+            f"SELECT row, {columns} FROM docs WHERE coll = ? AND irregular = 0 "
+            f"ORDER BY {by}, row", (coll,))
+        while chunk := cursor.fetchmany(200):
+            keys = {row: tuple(key) for row, *key in chunk
+                    if (row in found.rows) != found.complement}
+            if not keys:
+                continue
+            bodies = dict((row, (packed, body)) for row, packed, body in self.conn.execute(
+                f"SELECT row, packed, body FROM docs WHERE row IN "
+                f"({', '.join('?' * len(keys))})", list(keys)))
+            for row, key in keys.items():
+                if row in bodies:
+                    raw = unpack(*bodies[row])
+                    yield key, row, raw, bson.decode(raw, codec_options=CODEC)
+
+    def irregular_rows(self, coll: str) -> set[int]:
+        return {r for (r,) in self.conn.execute(
+            "SELECT row FROM docs WHERE coll = ? AND irregular = 1", (coll,))}
+
+    def count_entries(self, coll: str, columns: list[str]) -> tuple[list[tuple], set[int]]:
+        """Count the entries of ``coll`` grouped by index ``columns``, from the index alone.
+
+        Returns the counts (``(*values, count)``) of the entries whose grouped values are all
+        set, and the rows of the documents left out because an entry has one unset (the
+        index cannot tell a missing field from a null) or the document is irregular: the
+        caller evaluates those few documents itself.
+        """
+        unset = " OR ".join(f"{column} IS NULL" for column in columns)
+        left_out = {r for (r,) in self.conn.execute(
+            f"SELECT DISTINCT doc FROM entries WHERE coll = ? AND ({unset})", (coll,))}
+        group = ", ".join(columns)
+        counts = self.conn.execute(
+            f"SELECT {group}, count(*) FROM entries WHERE coll = ? AND doc NOT IN "
+            f"(SELECT doc FROM entries WHERE coll = ? AND ({unset})) GROUP BY {group}",
+            (coll, coll)).fetchall()
+        return counts, left_out | self.irregular_rows(coll)
 
     def seqs(self, coll: str, found: Candidates) -> dict[int, int]:
         """The generation of each candidate's last write, without reading any body."""
@@ -295,7 +370,7 @@ class StoreFile:
             values = index_values(doc)
             packed, body = encode_body(doc)
             batch.append((row, coll, id_key(doc["_id"]), seq, values.number, values.name,
-                          int(values.irregular), packed, body))
+                          int(values.irregular), packed, body, values.start))
             entries.extend((row, coll, *entry) for entry in values.entries)
             if len(batch) >= 1000:
                 self._insert(conn, batch, entries)
@@ -304,7 +379,7 @@ class StoreFile:
     @staticmethod
     def _insert(conn: sqlite3.Connection, batch: list[tuple], entries: list[tuple]) -> None:
         conn.executemany("INSERT INTO docs (row, coll, key, seq, number, name, irregular, packed, "
-                         "body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
+                         "body, start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
         conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)", entries)
         batch.clear()
         entries.clear()
@@ -314,8 +389,9 @@ class StoreFile:
         packed, body = encode_body(doc)
         self.conn.execute(
             "UPDATE docs SET key = ?, seq = ?, number = ?, name = ?, irregular = ?, packed = ?, "
-            "body = ? WHERE row = ?", (id_key(doc["_id"]), seq, values.number, values.name,
-                                       int(values.irregular), packed, body, row))
+            "body = ?, start = ? WHERE row = ?",
+            (id_key(doc["_id"]), seq, values.number, values.name, int(values.irregular), packed,
+             body, values.start, row))
         self.conn.execute("DELETE FROM entries WHERE doc = ?", (row,))
         self._put_entries(self.conn, coll, row, values.entries)
 

@@ -2,9 +2,9 @@
 
 The store evaluates every query with mongomock, so that each stays valid MongoDB; this module
 only narrows the documents it is evaluated on.  Each document gets a few index values (its
-``number`` and ``name``, and one row per ``data[]`` entry with host, type, status and
-processor version), and a query is turned into a set of candidate documents that is always a
-*superset* of its matches: a condition the index cannot judge selects everything, so a
+``number``, ``name`` and ``start``, and one row per ``data[]`` entry with host, type, status
+and processor version), and a query is turned into a set of candidate documents that is always
+a *superset* of its matches: a condition the index cannot judge selects everything, so a
 wrong answer is impossible, only a slower one.
 
 Negative conditions matter as much as positive ones: a copy task asks for runs that have a
@@ -13,20 +13,25 @@ $elemMatch`` whose conditions the index holds exactly is answered as a complemen
 pass decodes no document at all.
 
 Documents whose indexed fields are not plain values (an array for ``number``, an entry that
-is not an object, a host that is a list) are marked irregular: they are candidates for every
+is not an object, a host that is a list, a NaN, a ``start`` that is not a date) are marked
+irregular: they are candidates for every
 query and never counted as certain matches.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 #: Entry fields held by the index, and their column names.
 ENTRY_COLUMNS = {"host": "host", "type": "type", "status": "status", "pax_version": "version"}
-#: Top-level fields held by the index (columns of the document table).
+#: Top-level fields held by the index (columns of the document table) that queries select on.
 DOC_COLUMNS = ("number", "name")
+#: Top-level fields a sort may be answered from the index on (``start`` as epoch milliseconds).
+SORT_COLUMNS = ("start", "number", "name")
 
 Scalar = (str, int, float)
 
@@ -37,18 +42,36 @@ class IndexValues:
 
     number: Any
     name: Any
+    start: int | None
     entries: list[tuple[Any, Any, Any, Any]]
     irregular: bool
 
 
 def _plain(value: Any) -> bool:
+    """A value SQLite orders and compares as MongoDB does (NaN would become NULL there)."""
+    if isinstance(value, float):
+        return not math.isnan(value)
     return value is None or (isinstance(value, Scalar) and not isinstance(value, bool))
+
+
+def _epoch_ms(value: Any) -> int | None:
+    """``start`` as the store sorts it: BSON dates are milliseconds since the epoch."""
+    if not isinstance(value, dt.datetime):
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return (value - EPOCH) // dt.timedelta(milliseconds=1)
+
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def index_values(doc: dict[str, Any]) -> IndexValues:
     """Return the index values of ``doc``; irregular if any field is not a plain value."""
     number, name, data = doc.get("number"), doc.get("name"), doc.get("data")
-    irregular = not (_plain(number) and _plain(name))
+    start = doc.get("start")
+    irregular = not (_plain(number) and _plain(name)) \
+        or not (start is None or isinstance(start, dt.datetime))
     entries: list[tuple[Any, Any, Any, Any]] = []
     if data is not None and not isinstance(data, list):
         irregular = True
@@ -60,7 +83,9 @@ def index_values(doc: dict[str, Any]) -> IndexValues:
         if not all(_plain(v) for v in values):
             irregular = True
         entries.append(values)  # type: ignore[arg-type]
-    return IndexValues(number, name, [] if irregular else entries, irregular)
+    if irregular:  # a candidate for every query: its columns are never consulted
+        return IndexValues(None, None, None, [], True)
+    return IndexValues(number, name, _epoch_ms(start), entries, False)
 
 
 @dataclass(frozen=True)

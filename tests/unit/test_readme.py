@@ -45,5 +45,31 @@ def test_readme_names_every_task():
         assert re.search(rf"``{task.name}``", text), task.name
 
 
+#: The configuration behind the README's sample start-up errors.
+SAMPLE_CONFIG = {"runs_db": "embedded:runsdb", "sites": [
+    {"name": "midway", "method": "local", "dir_raw": "/data/m", "data_type": ["raw"],
+     "uplaod_options": 1, "port": "22"},
+    {"name": "lngs", "method": "local", "dir_raw": "/data/l", "data_type": ["raw"],
+     "upload_options": ["nowhere"]}]}
+
+
+def test_readme_sample_config_errors_are_what_cax_prints(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from cax.cli import cli
+
+    (tmp_path / "cax.json").write_text(json.dumps(SAMPLE_CONFIG))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["--once", "--dry-run", "--config", "cax.json",
+                                      "--host", "midway"])
+    printed = [line for line in result.stderr.splitlines() if line.strip()]
+    shown = [line.strip() for line in README.read_text().splitlines()
+             if line.startswith("    cax: cax.json: site ")]
+    assert result.exit_code == 2
+    assert shown == printed
+
+
 if __name__ == "__main__":
     update_readme()

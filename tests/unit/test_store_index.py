@@ -1,0 +1,126 @@
+"""What the embedded store answers from its index equals what mongomock answers from the documents.
+
+The store answers two things without decoding every run: a count of ``data[]`` entries grouped
+by host, type and status (the default ``cax status`` view), and a sorted, limited find (the
+``--summary`` matrix).  Hypothesis throws regular and irregular documents at both and compares
+them with a plain mongomock collection holding the same documents, which evaluates as the
+server would.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import bson
+import mongomock
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cax.runsdb.store import EmbeddedClient
+from cax.runsdb.storefile import FILE_NAME
+
+COUNT_PIPELINE = [
+    {"$project": {"_id": 0, "data.host": 1, "data.type": 1, "data.status": 1}},
+    {"$unwind": "$data"},
+    {"$group": {"_id": {"host": "$data.host", "type": "$data.type", "status": "$data.status"},
+                "count": {"$sum": 1}}}]
+NEWEST_FIRST = [("start", -1), ("number", -1)]
+
+plain = st.one_of(st.none(), st.sampled_from(["a", "b", "raw", "error"]), st.integers(-3, 3))
+odd = st.one_of(st.lists(st.sampled_from(["a", "b"]), max_size=2), st.just(math.nan),
+                st.booleans(), st.just({"x": 1}))
+value = st.one_of(plain, plain, plain, odd)
+entry = st.one_of(
+    st.dictionaries(st.sampled_from(["host", "type", "status", "pax_version"]), value),
+    st.just("not an entry"))
+start = st.one_of(st.none(), st.datetimes(dt.datetime(2016, 1, 1), dt.datetime(2016, 1, 3)),
+                  st.just("2016-01-01"))
+document = st.fixed_dictionaries(
+    {"number": st.one_of(st.integers(0, 5), st.sampled_from([0.5, 2.0, 3.5]), plain, odd)},
+    optional={"name": value, "start": start, "data": st.one_of(st.lists(entry, max_size=3),
+                                                                 st.none(), st.just("x"))})
+
+
+def _both(tmp_path_factory, docs):
+    directory = tmp_path_factory.mktemp("store")
+    store = EmbeddedClient(directory)["run"]["runs"]
+    reference = mongomock.MongoClient(tz_aware=True)["run"]["runs"]
+    for n, doc in enumerate(docs):
+        doc = {"_id": n, **doc}
+        store.insert_one(dict(doc))
+        reference.insert_one(bson.decode(bson.encode(doc)))  # as stored: ms, no tz
+    return store, reference
+
+
+def _counts(rows):
+    return sorted((bson.encode(r["_id"]), r["count"]) for r in rows)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(docs=st.lists(document, max_size=12))
+def test_entry_counts_from_the_index_equal_mongomock(tmp_path_factory, docs):
+    store, reference = _both(tmp_path_factory, docs)
+    assert _counts(store.aggregate(COUNT_PIPELINE)) == \
+        _counts(reference.aggregate(COUNT_PIPELINE))
+
+
+def _sort_key(doc):
+    return bson.encode({"s": doc.get("start"), "n": doc.get("number")})
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(docs=st.lists(document, max_size=12), limit=st.integers(1, 5),
+       query=st.sampled_from([{}, {"data.host": "a"}, {"number": {"$gte": 2}},
+                              {"data": {"$not": {"$elemMatch": {"host": "b"}}}}]))
+def test_sorted_limited_find_from_the_index_equals_mongomock(tmp_path_factory, docs, limit,
+                                                             query):
+    store, reference = _both(tmp_path_factory, docs)
+    got = store.find(query, sort=NEWEST_FIRST, limit=limit)
+    want = list(reference.find(query).sort(NEWEST_FIRST).limit(limit))
+    # the same sort keys in the same order (which of several tied documents comes is free)
+    assert [(d.get("start"), repr(d.get("number"))) for d in got] == \
+        [(d.get("start"), repr(d.get("number"))) for d in want]
+
+
+def test_sorted_limited_find_decodes_only_what_it_returns(tmp_path, monkeypatch):
+    """At 2,000 runs, the newest 5 decode a chunk of documents, not all of them."""
+    store = EmbeddedClient(tmp_path)["run"]["runs"]
+    t0 = dt.datetime(2017, 1, 1)
+    store.insert_many([{"number": n, "start": t0 + dt.timedelta(minutes=n),
+                        "data": [{"host": "a", "type": "raw", "status": "transferred"}]}
+                       for n in range(2000)])
+    decoded = []
+    real = bson.decode
+    monkeypatch.setattr(bson, "decode", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    newest = store.find({}, sort=NEWEST_FIRST, limit=5)
+    assert [d["number"] for d in newest] == [1999, 1998, 1997, 1996, 1995]
+    assert len(decoded) <= 200
+    assert store.aggregate(COUNT_PIPELINE) == [
+        {"_id": {"host": "a", "type": "raw", "status": "transferred"}, "count": 2000}]
+    assert len(decoded) <= 200
+
+
+def test_format_1_store_is_upgraded_with_its_start_column(tmp_path):
+    """A store written before ``start`` was indexed gets the column filled on first open."""
+    store = EmbeddedClient(tmp_path)["run"]["runs"]
+    t0 = dt.datetime(2017, 1, 1)
+    store.insert_many([{"number": n, "start": t0 - dt.timedelta(days=n)} for n in range(5)])
+    store.client.close()
+    import sqlite3
+    conn = sqlite3.connect(tmp_path / FILE_NAME)
+    conn.execute("DROP INDEX docs_start")
+    conn.execute("ALTER TABLE docs DROP COLUMN start")
+    conn.execute("UPDATE meta SET value = 1 WHERE name = 'format'")
+    conn.commit()
+    conn.close()
+    read_only = EmbeddedClient(tmp_path, read_only=True)["run"]["runs"]
+    assert [d["number"] for d in read_only.find({}, sort=NEWEST_FIRST, limit=2)] == [0, 1]
+    again = EmbeddedClient(tmp_path)["run"]["runs"]
+    assert again.file.sortable
+    assert [d["number"] for d in again.find({}, sort=NEWEST_FIRST, limit=2)] == [0, 1]
+    conn = sqlite3.connect(tmp_path / FILE_NAME)
+    assert conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone() == (2,)
+    assert conn.execute("SELECT count(*) FROM docs WHERE start IS NULL").fetchone() == (0,)
