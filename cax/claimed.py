@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cax.clock import when
 from cax.errors import CaxError, ConfigError, LeaseLostError, UnsafeNameError
 from cax.runsdb import EntryKey
 from cax.runsdb.runs import Claim
@@ -259,13 +260,16 @@ class ClaimedJob:
         self.claim = claim
         if claim.takeover:
             prev = claim.previous or {}
-            log.warning("%s: took over %s from %s, whose lease expired at %s (attempt %d)",
+            done = claim.attempts - 1  # the attempts made: the claim counted a new one
+            log.warning("%s: took over %s from %s, whose lease expired at %s (%s)",
                         self.label, self.key, prev.get("lease_owner"),
-                        _when(prev.get("lease_expires")), claim.attempts)
+                        when(prev.get("lease_expires")),
+                        f"attempt {claim.attempts}" if claim.attempts <= self.max_attempts
+                        else f"none left after {done}")
             if claim.attempts > self.max_attempts:
-                self._record(f"gave up after {claim.attempts - 1} attempt(s): the last one's "
-                             f"daemon ({prev.get('lease_owner')}) stopped without finishing",
-                             "permanent")
+                self._record(f"gave up after {done} attempt(s): the last one's daemon "
+                             f"({prev.get('lease_owner')}) stopped without finishing",
+                             "permanent", attempts=done)
                 self.claim = None
                 return False
         return True
@@ -309,34 +313,36 @@ class ClaimedJob:
         except (CaxError, OSError) as exc:
             log.warning("%s: scratch data not removed: %s", self.label, exc)
 
-    def _record(self, reason: str, kind: str) -> None:
+    def _record(self, reason: str, kind: str, attempts: int | None = None) -> None:
+        """Record the failure; ``attempts`` corrects the count a claim made but did not use."""
         assert self.claim is not None
         now = self.ctx.now()
-        stuck = kind != "transient" or self.attempts >= self.max_attempts
+        fields = self.failure_fields()
+        if attempts is None:
+            attempts = self.attempts
+        else:
+            fields["attempts"] = attempts
+        stuck = kind != "transient" or attempts >= self.max_attempts
         retry_at = None if stuck else now + dt.timedelta(
-            seconds=backoff_s(self.ctx.site.retry_backoff, self.attempts))
+            seconds=backoff_s(self.ctx.site.retry_backoff, attempts))
         if stuck:
-            why = {"transient": f"no attempts left ({self.attempts} of {self.max_attempts})",
+            why = {"transient": f"no attempts left ({attempts} of {self.max_attempts})",
                    "permanent": "retrying alone cannot fix this; retried once the "
                                 "configuration changes",
                    "config": "retried once the configuration changes"}[kind]
             log.error("%s: %s failed on attempt %d, not retried (%s; `cax retry` retries "
-                      "it): %s", self.label, self.key, self.attempts, why, reason)
+                      "it): %s", self.label, self.key, attempts, why, reason)
         else:
             log.warning("%s: %s attempt %d of %d failed, retrying after %s: %s", self.label,
-                        self.key, self.attempts, self.max_attempts, _when(retry_at), reason)
+                        self.key, attempts, self.max_attempts, when(retry_at), reason)
         if stuck:
             self.on_stuck()
         try:
             self.db.record_failure(self.claim, reason, kind=kind, retry_at=retry_at,
                                    config_hash=None if kind == "transient" else self.ctx.config_hash,
-                                   fields=self.failure_fields())
+                                   fields=fields)
         except CaxError as exc:  # the lease expires and the work is taken over later
             log.error("%s: failure not recorded: %s", self.label, exc)
-
-
-def _when(value: Any) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if isinstance(value, dt.datetime) else "?"
 
 
 def schedule(ctx: Any, name: str, job: ClaimedJob, what: str) -> bool:

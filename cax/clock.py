@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 UTC = dt.timezone.utc
 
@@ -18,3 +19,10 @@ def as_utc(value: dt.datetime) -> dt.datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
+
+
+def when(value: Any) -> str:
+    """A time for a message: always with its date, in UTC."""
+    if not isinstance(value, dt.datetime):
+        return "never" if value is None else str(value)
+    return as_utc(value).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -144,14 +144,17 @@ def popen(
     stdin: int | None = subprocess.DEVNULL,
     merge_stderr: bool = False,
     binary: bool = False,
+    purpose: str = "",
 ) -> Iterator[subprocess.Popen]:
     """Start ``argv`` with text pipes (bytes with ``binary``) and yield it; on leaving, kill
     whatever is left of it.
 
     For callers that watch output as it comes (progress, stalls); ``run`` is the simple case.
+    ``purpose`` says in the debug log what a command is for when its words do not (a
+    site-side script reads its program from stdin).
     """
     argv = [str(a) for a in argv]
-    log.debug("run: %s", mask(argv))
+    log.debug("run%s: %s", f" ({purpose})" if purpose else "", mask(argv))
     full_env = dict(os.environ if env is None else env)
     full_env.setdefault("LC_ALL", "C")
     try:
@@ -195,6 +198,7 @@ def run(
     check: bool = True,
     host: str = "",
     ok_codes: Sequence[int] = (0,),
+    purpose: str = "",
 ) -> subprocess.CompletedProcess:
     """Run ``argv`` to completion and return its CompletedProcess (text stdout and stderr).
 
@@ -202,7 +206,7 @@ def run(
     CommandError when ``check`` is set and the exit status is not in ``ok_codes``.
     """
     stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
-    with popen(argv, env=env, cwd=cwd, stdin=stdin) as proc:
+    with popen(argv, env=env, cwd=cwd, stdin=stdin, purpose=purpose) as proc:
         try:
             out, err = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -308,9 +308,9 @@ class StoreFile:
                     if (row in found.rows) != found.complement}
             if not keys:
                 continue
-            bodies = dict((row, (packed, body)) for row, packed, body in self.conn.execute(
+            bodies = {row: (packed, body) for row, packed, body in self.conn.execute(
                 f"SELECT row, packed, body FROM docs WHERE row IN "
-                f"({', '.join('?' * len(keys))})", list(keys)))
+                f"({', '.join('?' * len(keys))})", list(keys))}
             for row, key in keys.items():
                 if row in bodies:
                     raw = unpack(*bodies[row])

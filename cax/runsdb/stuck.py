@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cax.clock import as_utc
+from cax.clock import as_utc, when
 from cax.runsdb.entries import ERROR, PURGING, TRANSFERRING, EntryKey
 from cax.runsdb.runs import RunsDB
 
@@ -76,13 +76,6 @@ class StuckEntry:
                 "kind": self.kind, "reason": self.reason, "source": self.source,
                 "reference": self.reference, "attempts": self.attempts,
                 "lease_owner": self.lease_owner, "command": self.command(prefix)}
-
-
-def when(value: Any) -> str:
-    """A time for a message: always with its date, in UTC."""
-    if not isinstance(value, dt.datetime):
-        return "never" if value is None else str(value)
-    return as_utc(value).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def error_reason(entry: dict[str, Any], max_attempts: int) -> tuple[str, str] | None:

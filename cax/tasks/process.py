@@ -48,7 +48,7 @@ from cax.batch import (
 )
 from cax.checksum import dataset_checksum, scan_dataset
 from cax.claimed import backoff_s, short_reason
-from cax.clock import as_utc
+from cax.clock import as_utc, when
 from cax.config import Processing, Site
 from cax.errors import BatchError, CaxError, LeaseLostError
 from cax.logcontext import log_context
@@ -451,7 +451,7 @@ class ProcessBatchQueue(Task):
             log.error("%s: failed, stuck after %d attempt(s): %s", self.key, attempts, reason)
         else:
             log.warning("%s: attempt %d failed, retry after %s: %s", self.key, attempts,
-                        retry_at.strftime("%H:%M:%S"), reason)
+                        when(retry_at), reason)
         self.db.record_failure(item.claim, reason, kind="transient", retry_at=retry_at,
                                fields={"transfer_end": now}, unset=["reading", "partial"])
         return f"{run_label(item.run)}: {reason}"

@@ -189,9 +189,8 @@ class OpenSSHTransport(RsyncTransport):
             ssh.python_command(self.endpoint),
         ]
         request = ssh.script_input(ssh.SITEOPS_SOURCE, ssh.siteops_request(["stat", remote]))
-        result = proc.run(
-            argv, input=request, timeout=SIZE_POLL_TIMEOUT_S, check=False, host=self._host
-        )
+        result = proc.run(argv, input=request, timeout=SIZE_POLL_TIMEOUT_S, check=False,
+                          host=self._host, purpose=f"size of {remote}")
         if result.returncode != 0 or not result.stdout.strip():
             return None
         try:

@@ -206,11 +206,12 @@ class RsyncTransport(ssh.SiteScripts, Transport):
     # ---------------------------------------------------------------- site operations
 
     def _run_script(self, script: str, stdin: str, timeout_s: float,
-                    path: str) -> tuple[int, str, str]:
-        result = self._python(script, stdin, timeout_s, path)
+                    path: str, purpose: str) -> tuple[int, str, str]:
+        result = self._python(script, stdin, timeout_s, path, purpose)
         return result.returncode, result.stdout, result.stderr
 
-    def _python(self, script: str, stdin: str, timeout_s: float, path: str) -> CompletedProcess:
+    def _python(self, script: str, stdin: str, timeout_s: float, path: str,
+                purpose: str) -> CompletedProcess:
         """Run ``script`` with the site's python3 over the shared connection.
 
         The master holds our pipes while the command runs (fd passing), so a hung command is
@@ -226,7 +227,8 @@ class RsyncTransport(ssh.SiteScripts, Transport):
         timer = threading.Timer(timeout_s, self._kill_master)
         timer.start()
         try:
-            result = proc.run(argv, input=ssh.script_input(script, stdin), timeout=timeout_s, check=False, host=self._host)
+            result = proc.run(argv, input=ssh.script_input(script, stdin), timeout=timeout_s,
+                              check=False, host=self._host, purpose=purpose)
         except CommandError as exc:  # timeout, or no ssh binary
             raise self.fail("run command for", path, exc, retryable=True) from exc
         finally:

@@ -31,6 +31,7 @@ from typing import BinaryIO
 import paramiko
 from scp import SCPClient, SCPException
 
+from cax import proc
 from cax.checksum import Manifest
 from cax.errors import TransferError
 from cax.transport import ssh
@@ -188,7 +189,7 @@ class ScpTransport(ssh.SiteScripts, Transport):
         return self.fail(what, path, reason, retryable=status < 0)
 
     def _run_script(self, script: str, stdin: str, timeout_s: float,
-                    path: str) -> tuple[int, str, str]:
+                    path: str, purpose: str) -> tuple[int, str, str]:
         """Run ``script`` with the site's python3 over the connection; return (status, out, err).
 
         status is -1 when the connection closed before the command reported one.
@@ -197,6 +198,8 @@ class ScpTransport(ssh.SiteScripts, Transport):
             channel = self._connection().open_session(timeout=self.endpoint.connect_timeout_s)
             with channel:
                 channel.settimeout(timeout_s)
+                log.debug("ssh %s (%s): %s", self.endpoint.address, purpose,
+                          proc.mask([ssh.python_command(self.endpoint)]))
                 channel.exec_command(ssh.python_command(self.endpoint))
                 channel.sendall(ssh.script_input(script, stdin).encode())
                 channel.shutdown_write()

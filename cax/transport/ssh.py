@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import paramiko
@@ -120,6 +121,11 @@ def script_input(script: str, request: str = "") -> str:
 def siteops_request(*ops: list) -> str:
     """Return the stdin line for a siteops request made of ``ops``."""
     return json.dumps({"ops": list(ops)}) + "\n"
+
+
+def siteops_purpose(ops: Sequence[list]) -> str:
+    """What a siteops request does, for the debug log: ``stat /a; rename /a /b``."""
+    return "; ".join(" ".join(str(arg) for arg in op) for op in ops)[:300]
 
 
 def siteops_results(stdout: str) -> list:
@@ -313,7 +319,8 @@ class SiteScripts:
     """``manifest``, ``rename``, ``remove`` and ``exists`` done by the site-side scripts.
 
     The SSH backends differ only in how a script runs on the site, which they provide as
-    ``_run_script(script, stdin, timeout_s, path) -> (status, stdout, stderr)``, and in how a
+    ``_run_script(script, stdin, timeout_s, path, purpose) -> (status, stdout, stderr)``
+    (``purpose`` names the work in the debug log), and in how a
     failed run becomes an error, ``_script_error(what, path, status, stderr)``.
     """
 
@@ -322,7 +329,7 @@ class SiteScripts:
     def manifest(self, remote: str) -> Manifest:
         request = json.dumps({"path": remote}) + "\n"
         status, out, err = self._run_script(REMOTE_MANIFEST_SCRIPT, request, MANIFEST_TIMEOUT_S,
-                                            remote)
+                                            remote, f"checksums of {remote}")
         if status not in (0, 1) or not out.strip():
             raise self._script_error("manifest of", remote, status, err)
         return parse_remote_manifest(out)
@@ -362,7 +369,7 @@ class SiteScripts:
 
     def _siteops(self, *ops: list, path: str) -> list:
         status, out, err = self._run_script(SITEOPS_SOURCE, siteops_request(*ops),
-                                            REMOTE_OP_TIMEOUT_S, path)
+                                            REMOTE_OP_TIMEOUT_S, path, siteops_purpose(ops))
         if status != 0 or not out.strip():
             raise self._script_error(ops[0][0], path, status, err)
         return siteops_results(out)

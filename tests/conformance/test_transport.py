@@ -172,6 +172,22 @@ def test_transport_remove_and_exists(transport: Transport, tmp_path: Path):
     assert not transport.exists(str(single / "below_a_file"))
 
 
+@pytest.mark.parametrize("method", SSH_METHODS)
+def test_ssh_debug_log_names_what_each_site_script_does(transport: Transport, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture):
+    """The site scripts travel on stdin, so the debug line says what each one is for."""
+    import logging
+
+    tree = make_tree(tmp_path / "run")
+    with caplog.at_level(logging.DEBUG):
+        transport.manifest(str(tree))
+        transport.rename(str(tree), str(tmp_path / "moved"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(f"(checksums of {tree})" in line for line in lines), lines
+    assert any(f"(rename {tree} {tmp_path / 'moved'})" in line for line in lines), lines
+    assert not any("def " in line for line in lines)  # the scripts themselves are not shown
+
+
 def test_transport_manifest_of_missing_path_raises_file_not_found(transport: Transport, tmp_path):
     with pytest.raises(FileNotFoundError):
         transport.manifest(str(tmp_path / "missing"))

@@ -26,7 +26,7 @@ from cax.tasks import (
 )
 from cax.tasks.copyjob import CopyJob, make_plan
 from cax.tasks.purge import PurgePolicy, decide_raw_purge
-from tests.conftest import advance_clock, edit_site, make_context, make_run
+from tests.conftest import advance_clock, edit_site, make_context, make_run, set_entry
 from tests.unit.housekeeping import copy_entry, make_dataset, make_sites
 
 LAB = EntryKey("lab", "raw")
@@ -310,3 +310,50 @@ def test_stalled_legacy_pull_resumes_from_the_bytes_it_left(sites, runsdb, tmp_p
     os.utime(half, (old, old))
     pass_of(sites, "lab", runsdb, [RetryStalledTransfer])
     assert entry(runsdb, run_id)["partial"] == str(half)
+
+
+# -- attempt counts: what the log says is what the runs DB holds ---------------------------------
+
+
+def _attempts_said(caplog) -> list[int]:
+    import re
+
+    said = []
+    for record in caplog.records:
+        found = re.search(r"attempt (\d+) of \d+ failed|failed on attempt (\d+)|"
+                          r"gave up after (\d+) attempt|none left after (\d+)",
+                          record.getMessage())
+        if found:
+            said.append(int(next(g for g in found.groups() if g)))
+    return said
+
+
+def test_attempt_counts_in_messages_are_the_runs_dbs(sites, runsdb, tmp_path, caplog):
+    """Each failure's message, the stored ``attempts`` and the stuck reason agree, up to the
+    limit, and a takeover of the last attempt does not count one attempt more than it says."""
+    from cax.admin.status import run_view
+    from cax.runsdb.stuck import error_reason
+
+    sites = edit_site(sites, "daq", max_attempts=2)
+    source = tmp_path / "daq/raw/170101_1400"  # registered, but gone: a transient failure
+    run_id = insert(runsdb, make_run(14, data=[copy_entry("daq", source, checksum="adler32:1")]))
+    for expected in (1, 2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            pass_of(sites, "daq", runsdb, [CopyPush])
+        got = entry(runsdb, run_id)
+        assert _attempts_said(caplog) == [expected] == [got["attempts"]]
+        advance_clock(runsdb, 3600)
+    assert error_reason(got, 2)[1].startswith("2 attempt(s), none left (max_attempts 2)")
+    shown = [e for e in run_view(runsdb, number=14)[0]["data"] if e["site"] == "lab"]
+    assert shown[0]["attempts"] == 2
+
+    set_entry(runsdb, run_id, LAB, {"status": TRANSFERRING, "lease_owner": "dead",
+                                    "lease_token": "0badf00d",
+                                    "lease_expires": runsdb.now() - dt.timedelta(minutes=5)})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        pass_of(sites, "daq", runsdb, [CopyPush])
+    got = entry(runsdb, run_id)
+    assert got["status"] == ERROR and "gave up after 2 attempt(s)" in got["error"]
+    assert _attempts_said(caplog) == [2, 2] and got["attempts"] == 2
