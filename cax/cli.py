@@ -470,6 +470,37 @@ def cax_stray(delete: bool, yes: bool, **site: Any) -> int:
     return _oneshot(body, **site)
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host", required=True, metavar="SITE", help="The site whose entries to list.")
+@click.option("--status", "wanted", required=True, metavar="STATUS",
+              help="The entry status to list (e.g. error, transferring).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="cax.json [default: ./cax.json, then the packaged one].")
+@click.option("--disable_database_update", is_flag=True, hidden=True,
+              help="Accepted for the original's command lines; this command writes nothing.")
+@guarded
+def cax_status(host: str, wanted: str, config_path: str | None,
+               disable_database_update: bool) -> int:
+    """The original's cax-status: list every entry at SITE with STATUS (see `cax status`)."""
+    from cax.admin.status import entries_with_status
+
+    config = _admin_config({"config_path": config_path or default_config_path(), "host": host,
+                            "log_level": "info",
+                            "log_file": None})
+    db = _open_db(config, read_only=True)
+    try:
+        rows = entries_with_status(db, host, wanted)
+    finally:
+        db.close()
+    for r in rows:
+        version = f"@{r['version']}" if r["version"] else ""
+        click.echo(f"run {r['number']} ({r['name']}) {r['type']}{version} at {host}: {wanted}, "
+                   f"{r['location']}")
+    click.echo(f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'} at {host} with status "
+               f"{wanted}; `cax status` shows more", err=True)
+    return 0
+
+
 # -- the operator's commands: run add, status, retry, config check (logic in cax/admin/) ------
 
 

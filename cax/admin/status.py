@@ -154,6 +154,22 @@ def run_view(db: RunsDB, number: int | None = None, name: str | None = None
     return runs
 
 
+def entries_with_status(db: RunsDB, host: str, status: str) -> list[dict[str, Any]]:
+    """The original's ``cax-status --host H --status S``: every entry at ``host`` in ``status``.
+
+    One indexed query; each row is the run's number and name with the entry's type, version
+    and location.
+    """
+    rows = []
+    for run in db.find_runs({"data": {"$elemMatch": {"host": host, "status": status}}}):
+        for e in run.get("data") or ():
+            if isinstance(e, dict) and e.get("host") == host and e.get("status") == status:
+                rows.append({"number": run.get("number"), "name": run.get("name"),
+                             "type": e.get("type"), "version": e.get("pax_version"),
+                             "location": e.get("location")})
+    return rows
+
+
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 

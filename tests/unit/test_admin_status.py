@@ -130,3 +130,21 @@ def test_daemons_gone_for_over_a_week_are_left_out_of_the_text(seeded, runsdb):
     assert "older" not in text
     assert "(1 daemon(s) stopped or dead for over a week not shown; --json lists them)" in text
     assert len(json.loads(cax(seeded, "status", "--json").stdout)["daemons"]) == 4
+
+
+def test_original_cax_status_lists_entries_of_a_site_with_a_status(seeded, runsdb):
+    """``cax-status --host H --status S``, as the original's batch and admin scripts call it."""
+    from cax.cli import cax_status
+
+    want = [(r["number"], e["type"]) for r in runsdb.find_runs({}) for e in r["data"]
+            if e.get("host") == "lab" and e.get("status") == "error"]
+    result = CliRunner().invoke(cax_status, ["--host", "lab", "--status", "error", "--config",
+                                             str(seeded), "--disable_database_update"])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert want and len(lines) == len(want)
+    assert all(" at lab: error, " in line for line in lines)
+    assert result.stderr.startswith(f"{len(want)} entr")
+    unknown = CliRunner().invoke(cax_status, ["--host", "nowhere", "--status", "error",
+                                              "--config", str(seeded)])
+    assert unknown.exit_code == 2 and "nowhere" in unknown.stderr and not unknown.stdout
