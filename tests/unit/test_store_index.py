@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 
 import bson
 import mongomock
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cax.runsdb.store import EmbeddedClient
@@ -26,6 +27,7 @@ COUNT_PIPELINE = [
     {"$group": {"_id": {"host": "$data.host", "type": "$data.type", "status": "$data.status"},
                 "count": {"$sum": 1}}}]
 NEWEST_FIRST = [("start", -1), ("number", -1)]
+EXAMPLES = int(os.environ.get("CAX_HYPOTHESIS_EXAMPLES", "60"))  # more for a long hunt
 
 plain = st.one_of(st.none(), st.sampled_from(["a", "b", "raw", "error"]), st.integers(-3, 3))
 odd = st.one_of(st.lists(st.sampled_from(["a", "b"]), max_size=2), st.just(math.nan),
@@ -57,7 +59,7 @@ def _counts(rows):
     return sorted((bson.encode(r["_id"]), r["count"]) for r in rows)
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(docs=st.lists(document, max_size=12))
 def test_entry_counts_from_the_index_equal_mongomock(tmp_path_factory, docs):
@@ -66,23 +68,38 @@ def test_entry_counts_from_the_index_equal_mongomock(tmp_path_factory, docs):
         _counts(reference.aggregate(COUNT_PIPELINE))
 
 
-def _sort_key(doc):
-    return bson.encode({"s": doc.get("start"), "n": doc.get("number")})
+def _sort_values(doc):
+    """What the sort compares, so that ties compare equal: 2 and 2.0 are the same number, and
+    mongomock sorts an array by its first element (the server: by its largest, descending)."""
+    def value(v):
+        if isinstance(v, list):
+            return value(v[0]) if v else ("empty array", "")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return "number", float(v)
+        return type(v).__name__, repr(v)
+    return doc.get("start"), value(doc.get("number"))
 
 
-@settings(max_examples=60, deadline=None,
+def _is_nan(value):
+    return isinstance(value, float) and math.isnan(value)
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(docs=st.lists(document, max_size=12), limit=st.integers(1, 5),
        query=st.sampled_from([{}, {"data.host": "a"}, {"number": {"$gte": 2}},
                               {"data": {"$not": {"$elemMatch": {"host": "b"}}}}]))
 def test_sorted_limited_find_from_the_index_equals_mongomock(tmp_path_factory, docs, limit,
                                                              query):
+    # mongomock compares NaN as Python does (never less, never greater), so where a NaN
+    # number is sorted its answer depends on insertion order; the server puts NaN below
+    # every number.  Neither is an answer the index can be held to.
+    assume(not any(_is_nan(d["number"]) for d in docs))
     store, reference = _both(tmp_path_factory, docs)
     got = store.find(query, sort=NEWEST_FIRST, limit=limit)
     want = list(reference.find(query).sort(NEWEST_FIRST).limit(limit))
     # the same sort keys in the same order (which of several tied documents comes is free)
-    assert [(d.get("start"), repr(d.get("number"))) for d in got] == \
-        [(d.get("start"), repr(d.get("number"))) for d in want]
+    assert [_sort_values(d) for d in got] == [_sort_values(d) for d in want]
 
 
 def test_sorted_limited_find_decodes_only_what_it_returns(tmp_path, monkeypatch):
