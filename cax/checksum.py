@@ -344,6 +344,20 @@ def legacy_checksum_fields(manifest: Manifest, dirhash: str) -> dict[str, str]:
     return {"checksum": dirhash, "adler32_checksum": dataset_checksum(manifest)}
 
 
+def recorded_adler32(entry: dict) -> str | None:
+    """Return the adler32 dataset checksum recorded for a copy: its ``checksum``, or in mixed
+    operation its ``adler32_checksum`` (beside the original's sha512), or None.
+
+    The two fields of a mixed entry stay paired: cax writes them together, and the original
+    never rewrites ``checksum`` of a ``transferred`` entry (it re-copies by removing the entry
+    and adding a new one), so a compared ``adler32_checksum`` is never stale.
+    """
+    for field in ("checksum", "adler32_checksum"):
+        if checksum_kind(entry.get(field)) == "adler32":
+            return entry[field]
+    return None
+
+
 def checksum_kind(checksum: object) -> str:
     """Return ``"adler32"``, ``"sha512-dirhash"`` (legacy) or ``"unknown"`` for a stored value.
 

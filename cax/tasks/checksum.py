@@ -24,6 +24,7 @@ from cax.checksum import (
     compute_checksum_like,
     dataset_checksum,
     diff_manifests,
+    recorded_adler32,
     scan_dataset,
     scan_with_dirhash,
     verifiable_kind,
@@ -237,6 +238,20 @@ def compare_query(here: str, refs: dict[str, list[str]]) -> dict[str, Any] | Non
         {"$expr": {"$gt": [{"$size": pending}, 0]}}]}
 
 
+def recorded_differ(entry: dict[str, Any], reference: dict[str, Any]) -> bool | None:
+    """Whether the recorded checksums of a copy and its reference differ; None if only reading
+    the copy can tell (no checksum of the same kind on both sides).
+
+    Each checksum kind both sides record is compared: ``checksum`` when its kinds agree, and the
+    adler32 that mixed operation records beside the original's sha512 (see recorded_adler32).
+    """
+    pairs = [(recorded_adler32(entry), recorded_adler32(reference))]
+    if kind_of(entry.get("checksum")) == kind_of(reference.get("checksum")):
+        pairs.append((entry.get("checksum"), reference.get("checksum")))
+    pairs = [(a, b) for a, b in pairs if a and b]
+    return any(a != b for a, b in pairs) if pairs else None
+
+
 class CompareChecksums(ChecksumTask):
     """Compare each local copy with its reference copy, once per pair of checksums."""
 
@@ -264,10 +279,10 @@ class CompareChecksums(ChecksumTask):
         if kind_of(theirs) is None:  # recorded as compared, so it is reported once, not per pass
             log.error("%s: the reference %s of %s has no valid checksum: %r", run_label(run),
                       reference["host"], key, theirs[:40])
-        elif kind_of(ours) != kind_of(theirs):
+        elif (differs := recorded_differ(entry, reference)) is None:
             self.compare_from_disk(run, entry, reference)
             return
-        elif ours != theirs:
+        elif differs:
             self.mismatch(run, entry, reference, None, claimed=False)
             return
         else:

@@ -263,6 +263,10 @@ class CopyJob(ClaimedJob):
         over but hard-linked into this claim's scratch: rsync replaces files by renaming new
         ones into place, so a late write lands in the old tree only.  The old tree is an orphan
         then, which RetryStalledTransfer removes.
+
+        The original cax copied straight to the final path, so a stalled legacy copy's bytes
+        (``partial``, see RetryStalledTransfer) are there: linked, then cleared as unregistered
+        data before the copy, and never removed after it, when the final path is the new copy.
         """
         prev = self.claim.previous if self.claim else None
         if not prev:
@@ -272,7 +276,8 @@ class CopyJob(ClaimedJob):
         if not old or old == self.scratch or posixpath.dirname(old) != posixpath.dirname(
                 self.dest_path) or not dest_ops.exists(old):
             return
-        self.adopted = old  # removed once this attempt succeeded
+        if posixpath.normpath(old) != posixpath.normpath(self.dest_path):
+            self.adopted = old  # removed once this attempt succeeded
         if self.plan.remote.method not in RESUMING_METHODS:
             return
         log.info("%s: resuming from the bytes of the previous attempt", self.plan.route())

@@ -471,6 +471,17 @@ def test_transport_progress_callback_exception_aborts_and_transport_recovers(
     assert same_tree(small, tmp_path / "dst")
 
 
+def _site_session(pid: int) -> bool:
+    """Whether ``pid`` runs in an SSH session of a test sshd (its environment says so)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    ours = os.environ.get("SSH_CONNECTION", "").encode()  # CI itself may run over ssh
+    return any(v.startswith(b"SSH_CONNECTION=") and v != b"SSH_CONNECTION=" + ours
+               for v in environ)
+
+
 def _descendants_outside_sshd(before: frozenset = frozenset()) -> list[str]:
     """Return the command lines of this process's descendants but the test sshd and its own,
     and those already there ``before`` (other fixtures' servers: munged, slurmd)."""
@@ -488,8 +499,9 @@ def _descendants_outside_sshd(before: frozenset = frozenset()) -> list[str]:
             servers.add(pid)
         if len(cmdline) < 2 or not cmdline[0]:
             continue  # exiting (a zombie's cmdline is empty)
-        if b"cax-site-script" in cmdline[-2] and os.path.basename(cmdline[0]) != b"ssh":
-            continue  # the site's end, reparented when its session closed: not ours
+        if _site_session(pid):
+            continue  # the site's end (rsync --server, a site script), reparented when its
+            # session closed: it stops when it sees the connection gone (checked below)
         found[pid] = b" ".join(cmdline).decode(errors="replace")
     for server in servers:
         for pid in [server, *_children(server)]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import filecmp
 import os
+import shutil
 import subprocess
 import threading
 
@@ -15,9 +16,11 @@ from cax.clock import utcnow
 from cax.daemon import Daemon
 from cax.paths import parse_scratch
 from cax.runsdb import ERROR, TRANSFERRED, EntryKey, find_entry
-from cax.tasks import CopyPull, CopyPush
+from cax.tasks import CopyPull, CopyPush, RetryStalledTransfer
+from cax.tasks.copyjob import RESUMING_METHODS
 from tests.conftest import advance_clock, edit_site, make_context
-from tests.integration.conftest import make_dataset, register, wait_for_partial_bytes
+from tests.integration.conftest import make_dataset, register, scratches, \
+    wait_for_partial_bytes
 
 METHODS = ["scp", "rsync", "openssh"]
 
@@ -260,3 +263,39 @@ def test_streamed_push_verified_by_the_receiver_without_reading_the_copy_again(
     assert result.failed == 0, result.last_error
     copy = find_entry(runsdb.find_run(run_id), EntryKey("remote", "raw"))
     assert copy["status"] == TRANSFERRED and trees_equal(raw, copy["location"])
+
+
+@pytest.mark.parametrize("method", ["rsync", "scp", "stream"])
+def test_stalled_legacy_pull_resumes_from_the_bytes_the_original_left(method, ssh_sites, runsdb,
+                                                                      tmp_path):
+    """The original rsynced straight to the final path and left a stalled copy there as
+    ``transferring``.  Reset after 24 h, the next rsync pull resumes from those bytes: the files
+    the original had completed are not sent again (they keep their inode), the file it was
+    writing is, and the copy is verified against the source's manifest.  Every method leaves
+    the verified copy it registered at the final path (the old bytes were there too)."""
+    config = ssh_sites(method)
+    source = tmp_path / "remote/raw/170101_1000"
+    make_dataset(source, files=4)
+    two_days_ago = (utcnow() - dt.timedelta(days=2)).timestamp()
+    for path in [*source.rglob("*"), source]:
+        os.utime(path, (two_days_ago, two_days_ago))
+    run_id = register(runsdb, 10, "remote", source)
+    final = tmp_path / "lab/raw/170101_1000"
+    shutil.copytree(source, final)  # what rsync -a had completed, mtimes and all
+    cut = final / "f003.zip"
+    cut.write_bytes(cut.read_bytes()[:1000])  # the file it was writing when it stalled
+    for path in [cut, *final.rglob("*/"), final]:
+        os.utime(path, (two_days_ago, two_days_ago))
+    kept = {p.relative_to(final): p.stat().st_ino for p in final.rglob("*.zip") if p != cut}
+    runsdb.runs.update_one({"_id": run_id}, {"$push": {"data": {
+        "host": "lab", "type": "raw", "status": "transferring", "location": str(final),
+        "creation_time": (utcnow() - dt.timedelta(days=2)).replace(tzinfo=None)}}})
+
+    one_pass(config, "lab", runsdb, tasks=(RetryStalledTransfer, CopyPull))
+
+    entry = find_entry(runsdb.find_run(run_id), EntryKey("lab", "raw"))
+    assert entry["status"] == TRANSFERRED, entry
+    assert trees_equal(source, final)
+    if method in RESUMING_METHODS:
+        assert {rel: (final / rel).stat().st_ino for rel in kept} == kept
+    assert not scratches(final)

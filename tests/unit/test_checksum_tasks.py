@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cax.checksum import dataset_checksum, scan_dataset
+from cax.checksum import dataset_checksum, legacy_checksum_fields, scan_dataset
 from cax.clock import utcnow
 from cax.daemon import Daemon
 from cax.errors import TransferError
@@ -275,6 +275,45 @@ def test_compare_legacy_reference_uses_dirhash_of_local_copy(config, runsdb, tmp
     assert good["compared_checksum"] == f"{good['checksum']}|{independent_dirhash(daq)}"
     assert flagged["status"] == ERROR
     assert flagged["error"] == "checksum differs from the reference daq"
+
+
+@pytest.mark.parametrize("mixed_side", ["reference", "copy"])
+def test_compare_across_mixed_operation_uses_the_recorded_adler32_without_reading(
+        config, runsdb, tmp_path, monkeypatch, mixed_side):
+    """In mixed operation a copy's ``checksum`` is the original's sha512 and its adler32 is in
+    ``adler32_checksum``; against a copy of the other kind, the two adler32s are compared, not
+    the whole copy read again.  A copy whose adler32 differs is still caught."""
+    daq = write_dataset(tmp_path / "daq/raw/170101_0000")
+    good = write_dataset(tmp_path / "lab/raw/170101_0000")
+    bad = write_dataset(tmp_path / "lab/raw/170101_0100")
+    flip_byte(bad / "sub0/file_000.bin")
+
+    def entry(run_id, host, path, mixed):
+        fields = registered(runsdb, run_id, host, path)
+        if mixed:
+            fields.update(legacy_checksum_fields(scan_dataset(path), independent_dirhash(path)))
+        return fields
+
+    ids = []
+    for number, local in ((1, good), (2, bad)):
+        run_id = add_run(runsdb, number, [])
+        runsdb.add_entry(run_id, entry(run_id, "daq", daq, mixed_side == "reference"))
+        runsdb.add_entry(run_id, entry(run_id, "lab", local, mixed_side == "copy"))
+        ids.append(run_id)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read the copy again")
+
+    monkeypatch.setattr(checksum_tasks, "compute_checksum_like", no_reading)
+    ctx = make_context(config(), "lab", runsdb)
+    one_pass(ctx, [CompareChecksums])
+    matched, flagged = (entry_of(runsdb, i, "lab") for i in ids)
+    reference = entry_of(runsdb, ids[0], "daq")
+    assert matched["status"] == TRANSFERRED
+    assert matched["compared_checksum"] == f"{matched['checksum']}|{reference['checksum']}"
+    assert flagged["status"] == ERROR
+    assert flagged["error"] == "checksum differs from the reference daq"
+    assert runsdb.find_runs(CompareChecksums(ctx).query()) == []
 
 
 def test_compare_at_the_reference_site_nothing_to_compare(config, runsdb, tmp_path):
