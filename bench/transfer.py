@@ -24,6 +24,9 @@ emptied (and synced) between runs, outside the timing.
 
   rsync-mux       plain rsync -a over an OpenSSH ControlMaster started once (the anchor for
                   the many-small-files target)
+  ssh-channel floor
+                  the same bytes through that connection into cat > /dev/null: no files, no
+                  checksums; the bound for any method over it (printed as a ratio to rsync-mux)
   cax-stream, cax-auto
                   put + destination manifest re-read, against the recorded manifest
   cax-auto (streamed manifest)
@@ -35,7 +38,7 @@ The last line is ``ratio cax/rsync <R>``: "cax-auto (streamed manifest)" over rs
 worse), and an earlier line the old ``ratio cax/scp`` of the fastest method on 1 GiB.
 
     .venv/bin/python bench/transfer.py [--rounds 3] [--dir /var/tmp] [--keep]
-        [--remote-python /usr/bin/python3] [--methods cax-rsync,cax-auto]
+        [--remote-python /usr/bin/python3] [--methods cax-rsync,cax-auto] [--delete-between]
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import platform
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -88,8 +92,16 @@ def make_run(root: Path, files: int, file_bytes: int, nested: bool = False) -> P
     return root
 
 
-def empty(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def empty(path: Path, trash: Path | None = None) -> None:
+    """Clear the destination between timings.  With ``trash``, move it aside instead: ext4
+    skips inodes freed in the last 30 s when it allocates new ones (perf shows the time in
+    ``recently_deleted``), so deleting 1,000 files right before a copy of 1,000 files slowed
+    that copy by up to 2x, whichever method made it; the trash goes after the run."""
+    if trash is not None and path.exists():
+        trash.mkdir(exist_ok=True)
+        path.rename(trash / f"{len(os.listdir(trash))}")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
     os.sync()
 
 
@@ -105,6 +117,7 @@ class Bench:
         self.mux = None
         self.mux_rsh = ""
         self.stack = ExitStack()
+        self.churn = False  # delete each copy right before the next (see empty)
 
     def openssh_scp(self, src: Path) -> dict:
         opts = self.sshd.ssh_argv()[1:]  # the ssh options, minus "ssh"
@@ -137,6 +150,23 @@ class Bench:
         t0 = time.monotonic()
         proc.run(argv, timeout=600)
         return {"wall": time.monotonic() - t0}
+
+    def channel_floor(self, src: Path) -> dict:
+        """The dataset's bytes through the same multiplexed connection into ``cat > /dev/null``:
+        no file written, no checksum, one command.  No method over this connection can be
+        faster; it bounds what ``ratio cax/rsync`` can reach on this machine."""
+        if self.mux is None:
+            self.rsync_mux(src)  # starts the ControlMaster (and warms like the others)
+            empty(self.dest)
+        with tempfile.TemporaryFile(dir=self.dest.parent.parent) as blob:
+            for path in sorted(p for p in src.rglob("*") if p.is_file()):
+                with path.open("rb") as f:
+                    shutil.copyfileobj(f, blob, 1 << 20)
+            blob.seek(0)
+            t0 = time.monotonic()
+            subprocess.run([*shlex.split(self.mux_rsh), "root@127.0.0.1", "cat > /dev/null"],
+                           stdin=blob, timeout=600, check=True)
+            return {"wall": time.monotonic() - t0}
 
     def paramiko_sftp(self, src: Path) -> dict:
         if self.sftp is None:
@@ -231,7 +261,8 @@ def machine() -> dict:
 
 
 STREAMED = "cax-auto (streamed manifest)"
-ANCHORS = ("openssh-scp", "rsync-mux")
+FLOOR = "ssh-channel floor"
+ANCHORS = ("openssh-scp", "rsync-mux", FLOOR)
 
 
 def bench_run(bench: Bench, name: str, src: Path, rounds: int,
@@ -243,6 +274,7 @@ def bench_run(bench: Bench, name: str, src: Path, rounds: int,
         "openssh-scp": bench.openssh_scp,
         "openssh-rsync": bench.openssh_rsync,
         "rsync-mux": bench.rsync_mux,
+        FLOOR: bench.channel_floor,
         "paramiko-sftp": bench.paramiko_sftp,
         "cax-scp": bench.cax("scp"),
         "cax-rsync": bench.cax("rsync"),
@@ -256,11 +288,14 @@ def bench_run(bench: Bench, name: str, src: Path, rounds: int,
     if only:
         methods = {m: fn for m, fn in methods.items() if m in only or m in ANCHORS}
     times: dict[str, list[dict]] = {m: [] for m in methods}
+    trash = bench.dest.parent.parent / "trash" if nfiles >= 100 and not bench.churn else None
     for _ in range(rounds):
         for method, fn in methods.items():
-            empty(bench.dest)
+            empty(bench.dest, trash)
             times[method].append(fn(src))
     empty(bench.dest)
+    if trash is not None:
+        shutil.rmtree(trash)
     say(f"\n== {name}: {nfiles} files, {nbytes / 1e6:.0f} MB, median of {rounds} rounds")
     results = {}
     anchor = statistics.median(r["wall"] for r in times["openssh-scp"])
@@ -293,6 +328,9 @@ def main() -> None:
         help="the site's remote_python (here a bare python3 over ssh finds the "
         "pyenv shim first in root's PATH, +60 ms per call)",
     )
+    parser.add_argument("--delete-between", action="store_true",
+                        help="delete each copy of the many-files run right before the next "
+                        "timing (a disk that has just freed as many inodes; see empty())")
     parser.add_argument("--methods", default="", help="comma-separated subset of the methods "
                         f"(the anchors {', '.join(ANCHORS)} always run)")
     args = parser.parse_args()
@@ -308,6 +346,7 @@ def main() -> None:
         say(f"made test data in {time.monotonic() - t0:.1f} s under {work}")
         sshd.start()
         bench = Bench(sshd, work / "dst" / "run", args.remote_python)
+        bench.churn = args.delete_between
         (work / "dst").mkdir()
         try:
             report = {name: bench_run(bench, name, src, args.rounds, only)
@@ -339,6 +378,8 @@ def main() -> None:
         chosen = STREAMED if STREAMED in small else "cax-auto"
         say(f"large files (1GiB) {chosen}: {big[chosen]['wall']:.3f} s vs rsync-mux "
             f"{big['rsync-mux']['wall']:.3f} s (ratio {big[chosen]['wall'] / big['rsync-mux']['wall']:.2f})")
+        say(f"floor: {FLOOR} / rsync-mux {small[FLOOR]['wall'] / small['rsync-mux']['wall']:.2f}"
+            " (1000 x 100 kB: the bytes alone through the same connection, no files)")
         say(f"ratio cax/rsync {small[chosen]['wall'] / small['rsync-mux']['wall']:.2f} "
             f"(1000 x 100 kB, {chosen} verified vs rsync over a multiplexed connection; "
             "target <= 0.5)")

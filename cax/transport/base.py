@@ -46,6 +46,12 @@ PERMANENT_ERROR_RE = re.compile(
 """Filesystem errors in a tool's message that trying again will not fix.  "No such file or
 directory" and "File exists" are not among them: during a copy they mean a race (a file moved
 or replaced meanwhile), which the next attempt, after backoff, sees the end of."""
+OS_CAUSE_RE = re.compile(
+    PERMANENT_ERROR_RE.pattern + r"|No space left on device|Disk quota exceeded"
+    r"|Input/output error|No such file or directory|File exists|Stale file handle"
+    r"|File too large")
+"""A tool's line that names the operating system's reason: the cause to report, where the
+tool's last lines only say that it, or its peer, gave up ("Broken pipe", "failed to upload")."""
 REMOTE_OP_TIMEOUT_S = 300.0
 """Small site-side commands (prepare, stat, rename, remove, exists)."""
 MANIFEST_TIMEOUT_S = 4 * 3600.0
@@ -117,6 +123,14 @@ class StallWatch:
         """Return True when nothing happened for longer than the stall timeout."""
         return time.monotonic() - self.last > self.stall_timeout_s
 
+
+NOT_A_DISK_ERROR_RE = re.compile(
+    r"No space left|[Cc]onnect|stalled|timed out|aborted|host key|[Aa]uthentication|[Pp]ermission")
+"""Failures whose message says why already, or that a disk cannot cause: no diagnosis (it
+would only add a connection attempt to a failure that may be one)."""
+FULL_DISK_BYTES = 64 << 20
+FULL_DISK_FRACTION = 0.001
+"""A destination with no more free space than this (or this fraction of its size) is full."""
 
 ABORT_WAIT_S = 30.0
 """How long ``abort`` waits for the running copy to give up (a write blocked on a hung mount)."""
@@ -229,6 +243,32 @@ class Transport(ABC):
         denied on a parent): it never reads as "absent".
         """
 
+    @abstractmethod
+    def free_space(self, remote: str) -> dict:
+        """Return ``{"free", "total"}`` bytes of the site's filesystem that holds ``remote``."""
+
+    def disk_full(self, what: str, source: str | Path, dest: str | Path) -> str | None:
+        """After a failed copy: say so if the destination's filesystem is full, or has less
+        room than a pushed dataset needs.
+
+        Tools often lose the reason on the way (rsync's sender reports only "Broken pipe",
+        SFTP only "Failure"), and a full disk is what an admin must be told first.
+        """
+        try:
+            if what == "get":
+                space, needed = siteops.free_space(str(dest)), 0
+            else:
+                space, needed = self.free_space(str(dest)), siteops.stat_tree(str(source))["size"]
+        except (OSError, TransferError, ValueError, KeyError, TypeError):
+            return None  # no diagnosis: the copy's own error stands
+        free = space["free"]
+        where = f"this machine's {dest}" if what == "get" else self.where(dest)
+        if free < needed:
+            return f"not enough space: {free} bytes free at {where}, {needed} needed"
+        if free <= max(FULL_DISK_BYTES, space["total"] * FULL_DISK_FRACTION):
+            return f"the disk is full: {free} bytes free at {where}"
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold a connection
         """Release the connection (idempotent)."""
 
@@ -281,6 +321,11 @@ def _abortable(what: str, method: Callable) -> Callable:
             if self._aborted.is_set() and not (isinstance(exc, TransferError)
                                                and str(exc).endswith("aborted")):
                 raise self.fail(what, path, "aborted", retryable=True) from exc
+            full = what in ("put", "get") and len(args) > 1 and isinstance(exc, TransferError) \
+                and exc.retryable and not NOT_A_DISK_ERROR_RE.search(str(exc)) \
+                and self.disk_full(what, args[0], args[1])  # type: ignore[arg-type]
+            if full:
+                raise TransferError(f"{exc}; {full}", retryable=True) from exc
             raise
         finally:
             with self._ops:

@@ -67,6 +67,9 @@ class LocalTransport(Transport):
     def link_tree(self, src: str, dst: str) -> None:
         siteops.link_tree(src, dst)
 
+    def free_space(self, remote: str) -> dict:
+        return siteops.free_space(remote)
+
     def _copy(self, src: Path, dst: Path, progress: Progress | None, what: str) -> Manifest:
         """Replace ``dst`` by a copy of ``src``; return the manifest of what was read."""
         src, dst = src.absolute(), dst.absolute()

@@ -31,6 +31,7 @@ from cax.checksum import Manifest
 from cax.errors import TransferError
 from cax.transport import siteops, ssh
 from cax.transport.base import (
+    OS_CAUSE_RE,
     PERMANENT_ERROR_RE,
     Endpoint,
     Progress,
@@ -155,7 +156,7 @@ class OpenSSHTransport(RsyncTransport):
             return TransferError(known[0], retryable=known[1])
         lines = [line.strip() for line in tail if line.strip()] or ["no output"]
         # scp ends with a generic "failed to upload ..."; the cause is an earlier line
-        cause = next((x for x in lines if PERMANENT_ERROR_RE.search(x)), lines[-1])
+        cause = next((x for x in lines if OS_CAUSE_RE.search(x)), lines[-1])
         retryable = not PERMANENT_ERROR_RE.search(text)
         return self.fail(what, remote, f"scp exited with {code}: {cause}", retryable)
 

@@ -41,6 +41,7 @@ from cax.checksum import Manifest
 from cax.errors import CommandError, TransferError
 from cax.transport import ssh
 from cax.transport.base import (
+    OS_CAUSE_RE,
     PERMANENT_ERROR_RE,
     Endpoint,
     Progress,
@@ -197,8 +198,11 @@ class RsyncTransport(ssh.SiteScripts, Transport):
         if code == RSYNC_TIMEOUT_EXIT:
             return self.stalled_error(what, remote)
         lines = [line.strip() for line in tail if line.strip()] or ["no output"]
-        # rsync ends with a generic "rsync error: ... (code N)"; the cause is the line before
-        cause = next((x for x in reversed(lines) if not x.startswith("rsync error:")), lines[-1])
+        # rsync ends with a generic "rsync error: ... (code N)", and where the receiver gave
+        # up, with the sender's "Broken pipe": the cause is the line naming the OS's reason,
+        # else the last specific one
+        cause = next((x for x in lines if OS_CAUSE_RE.search(x)), None) or next(
+            (x for x in reversed(lines) if not x.startswith("rsync error:")), lines[-1])
         permanent = PERMANENT_ERROR_RE.search(text)
         retryable = code in RETRYABLE_EXITS or (code in FILE_ERROR_EXITS and not permanent)
         return self.fail(what, remote, f"rsync exited with {code}: {cause}", retryable)

@@ -1,4 +1,4 @@
-"""Small filesystem operations run ON a site: prepare, stat, rename, remove, exists.
+"""Small filesystem operations run ON a site: prepare, stat, rename, remove, exists, free.
 
 The local backend imports these functions; the SSH backends send this file's source on stdin
 to a one-line ``python3`` bootstrap (``cax.transport.ssh.python_command``), then the request as
@@ -125,8 +125,17 @@ def link_tree(src: str, dst: str) -> None:
             os.link(os.path.join(root, name), os.path.join(target, name))
 
 
+def free_space(path: str) -> dict:
+    """Return ``{"free", "total"}`` bytes of the filesystem that holds (or would hold) ``path``:
+    its nearest existing ancestor's, as an unprivileged writer sees it."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    info = os.statvfs(path)
+    return {"free": info.f_bavail * info.f_frsize, "total": info.f_blocks * info.f_frsize}
+
+
 OPS = {"prepare": prepare, "stat": stat_tree, "rename": rename, "remove": remove, "exists": exists,
-       "link_tree": link_tree}
+       "link_tree": link_tree, "free": free_space}
 
 
 def handle(request: dict) -> dict:

@@ -346,6 +346,9 @@ class SiteScripts:
     def exists(self, remote: str) -> bool:
         return self._siteops(["exists", remote], path=remote)[0]
 
+    def free_space(self, remote: str) -> dict:
+        return self._siteops(["free", remote], path=remote)[0]
+
     def _prepare_get(self, remote: str, local: Path, replace: bool) -> tuple[Path, dict]:
         """Stat ``remote`` on the site and make ``local`` ready to receive it.
 

@@ -7,9 +7,10 @@ ControlMaster; this side runs the other end in-process.  The receiving end compu
 adler32 from the bytes as it writes them, and ``put``/``get`` return that manifest of the
 destination; the caller verifies it against the recorded manifest.
 
-Resume: files are renamed into place only when complete, and a new attempt sends only the files
-whose final name is missing, differs in size or mtime, or whose adler32 differs from the
-source's (both ends compute it for those).  Copying a single file (per-file repair) is the same
+Resume: a file gets the source's mtime only when complete, and a new attempt sends only the
+files that are missing, differ in size or mtime, or whose adler32 differs from the source's
+(both ends compute it for those).  The receiver writes small files on a few threads (see
+``streamproto._Writers``).  Copying a single file (per-file repair) is the same
 protocol with one entry.
 
 ``auto`` streams a dataset with at least ``STREAM_MIN_FILES`` files whose mean size is at most
@@ -111,6 +112,8 @@ class StreamTransport(RsyncTransport):
             drain = threading.Thread(target=lambda: errors.extend(child.stderr), daemon=True,
                                      name="cax-stream-stderr")
             drain.start()
+            streamproto.grow_pipe(child.stdin)
+            streamproto.grow_pipe(child.stdout)
 
             def watchdog() -> None:
                 started = time.monotonic()

@@ -20,12 +20,16 @@ Protocol (the site's end starts with one request line, ``{"role": "receive"|"sen
   sender -> receiver   per file to send: ``!qq`` (index, size) and the bytes; ``(-1, 0)`` ends.
                        A file in ``have`` is skipped only if its adler32 matches the source's.
   receiver -> sender   ``{"manifest": {rel: [size, adler32]}}`` (or ``{"error", "errno"}``)
-A file is written as ``.NAME.cax-stream`` and renamed into place when complete, so a file
-under its final name is always whole: an interrupted copy resumes with only the rest.
-Anything in the destination that is not in the listing is removed.
+A file is written under its own name (the whole copy is in a scratch directory until it is
+verified) and gets the source's mtime only when complete, so an interrupted file never looks
+like a complete one; a file whose size and mtime match is still skipped only if its adler32
+matches too.  An interrupted copy resumes with only the rest.  Anything in the destination that
+is not in the listing is removed.  A temp name and a rename per file would double the
+directory operations, which dominate a copy of many small files on a busy disk.
 """
 
 import errno
+import fcntl
 import json
 import os
 import select
@@ -33,11 +37,16 @@ import shutil
 import stat
 import struct
 import sys
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 BLOCK = 1 << 20
 HEADER = struct.Struct("!qq")
-TEMP_SUFFIX = ".cax-stream"
+SMALL_FILE = 4 << 20  # files up to this size are read whole and written by a pool
+WRITERS = 4
+IN_FLIGHT = 16 << 20  # bytes read and not yet written, at most
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named in Python 3.10
 
 
 class StreamError(Exception):
@@ -65,6 +74,15 @@ def _error_reply(exc):
         text = (exc.strerror or str(exc)) + (": " + str(where) if where is not None else "")
         return {"error": text, "errno": exc.errno}
     return {"error": "%s: %s" % (type(exc).__name__, exc), "errno": None}
+
+
+def grow_pipe(fileobj):
+    """Give the pipe behind ``fileobj`` a 1 MiB buffer (64 KiB by default), if it is one:
+    the sender keeps sending while the receiver creates a file.  Best effort."""
+    try:
+        fcntl.fcntl(fileobj.fileno(), F_SETPIPE_SZ, BLOCK)
+    except (AttributeError, OSError, ValueError):
+        pass  # not a pipe, not Linux, or over /proc/sys/fs/pipe-max-size
 
 
 def send_line(wfile, obj):
@@ -237,13 +255,28 @@ def _peer_gone(fd):
     return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in poller.poll(0))
 
 
+def _create(path):
+    """Open a new file at ``path``; an earlier attempt's file there is unlinked first, so a
+    write never goes into an inode another tree shares (hard links)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        os.unlink(path)
+        return os.open(path, flags, 0o600)
+
+
+def _complete(fd, mode, mtime_ns):
+    """Give a fully written file its mode and the source's mtime (the mark of completeness)."""
+    os.fchmod(fd, mode)
+    os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+
 def _receive_file(rfile, path, size, mode, mtime_ns, buf, progress, reply_fd=None):
-    """Write ``size`` bytes from ``rfile`` to ``path`` via a temp name; return the adler32."""
-    head, tail = os.path.split(path)
-    temp = os.path.join(head, b"." + tail + TEMP_SUFFIX.encode())
+    """Write ``size`` bytes from ``rfile`` to ``path`` as they come; return their adler32."""
     view = memoryview(buf)
     adler, left = 1, size
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd = _create(path)
     try:
         while left:
             n = rfile.readinto(view[:min(left, len(buf))])
@@ -257,12 +290,85 @@ def _receive_file(rfile, path, size, mode, mtime_ns, buf, progress, reply_fd=Non
                 chunk = chunk[os.write(fd, chunk):]
             left -= n
             progress(n)
-        os.fchmod(fd, mode)
-        os.utime(fd, ns=(mtime_ns, mtime_ns))
+        _complete(fd, mode, mtime_ns)
     finally:
         os.close(fd)
-    os.rename(temp, path)
     return "%08x" % (adler & 0xFFFFFFFF)
+
+
+def _read_file(rfile, size, progress):
+    """Read the ``size`` bytes of one (small) file from the stream into memory."""
+    data = rfile.read(size)
+    if len(data) != size:
+        raise StreamError("the stream ended in the middle of a file")
+    progress(size)
+    return data
+
+
+class _Writers(object):
+    """Write small files on a few threads while the stream is read.
+
+    On a busy disk, creating and writing a small file is mostly waiting (for the journal),
+    and several files can wait at once: four writers took 1,000 files of 100 kB in 0.26 s where
+    one took 0.46 s, right after as many files were deleted.  At most ``budget`` bytes are read
+    and not yet written; after a failure, or once the sender went away (an abort), no further
+    file is started.
+    """
+
+    def __init__(self, count, budget, reply_fd):
+        self.pool = ThreadPoolExecutor(count)
+        self.reply_fd = reply_fd
+        self.budget, self.held = budget, 0
+        self.room = threading.Condition()
+        self.jobs = []
+        self.failed = None
+
+    def submit(self, rel, path, data, mode, mtime_ns):
+        with self.room:
+            while self.held and self.held + len(data) > self.budget and not self.failed:
+                self.room.wait()
+            if self.failed:
+                raise self.failed
+            self.held += len(data)
+        self.jobs.append((rel, len(data), self.pool.submit(self._write, path, data, mode,
+                                                           mtime_ns)))
+
+    def _write(self, path, data, mode, mtime_ns):
+        try:
+            if self.failed:
+                return None
+            if _peer_gone(self.reply_fd):  # aborted: do not write what is still in the pipe
+                raise StreamError("the sender went away")
+            fd = _create(path)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                _complete(fd, mode, mtime_ns)
+            finally:
+                os.close(fd)
+            return "%08x" % (zlib.adler32(data) & 0xFFFFFFFF)
+        except BaseException as exc:
+            self.failed = self.failed or exc
+            raise
+        finally:
+            with self.room:
+                self.held -= len(data)
+                self.room.notify_all()
+
+    def finish(self):
+        """Wait for every file; return their manifest entries, or raise the first failure."""
+        self.pool.shutdown(wait=True)
+        if self.failed:
+            raise self.failed
+        return dict((rel, [size, job.result()]) for rel, size, job in self.jobs)
+
+    def stop(self):
+        """No new file; wait for those being written."""
+        self.failed = self.failed or StreamError("stopped")
+        with self.room:
+            self.room.notify_all()
+        self.pool.shutdown(wait=True)
 
 
 def receive(dest, rfile, wfile, progress=None):
@@ -286,6 +392,7 @@ def receive(dest, rfile, wfile, progress=None):
     except (AttributeError, OSError, ValueError):
         reply_fd = None
     buf = bytearray(BLOCK)
+    writers = _Writers(WRITERS, IN_FLIGHT, reply_fd)
     try:
         while True:
             index, size = HEADER.unpack(_read_exact(rfile, HEADER.size))
@@ -295,8 +402,12 @@ def receive(dest, rfile, wfile, progress=None):
             if size != listed_size:
                 raise StreamError("%s changed size while it was copied" % rel)
             path = dest if rel == "." else os.path.join(dest, _fs(rel))
-            manifest[rel] = [size, _receive_file(rfile, path, size, mode, mtime, buf, progress,
-                                                 reply_fd)]
+            if size <= SMALL_FILE:
+                writers.submit(rel, path, _read_file(rfile, size, progress), mode, mtime)
+            else:
+                manifest[rel] = [size, _receive_file(rfile, path, size, mode, mtime, buf,
+                                                     progress, reply_fd)]
+        manifest.update(writers.finish())
         for rel, size, _mode, _mtime in files:
             if rel not in manifest:
                 if rel not in have:
@@ -307,10 +418,14 @@ def receive(dest, rfile, wfile, progress=None):
             os.chmod(path, mode)
             os.utime(path, ns=(mtime, mtime))
     except (OSError, StreamError) as exc:
+        writers.stop()
         try:
             send_line(wfile, _error_reply(exc))
         except OSError:
             pass
+        raise
+    except BaseException:
+        writers.stop()
         raise
     send_line(wfile, {"manifest": manifest})
     return manifest
@@ -326,6 +441,8 @@ def _read_exact(rfile, n):
 def main():
     """The site's end: one request line on stdin, then the protocol on stdin/stdout."""
     rfile, wfile = sys.stdin.buffer, sys.stdout.buffer
+    grow_pipe(rfile)
+    grow_pipe(wfile)
     try:
         request = json.loads(rfile.readline().decode("utf-8"))
         path = request["path"]

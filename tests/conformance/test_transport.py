@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import re
 import subprocess
 import threading
 import time
@@ -238,6 +239,48 @@ def test_transport_destination_parent_is_file_not_retryable(transport: Transport
         transport.put(src, str(tmp_path / "site" / "raw" / "run"))
     assert not err.value.retryable
     assert "site" in str(err.value) and "testsite" in str(err.value)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 1 MiB filesystem (tmpfs), for a destination that fills up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        from tests.conftest import skip_or_fail
+        skip_or_fail(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("direction", ["put", "get"])
+def test_transport_full_destination_disk_is_a_retryable_error(transport: Transport, tmp_path,
+                                                              small_disk, direction):
+    """A full disk fails the copy (no hang, a readable reason, retryable: space may be freed)
+    and leaves the transport usable; many small files (the stream's writer pool) and one big."""
+    src = tmp_path / "src"
+    for i in range(30):
+        (src / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 3}" / f"f{i:02d}.dat").write_bytes(os.urandom(100_000))
+    (src / "big.dat").write_bytes(os.urandom(2_000_000))
+    dst = small_disk / "run"
+    with pytest.raises(TransferError) as err:
+        if direction == "put":
+            transport.put(src, str(dst))
+        else:
+            transport.get(str(src), dst)
+    assert err.value.retryable
+    assert re.search("No space left|the disk is full|not enough space", str(err.value)), err.value
+    small = make_tree(tmp_path / "fits", big_bytes=10_000)
+    transport.remove(str(dst)) if transport.exists(str(dst)) else None
+    copied = transport.put(small, str(small_disk / "fits")) if direction == "put" else \
+        transport.get(str(small), small_disk / "fits")
+    assert same_tree(small, small_disk / "fits")
+    assert copied is None or copied == scan_dataset(small)
 
 
 def test_transport_destination_permission_denied_not_retryable(transport: Transport, tmp_path):
