@@ -7,11 +7,14 @@ exercise is also checked against a real server where one is available.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,20 @@ def skip_or_fail(reason: str) -> None:
     if REQUIRE_FIXTURES:
         pytest.fail(f"required fixture missing: {reason}")
     pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def tiny_disk(path: Path, size: str) -> Iterator[Path]:
+    """Mount a real filesystem of ``size`` (a tmpfs) at ``path``, for full-disk tests."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True)
+    if done.returncode != 0:
+        skip_or_fail(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from cax.checksum import scan_dataset
 from cax.errors import ConfigError, TransferError
 from cax.transport import local as local_backend
 from cax.transport.base import Endpoint, Transport, open_transport
+from tests.conftest import tiny_disk
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -244,17 +245,8 @@ def test_transport_destination_parent_is_file_not_retryable(transport: Transport
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A 1 MiB filesystem (tmpfs), for a destination that fills up."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        from tests.conftest import skip_or_fail
-        skip_or_fail(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    try:
+    with tiny_disk(tmp_path / "small", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("direction", ["put", "get"])

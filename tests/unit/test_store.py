@@ -22,7 +22,7 @@ from cax.clock import utcnow
 from cax.errors import RunsDBError
 from cax.runsdb import TRANSFERRED, EntryKey, find_entry, open_runsdb
 from cax.runsdb.store import EmbeddedClient
-from tests.conftest import REAL_MONGODB, make_run, skip_or_fail
+from tests.conftest import REAL_MONGODB, make_run, skip_or_fail, tiny_disk
 
 RAW_AT_B = EntryKey("b", "raw")
 
@@ -82,13 +82,7 @@ def test_failed_write_leaves_memory_equal_to_disk(store, tmp_path, monkeypatch):
 
 def test_full_disk_leaves_memory_equal_to_disk(tmp_path):
     """On a real full disk (a tiny tmpfs) a failed write changes nothing, leaves no temp file."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        skip_or_fail(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    try:
+    with tiny_disk(tmp_path / "small", "400k") as mount:
         uri = f"file:{mount / 'runsdb'}"
         db = open_runsdb(uri)
         db.insert_runs([make_run(1, data=[{"host": "b", "type": "raw", "status": "x"}])])
@@ -111,8 +105,6 @@ def test_full_disk_leaves_memory_equal_to_disk(tmp_path):
         assert not [n for n in _files(mount / "runsdb") if n.endswith(".tmp")]
         assert before["_id"] == now["_id"]
         db.close()
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _write_one(uri: str, number: int) -> None:
