@@ -555,15 +555,21 @@ def _dest_size(directory: Path) -> int:
     return total
 
 
+@pytest.mark.parametrize("shape", ["one big file", "many small files"])
 def test_transport_abort_from_another_thread_stops_copy(
-    transport: Transport, tmp_path: Path, request: pytest.FixtureRequest
+    transport: Transport, tmp_path: Path, request: pytest.FixtureRequest, shape: str
 ):
-    """The lease keeper's stopper: put raises, nothing of ours is left running or writing."""
+    """The lease keeper's stopper: put raises, nothing of ours is left running or writing
+    (many small files: the stream receiver's writer threads start no new file)."""
     src = tmp_path / "src"
     src.mkdir()
-    with open(src / "big.dat", "wb") as f:  # real blocks: the destination's disk use grows
-        for _ in range(64):
-            f.write(os.urandom(2**20))
+    if shape == "one big file":
+        with open(src / "big.dat", "wb") as f:  # real blocks: the destination's disk use grows
+            for _ in range(64):
+                f.write(os.urandom(2**20))
+    else:
+        for i in range(400):
+            (src / f"f{i:03d}.dat").write_bytes(os.urandom(100_000))
     dst = tmp_path / "dst"
     dst.mkdir()
     sshd = request.getfixturevalue("sshd") if transport.endpoint.method != "local" else None

@@ -1,0 +1,136 @@
+"""The stream receiver's writer threads, driven over plain pipes (no ssh): what they write once
+the sender is gone, and when the disk fails."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from cax.checksum import scan_dataset
+from cax.transport import streamproto
+
+
+def _tree(root: Path, files: int = 30, size: int = 10_000) -> Path:
+    for i in range(files):
+        (root / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i % 3}" / f"f{i:02d}.dat").write_bytes(os.urandom(size))
+    return root
+
+
+class Pipes:
+    """The two pipes of a stream: data to the receiver, replies back to the sender."""
+
+    def __init__(self):
+        data_r, data_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        self.to_receiver = os.fdopen(data_w, "wb")
+        self.receiver_in = os.fdopen(data_r, "rb")
+        self.receiver_out = os.fdopen(reply_w, "wb")
+        self.from_receiver = os.fdopen(reply_r, "rb")
+
+    def close(self):
+        for f in (self.to_receiver, self.receiver_in, self.receiver_out, self.from_receiver):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def _receive_in_thread(dest: Path, pipes: Pipes) -> tuple[threading.Thread, list]:
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(streamproto.receive(str(dest), pipes.receiver_in,
+                                               pipes.receiver_out))
+        except (OSError, streamproto.StreamError) as exc:
+            outcome.append(exc)
+            for f in (pipes.receiver_in, pipes.receiver_out):  # as the site's process exits
+                try:
+                    f.close()
+                except OSError:  # a reply nobody reads any more
+                    pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_stream_over_pipes_writes_every_file_with_its_checksum(tmp_path):
+    src = _tree(tmp_path / "src")
+    pipes = Pipes()
+    try:
+        thread, outcome = _receive_in_thread(tmp_path / "dst", pipes)
+        manifest = streamproto.send(str(src), pipes.from_receiver, pipes.to_receiver)
+        thread.join(10)
+    finally:
+        pipes.close()
+    expected = scan_dataset(src)
+    assert scan_dataset(tmp_path / "dst") == expected
+    assert {rel: tuple(v) for rel, v in manifest.items()} == expected
+    assert {rel: tuple(v) for rel, v in outcome[0].items()} == expected
+
+
+def test_no_new_file_is_started_once_the_sender_is_gone(tmp_path, monkeypatch):
+    """The writers are held in their first files; the sender then goes away (an abort).  The
+    files already being written may finish; no other file is created."""
+    src = _tree(tmp_path / "src")
+    hold, held = threading.Event(), []
+    real_create = streamproto._create
+
+    def slow_create(path):
+        held.append(path)
+        hold.wait(10)
+        return real_create(path)
+
+    monkeypatch.setattr(streamproto, "_create", slow_create)
+    pipes = Pipes()
+    dest = tmp_path / "dst"
+    try:
+        thread, outcome = _receive_in_thread(dest, pipes)
+        listing = streamproto.list_tree(str(src).encode())
+        streamproto.send_line(pipes.to_receiver, listing)
+        assert streamproto.read_line(pipes.from_receiver) == {"have": {}}
+        for index, (rel, size, _mode, _mtime) in enumerate(listing["files"]):
+            pipes.to_receiver.write(streamproto.HEADER.pack(index, size))
+            pipes.to_receiver.write((src / rel).read_bytes())
+        pipes.to_receiver.flush()  # all 30 files are in the pipe or read by the receiver
+        pipes.from_receiver.close()  # the sender is gone
+        hold.set()
+        pipes.to_receiver.close()
+        thread.join(10)
+    finally:
+        pipes.close()
+    assert isinstance(outcome[0], streamproto.StreamError)
+    written = [p for p in dest.rglob("*.dat")]
+    assert len(written) <= streamproto.WRITERS, written
+    assert len(held) <= streamproto.WRITERS
+
+
+def test_a_full_disk_fails_the_receive_and_stops_the_writers(tmp_path, monkeypatch):
+    src = _tree(tmp_path / "src")
+    calls = []
+    real_create = streamproto._create
+
+    def full_after_five(path):
+        calls.append(path)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_create(path)
+
+    monkeypatch.setattr(streamproto, "_create", full_after_five)
+    pipes = Pipes()
+    try:
+        thread, outcome = _receive_in_thread(tmp_path / "dst", pipes)
+        with pytest.raises((streamproto.StreamError, BrokenPipeError)):
+            streamproto.send(str(src), pipes.from_receiver, pipes.to_receiver)
+        thread.join(10)
+    finally:
+        pipes.close()
+    assert isinstance(outcome[0], OSError) and outcome[0].errno == errno.ENOSPC
+    assert not thread.is_alive()
+    assert len(calls) <= 5 + streamproto.WRITERS  # no file started after the failure
