@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -26,6 +27,17 @@ import time
 
 PR_SET_PDEATHSIG = 1
 KILL_GRACE_S = 5.0
+
+log = logging.getLogger("cax.batch.supervise")
+
+
+def _log_to_stderr() -> None:
+    """The job's stderr is its log, read back by cax: this program's lines go there."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("cax: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def set_parent_death_signal(sig: int) -> None:
@@ -76,6 +88,7 @@ def main(args: list[str] | None = None) -> int:
                         help="PID of the daemon: end the job when that process dies.")
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     opts = parser.parse_args(args)
+    _log_to_stderr()
     argv = opts.argv[1:] if opts.argv[:1] == ["--"] else opts.argv
     if not argv:
         parser.error("no command given after --")
@@ -98,7 +111,7 @@ def main(args: list[str] | None = None) -> int:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True,
                                 preexec_fn=_child_setup)
     except OSError as exc:
-        print(f"cax: cannot start {argv[0]}: {exc.strerror}", file=sys.stderr, flush=True)
+        log.error("cannot start %s: %s", argv[0], exc.strerror)
         write_status(opts.status, {"state": "failed", "exit_code": 127, "start": start,
                                    "end": time.time(), "detail": f"cannot start {argv[0]}"})
         return 127
@@ -106,8 +119,7 @@ def main(args: list[str] | None = None) -> int:
     try:
         code = proc.wait(opts.timeout)
     except subprocess.TimeoutExpired:
-        print(f"cax: killing {argv[0]} after its timeout of {opts.timeout:g} s",
-              file=sys.stderr, flush=True)
+        log.warning("killing %s after its timeout of %g s", argv[0], opts.timeout)
         _end(proc)
         code, state, detail = proc.returncode, "timeout", f"killed after {opts.timeout:g} s"
     _kill_group(proc.pid, signal.SIGKILL)  # leftovers of the processor's group

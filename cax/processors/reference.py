@@ -18,6 +18,8 @@ import os
 import sys
 import zlib
 
+import click
+
 EVENT_BYTES = 64 * 1024
 BINS = 16
 
@@ -79,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         events = process(opts.input, opts.output, opts.ncpus)
     except (OSError, ValueError) as exc:
-        print(f"reference processor: {exc}", file=sys.stderr)
+        click.echo(f"reference processor: {exc}", err=True)
         return 1
-    print(f"reference processor: {opts.input} -> {opts.output}: {events} events")
+    click.echo(f"reference processor: {opts.input} -> {opts.output}: {events} events")
     return 0
 
 
