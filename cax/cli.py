@@ -484,9 +484,8 @@ def cax_status(host: str, wanted: str, config_path: str | None,
     """The original's cax-status: list every entry at SITE with STATUS (see `cax status`)."""
     from cax.admin.status import entries_with_status
 
-    config = _admin_config({"config_path": config_path or default_config_path(), "host": host,
-                            "log_level": "info",
-                            "log_file": None})
+    config = load_config(config_path or default_config_path(), host)
+    setup_logging("info", None)
     db = _open_db(config, read_only=True)
     try:
         rows = entries_with_status(db, host, wanted)

@@ -321,11 +321,9 @@ def _abortable(what: str, method: Callable) -> Callable:
             if self._aborted.is_set() and not (isinstance(exc, TransferError)
                                                and str(exc).endswith("aborted")):
                 raise self.fail(what, path, "aborted", retryable=True) from exc
-            full = what in ("put", "get") and len(args) > 1 and isinstance(exc, TransferError) \
-                and exc.retryable and not NOT_A_DISK_ERROR_RE.search(str(exc)) \
-                and self.disk_full(what, args[0], args[1])  # type: ignore[arg-type]
-            if full:
-                raise TransferError(f"{exc}; {full}", retryable=True) from exc
+            explained = _naming_full_disk(self, what, args, exc)
+            if explained is not None:
+                raise explained from exc
             raise
         finally:
             with self._ops:
@@ -336,6 +334,16 @@ def _abortable(what: str, method: Callable) -> Callable:
 
     run._abortable = True  # type: ignore[attr-defined]
     return run
+
+
+def _naming_full_disk(transport: Transport, what: str, args: tuple,
+                      exc: BaseException) -> TransferError | None:
+    """A failed put's or get's error with a full destination disk named, or None."""
+    if what not in ("put", "get") or len(args) < 2 or not isinstance(exc, TransferError) \
+            or not exc.retryable or NOT_A_DISK_ERROR_RE.search(str(exc)):
+        return None
+    full = transport.disk_full(what, args[0], args[1])
+    return TransferError(f"{exc}; {full}", retryable=True) if full else None
 
 
 def _resetting(close: Callable) -> Callable:
