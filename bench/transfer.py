@@ -33,6 +33,11 @@ emptied (and synced) between runs, outside the timing.
                   put, verified against the manifest put returned (computed at the site from
                   the bytes as they were written); rsync's re-read where auto chose rsync
 
+Every timing also gives ``cpu``: the core-seconds the whole machine was busy during it (both
+ssh ends, both copies' processes, the kernel; /proc/stat).  The line ``cpu (...)`` compares
+rsync-mux, the floor and cax on the many-files run: a method near 100 % of the cores is bound
+by the work it does, not by waiting, so it can only get faster by doing less.
+
 The last line is ``ratio cax/rsync <R>``: "cax-auto (streamed manifest)" over rsync-mux for
 1,000 x 100 kB (target <= 0.5); the line before gives the same for the 1 GiB run (must not get
 worse), and an earlier line the old ``ratio cax/scp`` of the fastest method on 1 GiB.
@@ -90,6 +95,15 @@ def make_run(root: Path, files: int, file_bytes: int, nested: bool = False) -> P
                 f.write(os.urandom(min(WRITE_BYTES, left)))
                 left -= min(WRITE_BYTES, left)
     return root
+
+
+def busy_cpu_s() -> float:
+    """Core-seconds this machine has spent busy since boot (every process and the kernel:
+    both ssh ends, both copies' writers), from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def empty(path: Path, trash: Path | None = None) -> None:
@@ -292,7 +306,10 @@ def bench_run(bench: Bench, name: str, src: Path, rounds: int,
     for _ in range(rounds):
         for method, fn in methods.items():
             empty(bench.dest, trash)
-            times[method].append(fn(src))
+            cpu0 = busy_cpu_s()
+            timed = fn(src)
+            timed["cpu"] = busy_cpu_s() - cpu0  # over the whole call, a little beyond "wall"
+            times[method].append(timed)
     empty(bench.dest)
     if trash is not None:
         shutil.rmtree(trash)
@@ -378,6 +395,11 @@ def main() -> None:
         chosen = STREAMED if STREAMED in small else "cax-auto"
         say(f"large files (1GiB) {chosen}: {big[chosen]['wall']:.3f} s vs rsync-mux "
             f"{big['rsync-mux']['wall']:.3f} s (ratio {big[chosen]['wall'] / big['rsync-mux']['wall']:.2f})")
+        cores = os.cpu_count() or 1
+        say("cpu (1000 x 100 kB, busy core-seconds of the whole machine per copy, and the "
+            f"share of its {cores} cores): " + ", ".join(
+                f"{m} {small[m]['cpu']:.2f} ({small[m]['cpu'] / small[m]['wall'] / cores:.0%})"
+                for m in ("rsync-mux", FLOOR, chosen)))
         say(f"floor: {FLOOR} / rsync-mux {small[FLOOR]['wall'] / small['rsync-mux']['wall']:.2f}"
             " (1000 x 100 kB: the bytes alone through the same connection, no files)")
         say(f"ratio cax/rsync {small[chosen]['wall'] / small['rsync-mux']['wall']:.2f} "

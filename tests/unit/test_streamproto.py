@@ -134,3 +134,28 @@ def test_a_full_disk_fails_the_receive_and_stops_the_writers(tmp_path, monkeypat
     assert isinstance(outcome[0], OSError) and outcome[0].errno == errno.ENOSPC
     assert not thread.is_alive()
     assert len(calls) <= 5 + streamproto.WRITERS  # no file started after the failure
+
+
+def test_listing_is_top_down_by_name_and_refuses_links_and_special_files(tmp_path):
+    """Both ends index files by their position in the listing, and the receiver creates the
+    directories in its order: parents first, every directory's entries by (byte) name."""
+    root = tmp_path / "run"
+    for rel in ("b/y", "a/z/w", "a/x", "B", "\udcff"):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rel.encode("utf-8", "surrogateescape"))
+    listing = streamproto.list_tree(str(root))
+    assert [d[0] for d in listing["dirs"]] == [".", "a", "a/z", "b"]
+    assert [f[0] for f in listing["files"]] == ["B", "\udcff", "a/x", "a/z/w", "b/y"]
+    assert [f[1] for f in listing["files"]] == [1, 1, 3, 5, 3]
+    assert listing == streamproto.list_tree(os.fsencode(root))
+    for name, make in (("to-dir", lambda p: p.symlink_to(root / "a")),
+                       ("to-file", lambda p: p.symlink_to(root / "B")),
+                       ("fifo", lambda p: os.mkfifo(p))):
+        odd = root / "a" / name
+        make(odd)
+        with pytest.raises(OSError) as caught:
+            streamproto.list_tree(str(root))
+        assert caught.value.errno == errno.EINVAL
+        assert os.fsdecode(caught.value.filename) == str(odd)
+        odd.unlink()
