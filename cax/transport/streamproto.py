@@ -348,10 +348,9 @@ class _Writers(object):
         self.todo = queue.Queue()
         self.written = {}  # rel: [size, adler32]
         self.failed = None
-        self.threads = [threading.Thread(target=self._run, name="cax-stream-writer")
-                        for _ in range(count)]
+        self.threads = [threading.Thread(target=self._run, name="cax-stream-writer",
+                                         daemon=True) for _ in range(count)]
         for thread in self.threads:
-            thread.daemon = True
             thread.start()
 
     def submit(self, rel, path, data, mode, mtime_ns):
@@ -372,7 +371,7 @@ class _Writers(object):
             try:
                 if not self.failed:
                     self.written[rel] = [len(data), self._write(path, data, mode, mtime_ns)]
-            except BaseException as exc:  # noqa: B036 - handed to the reading thread
+            except BaseException as exc:  # handed to the reading thread
                 self.failed = self.failed or exc
             finally:
                 with self.room:
@@ -390,7 +389,7 @@ class _Writers(object):
         return _hex(zlib.adler32(data))
 
     def _join(self):
-        for _thread in self.threads:
+        for _ in self.threads:
             self.todo.put(None)
         for thread in self.threads:
             thread.join()
