@@ -66,8 +66,7 @@ def _decoded(rel):
 
 
 def _rel(root, path):
-    rel = os.path.relpath(path, root)
-    return "." if rel == b"." else rel.decode("utf-8", "surrogateescape")
+    return _decoded(os.path.relpath(path, root))
 
 
 def _error_reply(exc):
