@@ -197,3 +197,36 @@ def test_dry_run_on_missing_embedded_db_creates_nothing(tmp_path):
     assert db.find_runs({}) == [] and db.find_heartbeats() == []
     db.close()
     assert not (tmp_path / "nothing").exists()
+
+
+def test_db_clock_ignores_a_step_of_this_machines_wall_clock():
+    """Issue 17.6: the runs-DB time follows the monotonic clock, so a +150 s step of the wall
+    clock (NTP, ``date -s``) cannot make a live 120 s lease look expired."""
+    server = [dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)]
+    wall = [server[0]]
+    mono = [1000.0]
+    clock = DBClock(lambda: server[0], local=lambda: wall[0], resync_s=60.0,
+                    monotonic=lambda: mono[0])
+    start = clock.now()
+    expires = start + dt.timedelta(seconds=120)  # a lease granted now
+    mono[0] += 30  # 30 s pass ...
+    server[0] += dt.timedelta(seconds=30)
+    wall[0] += dt.timedelta(seconds=30 + 150)  # ... and the wall clock steps 150 s ahead
+    assert clock.now() == start + dt.timedelta(seconds=30)
+    assert clock.now() < expires
+
+
+def test_db_clock_carries_the_last_reading_forward_when_the_db_is_away():
+    state = {"up": True, "server": dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)}
+    mono = [0.0]
+
+    def server_time():
+        if not state["up"]:
+            raise OSError("runs DB away")
+        return state["server"]
+
+    clock = DBClock(server_time, resync_s=10.0, monotonic=lambda: mono[0])
+    first = clock.now()
+    state["up"] = False
+    mono[0] += 100
+    assert clock.now() == first + dt.timedelta(seconds=100)
