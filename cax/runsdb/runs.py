@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import bson
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import PyMongoError
 
@@ -71,6 +72,22 @@ def _db_call(fn: Callable[..., T]) -> Callable[..., T]:
             raise RunsDBError(f"runs DB: {fn.__name__}: {exc}") from exc
 
     return wrapper
+
+
+def stored_name(path: str) -> str | bson.Binary:
+    """A manifest's file name as BSON can hold it: the name itself when it is UTF-8, else its
+    bytes (a name the filesystem allows is never refused: names are bytes on POSIX, and cax
+    reads them decoded with surrogateescape)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return bson.Binary(path.encode("utf-8", "surrogateescape"))
+
+
+def loaded_name(value: str | bytes) -> str:
+    """The inverse of ``stored_name``."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
 def _positional(fields: dict[str, Any]) -> dict[str, Any]:
@@ -644,7 +661,8 @@ class RunsDB:
             return
         doc = {"run": run_id, "host": key.host, "type": key.type, "pax_version": key.version,
                "checksum": checksum, "time": now,
-               "files": [[path, size, adler] for path, (size, adler) in sorted(files.items())]}
+               "files": [[stored_name(path), size, adler]
+                         for path, (size, adler) in sorted(files.items())]}
         self.manifests.replace_one({"_id": self._manifest_id(run_id, key)},
                                    {"_id": self._manifest_id(run_id, key), **doc}, upsert=True)
 
@@ -654,7 +672,7 @@ class RunsDB:
         doc = self.manifests.find_one({"_id": self._manifest_id(run_id, key)})
         if not doc:
             return None
-        return {path: (size, adler) for path, size, adler in doc["files"]}
+        return {loaded_name(path): (size, adler) for path, size, adler in doc["files"]}
 
     @_db_call
     def remove_manifest(self, run_id: Any, key: EntryKey) -> None:

@@ -230,3 +230,13 @@ def test_db_clock_carries_the_last_reading_forward_when_the_db_is_away():
     state["up"] = False
     mono[0] += 100
     assert clock.now() == first + dt.timedelta(seconds=100)
+
+
+def test_manifest_keeps_file_names_that_are_not_utf8(runsdb):
+    """Issue 17.7: names are bytes on POSIX; one that is not UTF-8 (read with surrogateescape)
+    is stored and comes back as the same name, instead of failing the registration."""
+    run_id = fresh(runsdb)
+    odd = b"caf\xe9/\xff.zip".decode("utf-8", "surrogateescape")
+    files = {odd: (3, "0000000a"), "plain": (0, "00000001")}
+    runsdb.save_manifest(run_id, RAW_AT_B, files, "adler32:x", utcnow())
+    assert runsdb.find_manifest(run_id, RAW_AT_B) == files
