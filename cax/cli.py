@@ -509,9 +509,9 @@ def _admin_config(obj: dict[str, Any]) -> Config:
     return config
 
 
-def _open_db(config: Config, read_only: bool = False) -> Any:
+def _open_db(config: Config, read_only: bool = False, create: bool = False) -> Any:
     return open_runsdb(config.runs_db, config.runs_db_name, config.runs_collection,
-                       read_only=read_only)
+                       read_only=read_only, create=create)
 
 
 def _echo_json(value: Any) -> None:
@@ -551,11 +551,14 @@ def run_group() -> None:
               "under DIR (inside the site's dir_raw) not registered yet.")
 @click.option("--json", "json_file", metavar="FILE", help="Register the run documents in FILE "
               "(as the DAQ writes them).")
+@click.option("--create-runs-db", is_flag=True, help="Create the embedded runs DB if it does "
+              "not exist yet (otherwise a missing one is an outage: exit 3).")
 @click.pass_obj
 @guarded
 def run_add(obj: dict[str, Any], number: int | None, name: str | None, detector: str,
             start: str | None, tags: tuple[str, ...], site: str | None, location: str | None,
-            checksum: str | None, from_dir: str | None, json_file: str | None) -> int:
+            checksum: str | None, from_dir: str | None, json_file: str | None,
+            create_runs_db: bool) -> int:
     """Register a run (or every run under a folder, or run documents from a JSON file)."""
     from cax.admin import register as reg
 
@@ -563,7 +566,7 @@ def run_add(obj: dict[str, Any], number: int | None, name: str | None, detector:
     where = config.get_site(site) if site else config.site
     if sum(x is not None for x in (location, from_dir, json_file)) != 1:
         raise click.UsageError("give one of --location, --from-dir, --json")
-    db = _open_db(config)
+    db = _open_db(config, create=create_runs_db)
     try:
         if from_dir:
             result = reg.from_dir(db, where, from_dir, detector=detector, first_number=number,

@@ -65,7 +65,7 @@ def prepare(root: Path, runs: int) -> Path:
     config = root / "cax.json"
     config.write_text(json.dumps(demo_config(root), indent=2) + "\n")
     daq = load_config(config, "daq").site
-    db = open_runsdb(f"file:{root / 'runsdb'}")
+    db = open_runsdb(f"file:{root / 'runsdb'}", create=True)
     start = utcnow() - dt.timedelta(days=runs + 1)
     docs = []
     for number in range(1, runs + 2):

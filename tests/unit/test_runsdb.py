@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
 from cax.clock import utcnow
+from cax.errors import RunsDBError
 from cax.runsdb import (
     ERROR,
     TRANSFERRED,
@@ -182,7 +185,7 @@ def test_read_only_mode_writes_nothing(runsdb_uri):
 
 def test_embedded_store_persists_across_clients(tmp_path):
     uri = f"file:{tmp_path / 'db'}"
-    first = open_runsdb(uri)
+    first = open_runsdb(uri, create=True)
     first.insert_runs([make_run(7)])
     second = open_runsdb(uri)
     assert [r["number"] for r in second.find_runs({})] == [7]
@@ -191,52 +194,17 @@ def test_embedded_store_persists_across_clients(tmp_path):
     assert len(first.find_run(run_id)["data"]) == 1  # first sees the second's write
 
 
-def test_dry_run_on_missing_embedded_db_creates_nothing(tmp_path):
-    """A dry run on a store not created yet sees an empty runs DB (issue 8: nothing to do)."""
-    db = open_runsdb(f"file:{tmp_path / 'nothing'}", read_only=True)
-    assert db.find_runs({}) == [] and db.find_heartbeats() == []
-    db.close()
-    assert not (tmp_path / "nothing").exists()
-
-
-def test_db_clock_ignores_a_step_of_this_machines_wall_clock():
-    """Issue 17.6: the runs-DB time follows the monotonic clock, so a +150 s step of the wall
-    clock (NTP, ``date -s``) cannot make a live 120 s lease look expired."""
-    server = [dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)]
-    wall = [server[0]]
-    mono = [1000.0]
-    clock = DBClock(lambda: server[0], local=lambda: wall[0], resync_s=60.0,
-                    monotonic=lambda: mono[0])
-    start = clock.now()
-    expires = start + dt.timedelta(seconds=120)  # a lease granted now
-    mono[0] += 30  # 30 s pass ...
-    server[0] += dt.timedelta(seconds=30)
-    wall[0] += dt.timedelta(seconds=30 + 150)  # ... and the wall clock steps 150 s ahead
-    assert clock.now() == start + dt.timedelta(seconds=30)
-    assert clock.now() < expires
-
-
-def test_db_clock_carries_the_last_reading_forward_when_the_db_is_away():
-    state = {"up": True, "server": dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)}
-    mono = [0.0]
-
-    def server_time():
-        if not state["up"]:
-            raise OSError("runs DB away")
-        return state["server"]
-
-    clock = DBClock(server_time, resync_s=10.0, monotonic=lambda: mono[0])
-    first = clock.now()
-    state["up"] = False
-    mono[0] += 100
-    assert clock.now() == first + dt.timedelta(seconds=100)
-
-
-def test_manifest_keeps_file_names_that_are_not_utf8(runsdb):
-    """Issue 17.7: names are bytes on POSIX; one that is not UTF-8 (read with surrogateescape)
-    is stored and comes back as the same name, instead of failing the registration."""
-    run_id = fresh(runsdb)
-    odd = b"caf\xe9/\xff.zip".decode("utf-8", "surrogateescape")
-    files = {odd: (3, "0000000a"), "plain": (0, "00000001")}
-    runsdb.save_manifest(run_id, RAW_AT_B, files, "adler32:x", utcnow())
-    assert runsdb.find_manifest(run_id, RAW_AT_B) == files
+def test_missing_embedded_db_is_an_outage_and_nothing_is_created(tmp_path):
+    """Issue 17.10: a store that is not there (moved, unmounted) is an outage for every kind of
+    opening -- a dry run, a status view, a registration -- and nothing is created at its path;
+    only an explicit ``create`` makes one."""
+    for read_only in (True, False):
+        with pytest.raises(RunsDBError, match="no embedded runs DB"):
+            open_runsdb(f"file:{tmp_path / 'nothing'}", read_only=read_only)
+        assert not (tmp_path / "nothing").exists()
+    (tmp_path / "mountpoint").mkdir()  # an empty directory is no store either
+    with pytest.raises(RunsDBError):
+        open_runsdb(f"file:{tmp_path / 'mountpoint'}")
+    assert list((tmp_path / "mountpoint").iterdir()) == []
+    open_runsdb(f"file:{tmp_path / 'new'}", create=True).close()
+    open_runsdb(f"file:{tmp_path / 'new'}", read_only=True).close()
