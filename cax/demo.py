@@ -48,7 +48,9 @@ def demo_config(root: Path) -> dict:
              "processing": {"command": ["{python}", "-m", "cax.processors.reference", "{input}",
                                         "{output}", "--ncpus", "{ncpus}"],
                             "version": "v1.0.0", "backend": "local", "max_jobs": 2,
-                            "timeout": 600}},
+                            "timeout": 600,
+                            "validate": ["{python}", "-m", "cax.processors.reference",
+                                         "--validate", "{output}"]}},
         ],
     }
 
@@ -93,10 +95,11 @@ def one_pass(config_path: Path, site: str) -> int:
     try:
         return Daemon(ctx, select_tasks(config.tasks_wanted)).run_pass(wait_background=True).failed
     finally:
+        for pool in ctx.pools():
+            pool.shutdown()
         if ctx.transports:
             ctx.transports.close_all()
-        if ctx.batch:
-            ctx.batch.close()
+        ctx.close_batch()
         db.close()
 
 

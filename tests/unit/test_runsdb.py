@@ -17,6 +17,7 @@ from cax.runsdb import (
     open_runsdb,
 )
 from cax.runsdb.dbclock import DBClock
+from cax.runsdb.origins import Proof
 from tests.conftest import advance_clock, make_run
 
 RAW_AT_B = EntryKey("b", "raw")
@@ -57,9 +58,9 @@ def test_claim_held_lease_refused_expired_lease_taken_over(runsdb):
     assert taken.previous["lease_owner"] == "A" and taken.token != first.token
     # The loser can neither renew nor register nor record a failure any more.
     assert not runsdb.renew(first, 60)
-    assert not runsdb.register_verified(first, {"checksum": "adler32:x"})
+    assert not runsdb.register_verified(first, {"checksum": "adler32:x"}, proof=Proof())
     assert not runsdb.record_failure(first, "late", kind="transient", retry_at=None)
-    assert runsdb.register_verified(taken, {"checksum": "adler32:y"})
+    assert runsdb.register_verified(taken, {"checksum": "adler32:y"}, proof=Proof())
     entry = find_entry(runsdb.find_run(run_id), RAW_AT_B)
     assert entry["status"] == TRANSFERRED and entry["checksum"] == "adler32:y"
     assert not {"lease_owner", "lease_token", "lease_expires"} & set(entry)
@@ -71,7 +72,7 @@ def test_same_owner_other_attempt_cannot_write(runsdb):
     old = runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=1)
     advance_clock(runsdb, 2)
     new = runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=60)
-    assert new and not runsdb.register_verified(old, {})
+    assert new and not runsdb.register_verified(old, {}, proof=Proof())
     assert runsdb.renew(new, 60)
 
 
@@ -97,12 +98,14 @@ def test_claim_requires_other_entries_atomically(runsdb):
 def test_claim_updates_the_right_element(runsdb):
     """A positional update must touch the claimed entry, not the first one in the array."""
     run_id = fresh(runsdb, status=TRANSFERRING)
-    runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=60,
-                 fields={"location": "/x"})
+    run = runsdb.find_run(run_id)
+    place = f"/data/{run['name']}"
+    assert runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=60,
+                        fields={"location": place}, run=run)
     run = runsdb.find_run(run_id)
     assert find_entry(run, EntryKey("a", "raw")) == {"host": "a", "type": "raw",
                                                      "status": TRANSFERRED}
-    assert find_entry(run, RAW_AT_B)["location"] == "/x"
+    assert find_entry(run, RAW_AT_B)["location"] == place
 
 
 def test_failure_and_reset_recorded_in_history(runsdb):
