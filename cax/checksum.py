@@ -24,6 +24,8 @@ import sys
 import time
 import zlib
 
+from cax.errors import DatasetError
+
 log = logging.getLogger(__name__)
 
 Manifest = dict[str, tuple[int, str]]
@@ -196,7 +198,10 @@ def scan_dataset(path: str | os.PathLike[str], *, threads: int = SCAN_THREADS) -
     if threads < 1:
         raise ValueError(f"threads must be >= 1, not {threads}")
     start = time.monotonic()
-    manifest = _manifest(_fsbytes(path), threads)
+    try:
+        manifest = _manifest(_fsbytes(path), threads)
+    except ValueError as exc:
+        raise DatasetError(f"{exc} (cax copies and checksums regular files only)") from None
     elapsed = time.monotonic() - start
     total = sum(size for size, _ in manifest.values())
     log.debug("scanned %s: %d files, %d bytes in %.2f s", path, len(manifest), total, elapsed)
@@ -326,7 +331,10 @@ def scan_with_dirhash(path: str | os.PathLike[str]) -> tuple[Manifest, str]:
     registered with the original's checksum as well, so old daemons still count it as good.
     Raises as ``scan_dataset``.
     """
-    files = _list_dataset(_fsbytes(path))
+    try:
+        files = _list_dataset(_fsbytes(path))
+    except ValueError as exc:
+        raise DatasetError(f"{exc} (cax copies and checksums regular files only)") from None
     results = {rel: _both_path(p, rel != ".") for rel, p in files}
     manifest: Manifest = {rel: (size, adler) for rel, (size, adler, _) in results.items()}
     if len(files) == 1 and files[0][0] == ".":

@@ -255,6 +255,12 @@ class ClaimedJob:
     def on_stuck(self) -> None:
         """Called when the work will not be retried automatically (e.g. put data back)."""
 
+    def record_lease_loss(self) -> bool:
+        """Whether a lease this daemon could not keep is recorded as a failed attempt (the
+        work was stopped), rather than left to expire for a taker-over to judge (work that
+        goes on outside the daemon, such as a batch job whose cancel may not have worked)."""
+        return True
+
     # -- the life of an attempt ---------------------------------------------------------------
 
     def take_claim(self) -> bool:
@@ -295,7 +301,7 @@ class ClaimedJob:
         except LeaseLostError as exc:
             log.warning("%s: %s; not registered", self.label, exc)
             self._cleanup()
-            if keeper.lost and "taken over" not in keeper.lost:
+            if keeper.lost and "taken over" not in keeper.lost and self.record_lease_loss():
                 self._record(short_reason(exc), "transient")  # still ours if nobody took it
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, bugs included
             if not isinstance(exc, (CaxError, OSError)):

@@ -327,7 +327,7 @@ def massive_tsm(once: bool, config_path: str | None, host: str | None, run_numbe
                 last_days: float | None, log_level: str, log_file: str | None,
                 log_dir: str | None, sleep_s: float, no_db_update: bool) -> int:
     """Back runs up to tape (or restore them from it), one dataset at a time."""
-    from cax.tape.massive import MassiveOptions, run_massive
+    from cax.tape.massive import MassiveOptions, check_options, run_massive
 
     if run_number is not None and name is not None:
         raise ConfigError("give --run or --name, not both")
@@ -337,6 +337,7 @@ def massive_tsm(once: bool, config_path: str | None, host: str | None, run_numbe
     setup_logging(log_level, log_file)
     where = Path(log_dir) if log_dir else (Path(log_file).parent if log_file else Path("."))
     opts = MassiveOptions(once, run_number, name, from_run, to_run, last_days, where, sleep_s)
+    check_options(config, opts)
     ctx = build_context(config, no_db_update=no_db_update, once=True)
     ctx.background.shutdown()
     ctx.background = None  # one dataset at a time, in this thread, with its own log file

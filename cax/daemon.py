@@ -198,6 +198,7 @@ class Daemon:
             for pool in self.ctx.pools():
                 pool.wait()
                 pool.shutdown()
+            self.ctx.jobs = None  # made again by the next pass that processes
             if self.ctx.transports is not None:
                 self.ctx.transports.close_all()
             self.ctx.close_batch()  # local jobs end (and are retried); SLURM jobs go on

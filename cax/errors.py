@@ -67,6 +67,13 @@ class ChecksumMismatchError(CaxError):
         self.files = list(files)
 
 
+class DatasetError(CaxError, ValueError):
+    """A dataset holds what cax cannot copy or checksum file by file (a symlink, a FIFO): a
+    permanent error until a person changes the dataset."""
+
+    retryable = False
+
+
 class LeaseLostError(CaxError):
     """Another daemon took over work whose lease this daemon let expire; stop touching it."""
 

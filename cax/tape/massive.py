@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cax.config import Config
 from cax.errors import CaxError, ConfigError
 from cax.logcontext import ContextFilter, log_context
 from cax.runsdb import run_label
@@ -72,14 +73,20 @@ def log_name(run: dict[str, Any], when: dt.datetime) -> str:
     return f"tsm_log_{label}_{when.strftime('%y%m%d_%H%M%S')}.txt"
 
 
-def tape_tasks(ctx: Context) -> list[type[TapeTask]]:
+def tape_tasks(config: Config) -> list[type[TapeTask]]:
     """The directions this site's configuration asks for: upload, restore, or both."""
     found = [task for task, push in ((TapeUpload, True), (TapeRestore, False))
-             if tape_sites(ctx, push)]
+             if tape_sites(config, push)]
     if not found:
-        raise ConfigError(f"site {ctx.site.name} names no tape site (method tsm) in "
+        raise ConfigError(f"site {config.site.name} names no tape site (method tsm) in "
                           "upload_options or download_options")
     return found
+
+
+def check_options(config: Config, opts: MassiveOptions) -> None:
+    """Refuse a command line that cannot work before anything is opened (ConfigError)."""
+    selection(opts, dt.datetime.now(dt.timezone.utc))
+    tape_tasks(config)
 
 
 def one_pass(ctx: Context, opts: MassiveOptions, formatter: logging.Formatter,
@@ -87,7 +94,7 @@ def one_pass(ctx: Context, opts: MassiveOptions, formatter: logging.Formatter,
     """Do every selected run once; return how many datasets failed."""
     failed = 0
     chosen = selection(opts, ctx.now())
-    for task_class in tape_tasks(ctx):
+    for task_class in tape_tasks(ctx.config):
         task = task_class(ctx)
         query = task.query()
         if query is None:

@@ -28,12 +28,13 @@ from cax.checksum import (
     Manifest,
     dataset_checksum,
     diff_manifests,
+    legacy_dirhash,
     scan_dataset,
     scan_with_dirhash,
     verifiable_kind,
 )
 from cax.claimed import FINAL_STEP_LEFT, Keeper
-from cax.errors import LeaseLostError, UnsafeNameError
+from cax.errors import DatasetError, LeaseLostError, UnsafeNameError
 from cax.paths import entry_location
 from cax.runsdb import TRANSFERRED, VERIFYING, EntryKey, run_label
 from cax.runsdb.judgement import PROBLEM_FIELDS
@@ -76,16 +77,21 @@ def describe_files(files: list[str] | None) -> str:
 
 
 class Reading:
-    """One read of a copy: its manifest, and its sha512 dirhash when that kind was asked for."""
+    """One read of a copy: its manifest, and its sha512 dirhash when that kind was asked for.
 
-    def __init__(self, manifest: Manifest, sha512: str | None):
+    A dataset of the original's with a symlink inside has no manifest (cax copies and
+    checksums regular files only), but its sha512 is computed as the original did, following
+    the link, so its recorded checksum still verifies.
+    """
+
+    def __init__(self, manifest: Manifest | None, sha512: str | None):
         self.manifest, self.sha512 = manifest, sha512
 
     def value(self, kind: str | None) -> str | None:
-        """The copy's checksum of ``kind`` (adler32 when None)."""
+        """The copy's checksum of ``kind`` (adler32 when None); None if not read."""
         if kind == "sha512-dirhash":
             return self.sha512
-        return dataset_checksum(self.manifest)
+        return dataset_checksum(self.manifest) if self.manifest is not None else None
 
     def matches(self, doc: dict[str, Any]) -> bool | None:
         """Whether the bytes read equal ``doc``'s recorded checksum (an entry's or an origin's);
@@ -152,8 +158,13 @@ class ChecksumTask(Task):
         try:
             with Keeper(self.db, claim, self.ctx.config.lease_seconds, self._granted) as keeper:
                 path = self.path(entry)
-                reading = Reading(*scan_with_dirhash(path)) if sha \
-                    else Reading(scan_dataset(path), None)
+                try:
+                    reading = Reading(*scan_with_dirhash(path)) if sha \
+                        else Reading(scan_dataset(path), None)
+                except DatasetError:
+                    if not sha:
+                        raise
+                    reading = Reading(None, legacy_dirhash(path))
                 keeper.check(FINAL_STEP_LEFT)
         except UNREADABLE as exc:
             record_unreadable(self.ctx, self.take(run, entry), exc)
@@ -171,6 +182,8 @@ class ChecksumTask(Task):
         ``recorded`` is the checksum the entry already carries (kept: it is what others know
         the copy by); otherwise the adler32 one, with the original's sha512 in mixed operation.
         """
+        if reading.manifest is None:  # the original's dataset with a symlink: its sha512
+            return {"checksum": recorded or reading.sha512, "evidence": evidence}
         checksum = dataset_checksum(reading.manifest)
         self.db.save_manifest(run["_id"], EntryKey.of(entry), reading.manifest, checksum,
                               self.ctx.now())
@@ -275,17 +288,18 @@ class AddChecksum(ChecksumTask):
         """Register the producer's copy and record its checksum as the dataset's origin."""
         key, now = EntryKey.of(entry), self.ctx.now()
         fields = self.good_fields(run, entry, reading, PRODUCER, recorded)
-        adler = dataset_checksum(reading.manifest)
-        self.db.save_origin_manifest(run["_id"], key, reading.manifest, adler, now)
-        origin = origin_record(adler, host=self.site.name, now=now, key=key,
-                               evidence="checksum given" if recorded else "first read",
-                               size=fields["size"], file_count=fields["file_count"],
-                               legacy_checksum=reading.sha512 if kind_of(
+        adler = reading.value("adler32")
+        if adler is not None and reading.manifest is not None:
+            self.db.save_origin_manifest(run["_id"], key, reading.manifest, adler, now)
+        origin = origin_record(adler or fields["checksum"], host=self.site.name, now=now,
+                               key=key, evidence="checksum given" if recorded else "first read",
+                               size=fields.get("size"), file_count=fields.get("file_count"),
+                               legacy_checksum=reading.sha512 if adler and kind_of(
                                    fields["checksum"]) == "sha512-dirhash" else None)
         self.register(run, entry, fields, Proof(establishes=origin),
                       unset=("compared_checksum", "disputed", *PROBLEM_FIELDS))
-        log.info("%s: %s: verifying -> transferred, the dataset's origin (%s, %d files)",
-                 run_label(run), key, adler[:20], fields["file_count"])
+        log.info("%s: %s: verifying -> transferred, the dataset's origin (%s)",
+                 run_label(run), key, origin["checksum"][:20])
 
 
 # -- CompareChecksums ---------------------------------------------------------------------------
@@ -414,10 +428,9 @@ class CompareChecksums(ChecksumTask):
         if judgement.origin is not None and reading.matches(judgement.origin):
             fields = dict(compared)
             if not entry.get("checksum"):
-                fields = {**self.good_fields(run, entry, reading, ORIGIN), **compared,
-                          "compared_checksum": judge_state(
-                              {"checksum": dataset_checksum(reading.manifest)}, judgement,
-                              others)[0]}
+                fields = self.good_fields(run, entry, reading, ORIGIN)
+                fields = {**fields, **compared,
+                          "compared_checksum": judge_state(fields, judgement, others)[0]}
             self.release(run, entry, fields, unset=("disputed", "checksum_failures"))
             return
         if judgement.origin is None:  # unsettled: what this copy's own evidence says
@@ -448,6 +461,7 @@ class CompareChecksums(ChecksumTask):
         key = EntryKey.of(entry)
         theirs = self.db.find_origin_manifest(run["_id"], key, judgement.origin) \
             if judgement.stored else None
-        files = diff_manifests(theirs, reading.manifest) if theirs else None
+        files = diff_manifests(theirs, reading.manifest) if theirs and reading.manifest \
+            else None
         log.error("%s: %s %s: %s", run_label(run), key, reason, describe_files(files))
         self.mark_bad(run, entry, judgement, reason)

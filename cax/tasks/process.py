@@ -401,6 +401,11 @@ class ProcessJob(ClaimedJob):
     def failure_fields(self) -> dict[str, Any]:
         return {"transfer_end": self.ctx.now()}
 
+    def record_lease_loss(self) -> bool:
+        """A submitted job may outlive a cancel that failed: the taker-over asks the batch
+        system about it, adopts it or records how it ended."""
+        return self.job_id is None
+
 
 # -- the task --------------------------------------------------------------------------------
 

@@ -105,11 +105,12 @@ class Scrub(ChecksumTask):
         else:
             self.changed(run, entry, reading.manifest)
 
-    def changed(self, run: dict[str, Any], entry: dict[str, Any], manifest: Manifest) -> None:
+    def changed(self, run: dict[str, Any], entry: dict[str, Any],
+                manifest: Manifest | None) -> None:
         """Our copy no longer matches its own checksum: report and send it to repair."""
         key = EntryKey.of(entry)
         recorded = self.db.find_manifest(run["_id"], key)
-        files = diff_manifests(recorded, manifest) if recorded else None
+        files = diff_manifests(recorded, manifest) if recorded and manifest else None
         log.error("%s: %s changed on disk since it was verified: %s", run_label(run), key,
                   describe_files(files))
         self.mark_bad(run, entry, judge(run, key.type, key.version),

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from cax.checksum import dataset_checksum, scan_dataset
 from cax.claimed import ClaimedJob, Keeper, schedule, short_reason
-from cax.config import Site
+from cax.config import Config, Site
 from cax.errors import CaxError, ChecksumMismatchError, ConfigError
 from cax.paths import checked_location, scratch_path
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
@@ -47,10 +47,10 @@ from cax.tasks.stalled import creation_time
 log = logging.getLogger(__name__)
 
 
-def tape_sites(ctx: Context, push: bool) -> list[Site]:
+def tape_sites(config: Config, push: bool) -> list[Site]:
     """The tape sites this site backs up to (``push``) or restores from."""
-    names = ctx.site.upload_options if push else ctx.site.download_options
-    return [s for s in (ctx.config.get_site(n) for n in names) if s.method in TAPE_METHODS]
+    names = config.site.upload_options if push else config.site.download_options
+    return [s for s in (config.get_site(n) for n in names) if s.method in TAPE_METHODS]
 
 
 def client_of(site: Site) -> Dsmc:
@@ -213,12 +213,14 @@ class UploadJob(TapeJob):
         recorded = self.db.find_manifest(self.run_id, self.reads)
         log.info("%s: tape upload of %s (attempt %d)", self.result.label, self.source,
                  self.attempts)
+        origin = self.judgement.origin or {}
         copy = backup_and_verify(self.client, self.source, self.ctx.site.dir_tsm, self.dataset,
                                  self.token, recorded=recorded,
-                                 checksum=self.local.get("checksum"), keeper=keeper)
+                                 checksum=preferred(origin) or self.local.get("checksum"),
+                                 keeper=keeper)
         self.result.files, self.result.size = copy.files, copy.size
         keeper.check()
-        if not self.judgement.agrees({"checksum": copy.checksum}):
+        if not self.judgement.settled or differs({"checksum": copy.checksum}, origin):
             raise ChecksumMismatchError(f"{self.label}: the staged files are not the dataset's "
                                         "origin; not registered")
         self.db.save_manifest(self.run_id, self.key, copy.manifest, copy.checksum,
@@ -327,7 +329,7 @@ class TapeTask(Task):
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        self.tapes = tape_sites(ctx, self.push) if "raw" in (ctx.site.data_type or ("raw",)) \
+        self.tapes = tape_sites(ctx.config, self.push) if "raw" in (ctx.site.data_type or ("raw",)) \
             else []
         self.results: list[TapeResult] = []
         if self.tapes:

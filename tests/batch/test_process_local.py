@@ -171,20 +171,33 @@ def test_kill_9_mid_job_then_takeover_never_runs_two_processors(tmp_path, runsdb
 
 
 @pytest.mark.timeout(180)
-def test_takeover_adopts_a_job_whose_processor_still_runs(tmp_path, runsdb_uri, runsdb):
-    """A daemon that stops renewing (hung: here, it simply runs no more passes) loses its
-    lease, but its processor runs on: the daemon taking over adopts that job instead of
-    starting a second one."""
+def test_takeover_adopts_a_job_whose_processor_still_runs(tmp_path, runsdb_uri, runsdb,
+                                                          monkeypatch):
+    """A daemon that can no longer renew its lease (its runs DB connection hangs) and cannot
+    cancel its job either leaves a processor running: the daemon taking over adopts that job
+    instead of starting a second one."""
+    from cax.errors import RunsDBError
+    from cax.runsdb import open_runsdb
+    from cax.tasks.process import ProcessJob
+
     count, gate = tmp_path / "starts", tmp_path / "gate"
     config = processing_config(tmp_path, runsdb_uri, counting_reference(count, gate),
                                top={"lease_seconds": 5})
     (run_id,) = raw_runs(tmp_path, runsdb, 1)
-    hung = make_context(config, "lab", runsdb)
+    hung_db = open_runsdb(*runsdb_uri)
+    hung = make_context(config, "lab", hung_db)
     ctx = make_context(config, "lab", runsdb)
     ctx.owner += "-other"
+    real_cancel = ProcessJob.cancel
+    monkeypatch.setattr(ProcessJob, "cancel", lambda job: job.ctx is hung or real_cancel(job))
     Daemon(hung, [ProcessBatchQueue]).run_pass()
     try:
         wait_until(lambda: starts(count), what="the first processor")
+
+        def unreachable(*args, **kwargs):
+            raise RunsDBError("runs DB: renew: timed out")
+
+        monkeypatch.setattr(hung_db, "renew", unreachable)
         other = Daemon(ctx, [ProcessBatchQueue])
         wait_until(lambda: (other.run_pass() and False) or
                    processed(runsdb, run_id).get("lease_owner") == ctx.owner,
@@ -195,9 +208,8 @@ def test_takeover_adopts_a_job_whose_processor_still_runs(tmp_path, runsdb_uri, 
                    processed(runsdb, run_id)["status"] == TRANSFERRED, what="registration")
         assert len(starts(count)) == 1
         assert processed(runsdb, run_id)["attempts"] == 1
-        Daemon(hung, [ProcessBatchQueue]).run_pass()  # the hung daemon wakes: changes nothing
+        hung.jobs.wait()  # the hung daemon's attempt ends: it changes nothing
         assert processed(runsdb, run_id)["status"] == TRANSFERRED
     finally:
-        hung.batch.close()
-        if ctx.batch:
-            ctx.batch.close()
+        for context in (hung, ctx):
+            context.close_batch()

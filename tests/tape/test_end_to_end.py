@@ -45,18 +45,18 @@ def demo_runs(root: Path) -> dict[str, Path]:
     """Three TPC runs and one muon-veto run at the datamanager, as the DAQ registers them."""
     raw = root / "data/xenon/raw"
     (root / "data/xenon/tsm").mkdir(parents=True)
-    db = open_runsdb("file:" + str(root / "cax-runsdb"))
+    db = open_runsdb("file:" + str(root / "cax-runsdb"), create=True)
     start = utcnow() - dt.timedelta(days=10)
     docs, paths = [], {}
     for number, suffix, detector in ((1, "", "tpc"), (2, "", "tpc"), (3, "", "tpc"),
                                      (3, "_MV", "muon_veto")):
         when = start + dt.timedelta(days=number)
-        name = when.strftime("%y%m%d_%H%M") + suffix
-        location = raw / name
+        name = when.strftime("%y%m%d_%H%M")  # a muon-veto run's dataset adds "_MV"
+        location = raw / (name + suffix)
         location.mkdir(parents=True)
         for i in range(FILES_PER_RUN):
             (location / f"XENON1T-{number}-{i:09d}.zip").write_bytes(os.urandom(200_000))
-        paths[name] = location
+        paths[name + suffix] = location
         docs.append({"number": number, "name": name, "detector": detector, "start": when,
                      "tags": [], "data": [{"host": SITE, "type": "raw", "status": VERIFYING,
                                            "location": str(location), "checksum": None,
@@ -85,8 +85,8 @@ def test_demo_runs_round_trip_through_tape(tmp_path, fake_tape):
         result.stdout
     logs = sorted(os.listdir(tmp_path / "logs"))
     assert len(logs) == 4 and all(re.fullmatch(r"tsm_log_\w+_\d{6}_\d{6}\.txt", n) for n in logs)
-    assert any(n.startswith(f"tsm_log_{next(n for n in paths if n.endswith('_MV'))}_")
-               for n in logs)  # a muon-veto run is logged by name
+    veto = next(n for n in paths if n.endswith("_MV"))[:-len("_MV")]
+    assert any(n.startswith(f"tsm_log_{veto}_") for n in logs)  # a muon-veto run, by name
     assert "Upload to tape: [succcessful]" in (tmp_path / "logs" / logs[0]).read_text()
     assert os.listdir(tmp_path / "data/xenon/tsm") == []
 
