@@ -38,6 +38,7 @@ from cax.runsdb.entries import (
     find_entry,
     run_label,
 )
+from cax.runsdb.judgement import good_entry
 from cax.runsdb.origins import Proof, dataset_match
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,13 @@ class Claim:
         """Whether this claim took over work whose owner let its lease expire."""
         return bool(self.previous and self.previous.get("lease_owner")
                     and self.previous.get("status") in (TRANSFERRING, PURGING))
+
+
+def good_elsewhere(run: dict[str, Any], key: EntryKey) -> bool:
+    """Whether another site holds a good copy of ``key``'s dataset (one to repair from)."""
+    return any(good_entry(run, EntryKey.of(e)) for e in run.get("data") or ()
+               if isinstance(e, dict) and e.get("host") != key.host and e.get("type") == key.type
+               and "host" in e and (key.version is None or e.get("pax_version") == key.version))
 
 
 def history_event(now: dt.datetime, event: str, by: str, detail: str | None = None
@@ -733,18 +741,19 @@ class RunsDB:
         """Make a stuck entry retryable at the next pass (``cax retry``); deletes nothing.
 
         * ``error`` (attempts used up, a permanent or configuration error, a bad copy flagged
-          and kept): attempts and failure kind are cleared and the retry is due now; an entry
-          cax did not copy here (no ``source``: the DAQ's, or one registered by hand) goes back
-          to ``verifying``, so AddChecksum checks it again against its recorded checksum;
-        * ``transferring`` whose lease expired (its daemon died): becomes a due ``error``, so
-          the copy tasks take it up again;
+          and kept): attempts and failure kind are cleared and the retry is due now -- a copy
+          is copied (or repaired) again, a processed entry gets a new job; raw data the DAQ put
+          at this site (no ``source``, not a bad copy) goes back to ``verifying``, so AddChecksum
+          checks it again against its recorded checksum and its dataset's origin;
+        * ``transferring`` whose lease expired (its daemon died), or a lease-less one of the
+          original cax: becomes a due ``error``, so the tasks take it up again;
         * ``purging`` whose lease expired: the lease is dropped, so the purge is finished.
 
         An entry under a live lease is not touched.  Who and when go into ``history``.
         Returns whether the entry was reset.
         """
         now = now or self.now()
-        run = self.runs.find_one({"_id": run_id}, {"data": 1})
+        run = self.runs.find_one({"_id": run_id}, {"data": 1, "origins": 1})
         entry = find_entry(run, key) if run else None
         if entry is None:
             return False
@@ -755,10 +764,11 @@ class RunsDB:
             cond: dict[str, Any] = {"status": ERROR, "lease_expires": _lease_free(now)}
             fields: dict[str, Any] = {"attempts": 0, "next_attempt": now,
                                       "checksum_failures": 0, "modified_time": now}
-            if "source" not in entry:
-                fields["status"] = VERIFYING
+            if entry.get("type") == "raw" and "source" not in entry \
+                    and not (entry.get("checksum_problem") and good_elsewhere(run, key)):
+                fields["status"] = VERIFYING  # nothing to repair from: read what is there
                 del fields["next_attempt"]
-                unset.append("next_attempt")
+                unset += ["next_attempt", "checksum_problem", "expected_checksum"]
             unset += ["error_kind", "config_hash"]
         elif status in (TRANSFERRING, PURGING) and entry.get("lease_expires") is not None:
             cond = {"status": status, "lease_expires": {"$lt": now}}
@@ -767,6 +777,12 @@ class RunsDB:
                 owner = entry.get("lease_owner") or "a daemon"
                 fields.update(status=ERROR, attempts=0, next_attempt=now, error_kind="transient",
                               error=f"lease of {owner} expired; reset by {by}")
+        elif status == TRANSFERRING and "lease_owner" not in entry:  # the original's, stalled
+            cond = {"status": status, "lease_owner": {"$exists": False},
+                    "lease_expires": {"$exists": False}}
+            fields = {"modified_time": now, "status": ERROR, "attempts": 0, "next_attempt": now,
+                      "error_kind": "transient",
+                      "error": f"a stalled transfer of the original cax; reset by {by}"}
         else:
             return False
         # Addressed by index, re-checked by identity and state in the filter: the positional

@@ -7,7 +7,12 @@ An entry is *stuck* when it is
   ``error_kind`` is ``permanent`` or ``config`` (a config error is retried once the site's
   configuration changes -- which is a person's job too);
 * ``transferring`` or ``purging`` under a lease that expired: the daemon holding it died or
-  lost the runs DB, and the work waits for a daemon of that site to take it over.
+  lost the runs DB, and the work waits for a daemon of that site to take it over;
+* ``transferring`` without any lease for over a day: a transfer of the original cax that
+  stalled (at a tape site, whose configuration runs no RetryStalledTransfer, nothing else
+  would ever notice);
+* marked ``disputed``: copies whose own recorded checksums verify disagree about what the
+  dataset's bytes are, and only a person can say which is right.
 
 Two indexed queries (``data.status``) find them over every site; the entries are then
 filtered here with each site's own ``max_attempts``.  Seen from one site, the stuck entries
@@ -31,6 +36,8 @@ from cax.runsdb.runs import RunsDB
 WAITING_KINDS = ("permanent", "config")
 #: Default ``max_attempts`` of a site the configuration does not know (the schema default).
 DEFAULT_MAX_ATTEMPTS = 5
+#: A lease-less ``transferring`` entry of the original older than this has stalled.
+STALLED = dt.timedelta(hours=24)
 #: Runs fetched by one stuck query at most (their count is reported when more match).
 RUNS_LIMIT = 5000
 _FIELDS = {"number": 1, "name": 1, "detector": 1, "start": 1, "data": 1}
@@ -45,7 +52,7 @@ class StuckEntry:
     name: Any
     key: EntryKey
     status: str
-    kind: str  # attempts | no-retry | permanent | config | dead-lease
+    kind: str  # attempts | no-retry | permanent | config | dead-lease | disputed
     reason: str
     source: str | None = None
     reference: str | None = None
@@ -97,8 +104,17 @@ def error_reason(entry: dict[str, Any], max_attempts: int) -> tuple[str, str] | 
 
 def lease_reason(entry: dict[str, Any], now: dt.datetime,
                  daemon_states: Mapping[str, str]) -> str | None:
-    """Return why a ``transferring``/``purging`` entry waits, if its lease expired."""
+    """Return why a ``transferring``/``purging`` entry waits, if its lease expired (or, a
+    transfer of the original's, it has none and stalled)."""
     expires = entry.get("lease_expires")
+    if expires is None and "lease_owner" not in entry and entry.get("status") == TRANSFERRING:
+        created = entry.get("creation_time")
+        created = min((c for c in created if isinstance(c, dt.datetime)), default=None) \
+            if isinstance(created, list) else created
+        if not isinstance(created, dt.datetime) or as_utc(created) < now - STALLED:
+            return f"transferring without a lease since {when(created)}: a transfer of the " \
+                   "original cax that stalled"
+        return None
     if not isinstance(expires, dt.datetime) or as_utc(expires) >= now:
         return None
     owner = entry.get("lease_owner") or "an unknown daemon"
@@ -123,9 +139,15 @@ def find_stuck(db: RunsDB, now: dt.datetime, *, max_attempts: Mapping[str, int] 
         {"error_kind": {"$in": list(WAITING_KINDS)}}]}}}
     leases = {"data": {"$elemMatch": {"status": {"$in": [TRANSFERRING, PURGING]},
                                       "lease_expires": {"$lt": now}}}}
+    stalled = {"data": {"$elemMatch": {
+        "status": TRANSFERRING, "lease_expires": {"$exists": False},
+        "lease_owner": {"$exists": False},
+        "$or": [{"creation_time": {"$exists": False}},
+                {"creation_time": {"$lt": now - STALLED}}]}}}
+    disputed = {"data": {"$elemMatch": {"disputed": {"$exists": True}}}}
     found: list[StuckEntry] = []
     seen: set[tuple[Any, EntryKey]] = set()
-    for query in (errors, leases):
+    for query in (errors, leases, stalled, disputed):
         full = {"$and": [query, selector]} if selector else query
         for run in db.find_runs(full, projection=_FIELDS, limit=RUNS_LIMIT):
             for entry in _stuck_in(run, now, limits, states):
@@ -143,7 +165,10 @@ def _stuck_in(run: dict[str, Any], now: dt.datetime, limits: Mapping[str, int],
         if not isinstance(entry, dict) or "host" not in entry or "type" not in entry:
             continue
         status = entry.get("status")
-        if status == ERROR:
+        if entry.get("disputed"):
+            judged = ("disputed", f"disputed: {entry['disputed']}; keep the right copy and "
+                      "unregister the other with `cax run remove` (its data stay in place)")
+        elif status == ERROR:
             judged = error_reason(entry, limits.get(entry["host"], DEFAULT_MAX_ATTEMPTS))
         elif status in (TRANSFERRING, PURGING):
             reason = lease_reason(entry, now, states)
