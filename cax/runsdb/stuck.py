@@ -134,20 +134,22 @@ def find_stuck(db: RunsDB, now: dt.datetime, *, max_attempts: Mapping[str, int] 
     limits = dict(max_attempts or {})
     states = daemon_states or {}
     lowest = min([*limits.values(), DEFAULT_MAX_ATTEMPTS])
-    errors = {"data": {"$elemMatch": {"status": ERROR, "$or": [
-        {"attempts": {"$gte": lowest}}, {"next_attempt": {"$exists": True, "$eq": None}},
-        {"error_kind": {"$in": list(WAITING_KINDS)}}]}}}
-    leases = {"data": {"$elemMatch": {"status": {"$in": [TRANSFERRING, PURGING]},
-                                      "lease_expires": {"$lt": now}}}}
-    stalled = {"data": {"$elemMatch": {
-        "status": TRANSFERRING, "lease_expires": {"$exists": False},
-        "lease_owner": {"$exists": False},
-        "$or": [{"creation_time": {"$exists": False}},
-                {"creation_time": {"$lt": now - STALLED}}]}}}
-    disputed = {"data": {"$elemMatch": {"disputed": {"$exists": True}}}}
+    errors = {"$or": [
+        {"data": {"$elemMatch": {"status": ERROR, "$or": [
+            {"attempts": {"$gte": lowest}}, {"next_attempt": {"$exists": True, "$eq": None}},
+            {"error_kind": {"$in": list(WAITING_KINDS)}}]}}},
+        {"data": {"$elemMatch": {"disputed": {"$exists": True}}}}]}
+    leases = {"$or": [
+        {"data": {"$elemMatch": {"status": {"$in": [TRANSFERRING, PURGING]},
+                                 "lease_expires": {"$lt": now}}}},
+        {"data": {"$elemMatch": {  # the original's, without any lease, stalled
+            "status": TRANSFERRING, "lease_expires": {"$exists": False},
+            "lease_owner": {"$exists": False},
+            "$or": [{"creation_time": {"$exists": False}},
+                    {"creation_time": {"$lt": now - STALLED}}]}}}]}
     found: list[StuckEntry] = []
     seen: set[tuple[Any, EntryKey]] = set()
-    for query in (errors, leases, stalled, disputed):
+    for query in (errors, leases):
         full = {"$and": [query, selector]} if selector else query
         for run in db.find_runs(full, projection=_FIELDS, limit=RUNS_LIMIT):
             for entry in _stuck_in(run, now, limits, states):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,13 +11,14 @@ import pytest
 
 from cax.daemon import Daemon
 from cax.runsdb import TRANSFERRED, EntryKey, find_entry
-from cax.tasks.checksum import CompareChecksums
+from cax.clock import utcnow
 from cax.tasks.repair import RetryBadChecksumTransfer
+from cax.tasks.scrub import Scrub
 from cax.transport.rsync import RsyncTransport
 from cax.transport.scp import ScpTransport
 from tests.conftest import make_context, skip_or_fail, write_config
 from tests.sshd import Sshd, SshdUnavailableError
-from tests.unit.test_checksum_tasks import add_run, flip_byte, registered, write_dataset
+from tests.unit.test_checksum_tasks import add_run, copied, flip_byte, produced, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +49,11 @@ def test_repair_over_ssh_fetches_only_the_bad_file(sshd, method, tmp_path, runsd
                        runs_db_name=runsdb_uri[1], lease_seconds=30)
     daq = write_dataset(tmp_path / "daq/raw/170101_0000", files=30, size=5000)
     lab = write_dataset(tmp_path / "lab/raw/170101_0000", files=30, size=5000)
-    flip_byte(lab / "sub2/file_017.bin", offset=4000)
     run_id = add_run(runsdb, 1, [])
-    runsdb.add_entry(run_id, registered(runsdb, run_id, "daq", daq))
-    runsdb.add_entry(run_id, registered(runsdb, run_id, "lab", lab))
+    runsdb.add_entry(run_id, produced(runsdb, run_id, "daq", daq))
+    runsdb.add_entry(run_id, copied(runsdb, run_id, "lab", lab,
+                                    verified_time=utcnow() - dt.timedelta(days=40)))
+    flip_byte(lab / "sub2/file_017.bin", offset=4000)  # rotted since it was verified
     untouched = {p.name: os.stat(p).st_ino for p in lab.rglob("*.bin")
                  if p.name != "file_017.bin"}
     fetched: list[str] = []
@@ -60,7 +63,7 @@ def test_repair_over_ssh_fetches_only_the_bad_file(sshd, method, tmp_path, runsd
         fetched.append(remote), real_get(self, remote, local, progress))[1])
     ctx = make_context(cfg, "lab", runsdb)
     try:
-        Daemon(ctx, [CompareChecksums, RetryBadChecksumTransfer]).run_pass(wait_background=True)
+        Daemon(ctx, [Scrub, RetryBadChecksumTransfer]).run_pass(wait_background=True)
     finally:
         if ctx.transports is not None:
             ctx.transports.close_all()
