@@ -1,0 +1,79 @@
+"""Run ``cax web``: open the runs DB read-only, check who may connect, serve with waitress.
+
+The start-up is where the safety decisions are made and said: a bind address that is not
+loopback needs a secret from the environment (``cax.web.auth``), and the first lines printed
+say where the website is and who may read it.  waitress serves a few threads; the runs DB
+connection is shared by them (pymongo's client is thread-safe, the embedded store serialises
+its operations).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+
+import waitress
+
+from cax.config import Config
+from cax.errors import ConfigError
+from cax.runsdb import RunsDB, open_runsdb
+from cax.runsdb.connect import redact
+from cax.web import views
+from cax.web.app import create_app
+from cax.web.auth import Credentials, check_bind
+
+log = logging.getLogger(__name__)
+
+THREADS = 4
+
+
+def url_of(bind: str, port: int) -> str:
+    host = f"[{bind}]" if ":" in bind and not bind.startswith("[") else bind
+    return f"http://{host}:{port}/"
+
+
+def warm(db: RunsDB) -> float:
+    """Ask the throughput query once before serving, so the first visitor does not wait for
+    the embedded store to read every run (it remembers what the query did not match, for the
+    rest of the day); return the seconds it took."""
+    t0 = time.monotonic()
+    views.throughput(db)
+    return time.monotonic() - t0
+
+
+def serve(config: Config, *, bind: str, port: int, announce: Callable[[str], None],
+          env: Mapping[str, str] | None = None, threads: int = THREADS) -> int:
+    """Serve the website until interrupted; return the exit status (0).
+
+    Raises ConfigError when it must not or cannot listen (a network address without a secret,
+    a port in use), RunsDBError when the runs DB cannot be opened.
+    """
+    credentials = Credentials.from_env(os.environ if env is None else env)
+    check_bind(bind, credentials)
+    db = open_runsdb(config.runs_db, config.runs_db_name, config.runs_collection,
+                     read_only=True)
+    try:
+        took = warm(db)
+        log.info("runs DB %s read for the throughput page in %.1f s", redact(config.runs_db),
+                 took)
+        app = create_app(config, db, credentials)
+        try:
+            server = waitress.create_server(app, host=bind, port=port, threads=threads,
+                                            ident="cax", clear_untrusted_proxy_headers=True)
+        except OSError as exc:
+            raise ConfigError(f"--bind {bind} --port {port}: cannot listen there: "
+                              f"{exc.strerror or exc}") from None
+        announce(f"cax web: serving the runs DB {redact(config.runs_db)} read-only on "
+                 f"{url_of(bind, server.effective_port)}")
+        announce(f"cax web: {credentials.describe()}")
+        try:
+            server.run()
+        except KeyboardInterrupt:
+            log.info("cax web: interrupted, stopping")
+        finally:
+            server.close()
+    finally:
+        db.close()
+    return 0
