@@ -84,3 +84,30 @@ def test_a_port_in_use_is_a_usage_error(world):
                               capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "cannot listen there" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_throughput_query_is_warmed_again_after_midnight(monkeypatch):
+    """The store remembers one day's query; at midnight the window moves, and the warmer asks
+    the new one before any visitor does."""
+    import datetime as dt
+    import threading
+
+    from cax.web import server
+
+    warmed = threading.Event()
+    monkeypatch.setattr(server, "warm", lambda db: warmed.set() or 0.0)
+    almost = dt.datetime(2026, 3, 1, 23, 59, 59, 900_000, tzinfo=dt.timezone.utc)
+    warmer = server.DailyWarmer(db=None, clock=lambda: almost)
+    warmer.AFTER_MIDNIGHT_S = 0.0
+    warmer.start()
+    try:
+        assert warmed.wait(10)
+    finally:
+        warmer.stopped.set()
+        warmer.join(10)
+    assert not warmer.is_alive()
+    late = server.DailyWarmer(db=None, clock=lambda: almost.replace(hour=0))  # a day to wait
+    late.start()
+    late.stopped.set()
+    late.join(10)
+    assert not late.is_alive()
