@@ -6,6 +6,9 @@ of them for the throughput page; with ``--tape-runs N`` the newest N also have a
 site ``tape`` (default: every run, as at XENON, where every raw run went to tape).  Each page is
 requested through the application (query and rendering, as a browser gets it), the median of
 ``--rounds``; beside it, the ``cax status`` view it mirrors, timed in the same process.  The
+tape report is computed in the background (``cax.web.background``): the page is timed on the
+first request (which waits for it at most 0.8 s) and once computed, and the time the report
+took to compute is printed beside it.  The
 matrix is timed on its first page, two filters (one the index answers, a tag no run has, which
 reads every run), and pages 50,000 and 99,950 runs deep.  The throughput page is timed cold (the
 first request after the store was opened; ``cax web`` makes it before it serves) and warm.
@@ -89,7 +92,8 @@ def main() -> None:
         db.find_runs({"number": -1})
         print(f"seeded {args.runs} runs ({tape_runs} with a tape copy) in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
-        client = create_app(config, db).test_client()
+        slow_db = open_runsdb(config.runs_db, read_only=True)
+        client = create_app(config, db, slow_db=slow_db).test_client()
 
         def page(path: str) -> Callable[[], object]:
             def get() -> object:
@@ -122,21 +126,35 @@ def main() -> None:
             ("/daemons", "status", lambda: st.overview(db, config, None)),
             ("/stuck", "status --stuck --all-sites", lambda: st.stuck(db, config, now, None)),
             ("/throughput", None, None),
-            ("/tape", "status --tape", None),
         ]
         assert len(first["runs"]) == 50
         slowest, slowest_path = 0.0, ""
         for path, mirror, view in pages:
-            rounds = 1 if path == "/tape" and tape_runs > 10_000 else args.rounds
-            wall = timed(page(path), rounds)
+            wall = timed(page(path), args.rounds)
             if wall > slowest:
                 slowest, slowest_path = wall, path
             line = f"web {path:<40} {wall:7.3f} s"
             if view is not None:
                 line += f"   ({mirror}: {timed(view, args.rounds):.3f} s)"
-            elif mirror:
-                line += f"   ({mirror}: the same query, tape_report)"
             print(line, flush=True)
+        # the tape report: computed in the background; the first request waits at most 0.8 s
+        t0 = time.perf_counter()
+        status = first_status = client.get("/tape").status_code
+        asked = time.perf_counter() - t0
+        while status != 200:
+            time.sleep(0.5)
+            status = client.get("/tape?format=json").status_code
+        computed = time.perf_counter() - t0
+        said = "the report" if first_status == 200 else "'being computed'"
+        print(f"web {'/tape (first request: ' + said + ')':<40} {asked:7.3f} s   (report "
+              f"computed in the background in {computed:.1f} s: status --tape's query)",
+              flush=True)
+        cached = timed(page("/tape"), args.rounds)
+        print(f"web {'/tape (computed)':<40} {cached:7.3f} s", flush=True)
+        for path, wall in (("/tape (first)", asked), ("/tape", cached)):
+            if wall > slowest:
+                slowest, slowest_path = wall, path
+        slow_db.close()
         print(f"slowest page {slowest_path}")
         db.close()
     print(f"ratio web/budget {slowest / BUDGET_S:.2f}")

@@ -36,6 +36,7 @@ from cax.runsdb import RunsDB
 from cax.runsdb.connect import redact
 from cax.web import views
 from cax.web.auth import Credentials
+from cax.web.background import BackgroundView
 from cax.web.svg import human_bytes, throughput_chart
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,21 @@ PAGES = (("matrix", "Runs"), ("daemons", "Daemons"), ("stuck", "Stuck"), ("tape"
 #: How the matrix shows each state: the symbols of ``cax status --summary``.
 SYMBOLS = {state: symbol for state, (symbol, _) in st.SYMBOLS.items()}
 CHECK_MARKS = {"recorded": "\u2713", "differs": "\u2717", "none": ""}
+#: The tape report is recomputed when older than this; a page waiting for it reloads this often.
+TAPE_MAX_AGE_S, TAPE_REFRESH_S = 60.0, 15
 
 
-def create_app(config: Config, db: RunsDB, credentials: Credentials | None = None) -> Flask:
-    """The website over ``db`` (opened read-only by the caller), as site ``config.site``."""
+def create_app(config: Config, db: RunsDB, credentials: Credentials | None = None, *,
+               slow_db: RunsDB | None = None, tape_wait_s: float = 0.8) -> Flask:
+    """The website over ``db`` (opened read-only by the caller), as site ``config.site``.
+
+    ``slow_db``, a second read-only connection, serves the tape report, computed in the
+    background (``cax.web.background``) so that it never holds up the other pages; a request
+    waits ``tape_wait_s`` for a fresh one.
+    """
     app = Flask(__name__)
+    tape_view = BackgroundView("tape report", lambda: views.tape_page(slow_db or db, config),
+                               max_age_s=TAPE_MAX_AGE_S, wait_s=tape_wait_s)
     app.config.update(MAX_CONTENT_LENGTH=0, JSON_SORT_KEYS=False, TRAP_HTTP_EXCEPTIONS=False)
     app.jinja_env.autoescape = True  # every template, whatever its name
     app.jinja_env.filters.update(when=when, ago=st._ago, size=human_bytes)
@@ -123,7 +134,17 @@ def create_app(config: Config, db: RunsDB, credentials: Credentials | None = Non
 
     @app.get("/tape")
     def tape() -> Response:
-        return respond("tape.html", views.tape_page(db, config), "Tape")
+        snap = tape_view.get()
+        if snap.value is None:
+            if snap.error is not None:
+                raise RunsDBError(snap.error)
+            response = error(503, "the tape report is being computed: it reads every tape "
+                                  "copy, which takes a while in a large runs DB; this page "
+                                  "reloads itself", refresh=TAPE_REFRESH_S)
+            response.headers["Retry-After"] = str(TAPE_REFRESH_S)
+            return response
+        return respond("tape.html", {**snap.value, "as_of": snap.taken}, "Tape",
+                       computing=snap.computing, failed=snap.error)
 
     @app.get("/throughput")
     def throughput() -> Response:
@@ -133,12 +154,13 @@ def create_app(config: Config, db: RunsDB, credentials: Credentials | None = Non
                        else Markup(""),
                        totals={s: sum(value["bytes"][s]) for s in value["sites"]})
 
-    def error(status: int, message: str) -> Response:
+    def error(status: int, message: str, refresh: int | None = None) -> Response:
         if request.args.get("format") == "json":
             return Response(views.to_json({"error": message, "status": status}) + "\n",
                             status, mimetype="application/json")
         return Response(render_template("error.html", status=status, message=message,
-                                        title=f"Error {status}"), status, mimetype="text/html")
+                                        title=f"Error {status}", refresh=refresh),
+                        status, mimetype="text/html")
 
     @app.errorhandler(views.PageError)
     def page_error(exc: views.PageError) -> Response:

@@ -84,11 +84,14 @@ def serve(config: Config, *, bind: str, port: int, announce: Callable[[str], Non
     check_bind(bind, credentials)
     db = open_runsdb(config.runs_db, config.runs_db_name, config.runs_collection,
                      read_only=True)
+    slow_db = None
     try:
+        slow_db = open_runsdb(config.runs_db, config.runs_db_name, config.runs_collection,
+                              read_only=True)
         took = warm(db)
         log.info("runs DB %s read for the throughput page in %.1f s", redact(config.runs_db),
                  took)
-        app = create_app(config, db, credentials)
+        app = create_app(config, db, credentials, slow_db=slow_db)
         try:
             server = waitress.create_server(app, host=bind, port=port, threads=threads,
                                             ident="cax", clear_untrusted_proxy_headers=True)
@@ -109,4 +112,6 @@ def serve(config: Config, *, bind: str, port: int, announce: Callable[[str], Non
             server.close()
     finally:
         db.close()
+        if slow_db is not None:
+            slow_db.close()
     return 0
