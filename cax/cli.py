@@ -722,7 +722,7 @@ def retry(obj: dict[str, Any], run_number: int | None, name: str | None, site: s
 @click.pass_obj
 @guarded
 def web(obj: dict[str, Any], bind: str, port: int) -> int:
-    """Serve a read-only website over the runs DB: runs x sites, daemons, stuck, tape, throughput."""
+    """Serve a read-only website over the runs DB: runs, daemons, stuck, tape, throughput."""
     from cax.web.server import serve
 
     config = load_config(obj["config_path"], obj["host"], obj["runs_db"])

@@ -109,7 +109,7 @@ def create_app(config: Config, db: RunsDB, credentials: Credentials | None = Non
     def matrix() -> Response:
         flt = views.MatrixFilter.parse(request.args)
         older = views.parse_cursor(request.args.get("older"))
-        per_page = views._int(request.args, "per_page", views.PER_PAGE, 1, views.MAX_PER_PAGE)
+        per_page = views.int_param(request.args, "per_page", views.PER_PAGE, 1, views.MAX_PER_PAGE)
         value = views.matrix(db, config, flt, older, per_page)
         return respond("matrix.html", value, "Runs", statuses=(*views.STATUSES, views.NO_ENTRY),
                        first_page=older is None)

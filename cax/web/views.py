@@ -71,7 +71,7 @@ def command_prefix(config: Config) -> str:
             f"--host {shlex.quote(config.site.name)}")
 
 
-def _int(args: Mapping[str, str], name: str, default: int | None = None,
+def int_param(args: Mapping[str, str], name: str, default: int | None = None,
          low: int | None = None, high: int | None = None) -> int | None:
     raw = args.get(name, "")
     if raw == "":
@@ -112,7 +112,7 @@ class MatrixFilter:
                                  f"{', '.join((*STATUSES, NO_ENTRY))}")
         if status == NO_ENTRY and text["site"] is None:
             raise PageError(400, f"status {NO_ENTRY!r} needs a site")
-        return cls(number=_int(args, "number"), **text)
+        return cls(number=int_param(args, "number"), **text)
 
     def query(self) -> dict[str, Any]:
         """The runs-DB filter: each part is one the indexes answer (number, name, tags.name,
