@@ -35,7 +35,7 @@ from cax.errors import RunsDBError, UnsafeNameError
 from cax.runsdb import RunsDB
 from cax.runsdb.connect import redact
 from cax.web import views
-from cax.web.auth import Credentials
+from cax.web.auth import Credentials, loopback_host
 from cax.web.background import BackgroundView
 from cax.web.svg import human_bytes, throughput_chart
 
@@ -61,12 +61,14 @@ TAPE_MAX_AGE_S, TAPE_REFRESH_S = 60.0, 15
 
 
 def create_app(config: Config, db: RunsDB, credentials: Credentials | None = None, *,
-               slow_db: RunsDB | None = None, tape_wait_s: float = 0.8) -> Flask:
+               slow_db: RunsDB | None = None, tape_wait_s: float = 0.8,
+               loopback_only: bool = False) -> Flask:
     """The website over ``db`` (opened read-only by the caller), as site ``config.site``.
 
     ``slow_db``, a second read-only connection, serves the tape report, computed in the
     background (``cax.web.background``) so that it never holds up the other pages; a request
-    waits ``tape_wait_s`` for a fresh one.
+    waits ``tape_wait_s`` for a fresh one.  ``loopback_only`` (listening on loopback): a
+    request must name this machine by a loopback name (``auth.loopback_host``).
     """
     app = Flask(__name__)
     tape_view = BackgroundView("tape report", lambda: views.tape_page(slow_db or db, config),
@@ -75,7 +77,7 @@ def create_app(config: Config, db: RunsDB, credentials: Credentials | None = Non
     app.jinja_env.autoescape = True  # every template, whatever its name
     app.jinja_env.filters.update(when=when, ago=st._ago, size=human_bytes)
     credentials = credentials or Credentials()
-    runs_db_shown = redact(config.runs_db)
+    runs_db_shown = redact(config.runs_db or "")
 
     def respond(template: str, value: Any, title: str, **extra: Any) -> Response:
         wanted = request.args.get("format", "html")
@@ -95,6 +97,9 @@ def create_app(config: Config, db: RunsDB, credentials: Credentials | None = Non
 
     @app.before_request
     def authenticate() -> Response | None:
+        if loopback_only and not loopback_host(request.host):
+            return Response("this website answers to a loopback name only (localhost, "
+                            "127.0.0.1)\n", 400, mimetype="text/plain")
         if credentials.allows(request.headers.get("Authorization")):
             return None
         return Response("authentication required\n", 401, mimetype="text/plain",

@@ -103,6 +103,19 @@ def is_loopback(bind: str) -> bool:
         return False
 
 
+def loopback_host(host: str) -> bool:
+    """Whether a request's ``Host`` names this machine by a loopback name, on any port (an SSH
+    tunnel may forward another).  A website on loopback answers nothing else: a page of another
+    site, whose name an attacker made resolve to 127.0.0.1 (DNS rebinding), must not read it
+    from a browser on this machine."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:name.find("]")] if "]" in name else ""
+    elif name.count(":") == 1:
+        name = name.split(":")[0]
+    return bool(name) and is_loopback(name)
+
+
 def check_bind(bind: str, credentials: Credentials) -> None:
     """Refuse to listen on a network without a secret (ConfigError, exit 2)."""
     if not is_loopback(bind) and not credentials.required:

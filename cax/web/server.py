@@ -24,7 +24,7 @@ from cax.runsdb import RunsDB, open_runsdb
 from cax.runsdb.connect import redact
 from cax.web import views
 from cax.web.app import create_app
-from cax.web.auth import Credentials, check_bind
+from cax.web.auth import Credentials, check_bind, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ def serve(config: Config, *, bind: str, port: int, announce: Callable[[str], Non
         took = warm(db)
         log.info("runs DB %s read for the throughput page in %.1f s", redact(config.runs_db),
                  took)
-        app = create_app(config, db, credentials, slow_db=slow_db)
+        app = create_app(config, db, credentials, slow_db=slow_db,
+                         loopback_only=is_loopback(bind))
         try:
             server = waitress.create_server(app, host=bind, port=port, threads=threads,
                                             ident="cax", clear_untrusted_proxy_headers=True)

@@ -43,8 +43,8 @@ def world(two_sites: Any, runsdb: Any) -> Any:
     return two_sites
 
 
-def make_client(config_path: Any, credentials: Credentials | None = None, **config: Any
-                ) -> Any:
+def make_client(config_path: Any, credentials: Credentials | None = None,
+                loopback_only: bool = False, **config: Any) -> Any:
     """A test client of the website over the runs DB of ``config_path``, opened read-only."""
     cfg = load_config(config_path, "daq")
     db = open_runsdb(cfg.runs_db, cfg.runs_db_name, cfg.runs_collection, read_only=True)
@@ -52,7 +52,7 @@ def make_client(config_path: Any, credentials: Credentials | None = None, **conf
         import dataclasses
 
         cfg = dataclasses.replace(cfg, **config)
-    app = create_app(cfg, db, credentials)
+    app = create_app(cfg, db, credentials, loopback_only=loopback_only)
     client = app.test_client()
     client.db = db
     return client

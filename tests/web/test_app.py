@@ -246,3 +246,13 @@ def test_credentials_are_required_when_set(world):
                     basic("shift", "pw")):
         assert client.get("/", headers=headers).status_code == 200, headers
     client.db.close()
+
+
+def test_on_loopback_only_a_loopback_name_is_answered(world):
+    """A page elsewhere whose name resolves to 127.0.0.1 (DNS rebinding) reads nothing."""
+    client = make_client(world, loopback_only=True)
+    for host in ("evil.example", "evil.example:8080", "10.0.0.1:8080", "[::1", ""):
+        assert client.get("/", headers={"Host": host}).status_code == 400, host
+    for host in ("localhost", "localhost:9000", "127.0.0.1:8080", "[::1]:8080", "127.0.1.1"):
+        assert client.get("/", headers={"Host": host}).status_code == 200, host
+    client.db.close()
