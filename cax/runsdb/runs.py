@@ -227,10 +227,11 @@ class RunsDB:
         4,400 runs in the window (``bench/web.py``).
         """
         window = {"$gte": since}
-        query = {"$or": [
-            {"data": {"$elemMatch": {"status": TRANSFERRED, "transfer_end": window}}},
-            {"data": {"$elemMatch": {"status": TRANSFERRED, "transfer_end": None,
-                                     "creation_time": window}}}]}
+        # No condition on the status here: every copy is transferred, so on the embedded store
+        # it would only make the index list every run; it is checked below.
+        query = {"$or": [{"data": {"$elemMatch": {"transfer_end": window}}},
+                         {"data": {"$elemMatch": {"transfer_end": None,
+                                                  "creation_time": window}}}]}
         projection = {"_id": 0, "data.host": 1, "data.type": 1, "data.status": 1,
                       "data.size": 1, "data.transfer_end": 1, "data.creation_time": 1}
         found = []
