@@ -5,8 +5,11 @@ index holds, so it reads every tape copy -- as ``cax status --tape`` does.  On a
 that is seconds at 100,000 runs; on the embedded store, minutes (``bench/web.py``), and the
 store serves one operation at a time, so a visitor waiting for it would stall every other page.
 Here it runs on its own runs-DB connection (its own SQLite reader), one computation at a time
-however many ask; a request waits ``wait_s`` for a fresh value and otherwise gets the last one
-with the time it was taken, or none yet (the page then says so and reloads itself).
+however many ask, and again only when asked and the last one finished more than ``max_age_s``
+ago -- or twice as long ago as it took, so that a report of minutes keeps at most a third of a
+core busy.  A request gets the last value with the time it was taken; it waits up to ``wait_s``
+for a newer one only when there is none yet or the last took less than that (the page then
+says it is being computed and reloads itself).
 """
 
 from __future__ import annotations
@@ -49,23 +52,29 @@ class BackgroundView(Generic[T]):
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
         self._value: T | None = None
-        self._taken: dt.datetime | None = None
+        self._taken: dt.datetime | None = None  # when the computation of the value began
+        self._finished: dt.datetime | None = None  # ... and when it ended
+        self._took_s = 0.0
         self._started: float | None = None  # monotonic start of the computation under way
         self._error: str | None = None
         self._generation = 0  # computations finished
 
     def get(self) -> Snapshot[T]:
-        """The freshest value to be had within ``wait_s``; starts a computation if due."""
+        """The last value, a newer one if it comes within ``wait_s`` (see the module)."""
         with self._lock:
-            fresh = self._taken is not None and self._error is None and \
-                (self.clock() - self._taken).total_seconds() <= self.max_age_s
-            if not fresh:
+            age = None if self._finished is None else \
+                (self.clock() - self._finished).total_seconds()
+            due = age is None or self._error is not None or \
+                age > max(self.max_age_s, 2 * self._took_s)
+            if due:
                 if self._started is None:
                     self._start()
-                seen = self._generation
-                deadline = time.monotonic() + self.wait_s
-                while self._generation == seen and (left := deadline - time.monotonic()) > 0:
-                    self._done.wait(left)
+                if self._value is None or self._took_s < self.wait_s:
+                    seen = self._generation
+                    deadline = time.monotonic() + self.wait_s
+                    while self._generation == seen and \
+                            (left := deadline - time.monotonic()) > 0:
+                        self._done.wait(left)
             return Snapshot(self._value, self._taken, self._started is not None, self._error)
 
     def _start(self) -> None:
@@ -82,10 +91,10 @@ class BackgroundView(Generic[T]):
             log.warning("cax web: %s not computed: %s", self.name, exc)
             value, error = None, str(exc)
         with self._lock:
-            log.info("cax web: %s computed in %.1f s", self.name,
-                     time.monotonic() - (self._started or time.monotonic()))
+            self._took_s = time.monotonic() - (self._started or time.monotonic())
+            log.info("cax web: %s computed in %.1f s", self.name, self._took_s)
             if error is None:
-                self._value, self._taken = value, taken
+                self._value, self._taken, self._finished = value, taken, self.clock()
             self._error = error
             self._started = None
             self._generation += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 
 from cax.web.background import BackgroundView
 from tests.web.conftest import make_client
@@ -44,6 +45,27 @@ def test_one_computation_at_a_time_and_the_last_value_meanwhile():
     release.set()
     view.wait_s = 5
     assert view.get().value == 2
+
+
+def test_a_slow_computation_is_not_waited_for_nor_repeated_at_once():
+    """A report that takes longer than the page may wait: the last value is served at once, and
+    it is computed again only after twice as long as it took."""
+    clock, calls = Clock(), []
+    view = BackgroundView("slow", lambda: calls.append(1) or len(calls), max_age_s=60,
+                          wait_s=5, clock=clock)
+    assert view.get().value == 1
+    view._took_s = 150.0  # as a report of 100,000 tape copies takes on the embedded store
+    clock.now += dt.timedelta(seconds=299)
+    assert view.get().value == 1 and len(calls) == 1  # not due: within twice its time
+    clock.now += dt.timedelta(seconds=2)
+    view._took_s = 150.0
+    t0 = time.monotonic()
+    assert view.get().value in (1, 2) and time.monotonic() - t0 < 1  # not waited for
+    for _ in range(100):
+        if len(calls) == 2:
+            break
+        time.sleep(0.05)
+    assert len(calls) == 2
 
 
 def test_a_failed_computation_is_reported_and_tried_again():
