@@ -223,8 +223,8 @@ class RunsDB:
         window.  The embedded store holds no times in its index, so it evaluates every run
         the first time; it remembers the runs a query did not match, so the same query
         (pass the same ``since``, e.g. a midnight) later decodes only the window's runs and
-        those written since: at 100,000 runs about 2 s the first time, then 0.4 s with
-        4,400 runs in the window (``bench/web.py``).
+        those written since: at 100,000 runs about 5 s the first time, then 0.6 s with
+        4,300 runs in the window (``bench/web.py``: a run every 10 minutes).
         """
         window = {"$gte": since}
         # No condition on the status here: every copy is transferred, so on the embedded store

@@ -256,3 +256,46 @@ def test_on_loopback_only_a_loopback_name_is_answered(world):
     for host in ("localhost", "localhost:9000", "127.0.0.1:8080", "[::1]:8080", "127.0.1.1"):
         assert client.get("/", headers={"Host": host}).status_code == 200, host
     client.db.close()
+
+
+def test_a_run_shows_every_field_its_whole_history_processing_and_tape(tmp_path, runsdb_uri):
+    """The run page: all fields of each copy, every history event kept (``cax status --run``
+    shows the last five), processed data with its version, tape copies marked."""
+    import datetime as dt
+
+    from cax.runsdb import open_runsdb
+    from tests.admin_seed import copy
+    from tests.conftest import make_run, write_config
+
+    for d in ("daq/raw", "lab/raw", "lab/processed"):
+        (tmp_path / d).mkdir(parents=True)
+    config = write_config(tmp_path / "cax.json", [
+        {"name": "daq", "method": "local", "dir_raw": str(tmp_path / "daq/raw"),
+         "data_type": ["raw"], "upload_options": ["tape"]},
+        {"name": "lab", "method": "local", "dir_raw": str(tmp_path / "lab/raw"),
+         "dir_processed": str(tmp_path / "lab/processed"), "data_type": ["raw", "processed"]},
+        {"name": "tape", "method": "tsm", "data_type": None}],
+        runs_db=runsdb_uri[0], runs_db_name=runsdb_uri[1])
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    history = [{"time": t0 + dt.timedelta(minutes=i), "event": f"event-{i}", "by": "lab@vm:1",
+                "detail": f"detail {i}"} for i in range(7)]
+    writer = open_runsdb(*runsdb_uri)
+    writer.insert_runs([make_run(3, data=[
+        copy("daq", "transferred", job_id="odd-field-42"),
+        copy("lab", "error", attempts=1, history=history),
+        copy("lab", "transferred", type="processed", pax_version="v1.0.0"),
+        copy("tape", "transferred")])])
+    writer.close()
+    client = make_client(config)
+    body = client.get("/run/3").text
+    assert "odd-field-42" in body and "job_id" in body
+    assert [f"event-{i}" in body for i in range(7)] == [True] * 7
+    assert "processing v1.0.0" in body
+    rows = {(r.split('data-site="')[1].split('"')[0], r.split('data-type="')[1].split('"')[0]): r
+            for r in body.split('<tr class="copy"')[1:]}
+    assert '<small class="badge">tape</small>' in rows["tape", "raw"]
+    assert "tape</small>" not in rows["daq", "raw"]
+    data = client.get("/run/3?format=json").json[0]["data"]
+    assert [e["tape"] for e in data] == [False, False, False, True]
+    assert len(data[1]["fields"]["history"]) == 7 and len(data[1]["history"]) == 5
+    client.db.close()
