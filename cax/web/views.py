@@ -5,9 +5,10 @@ The views are those of ``cax status`` wherever one exists, built by the same fun
 (``cax.admin.status``, ``cax.runsdb.stuck``, ``cax.tape.report``), so the page and ``cax status
 --json`` can never disagree: the daemons page is ``cax status --json``, a run's page is ``cax
 status --run N --json`` (each copy with every field it has), the stuck page ``cax status --stuck
---all-sites --json``, the tape page ``cax status --tape --json``.  Only the runs x sites matrix
-goes further than ``--summary``: it is paged and filtered, and each cell carries the checksum
-state of its copy; its ``cells`` are the summary's.  The throughput view is the web's own.
+--all-sites --json``, the tape page ``cax status --tape --json``.  Some say more: the runs x
+sites matrix is paged and filtered, and each cell carries the checksum state of its copy
+beside the summary's ``cells``; a run's copies carry all their fields; the tape report the time
+it was taken (``app``).  The throughput view is the web's own.
 
 Every view is a few indexed queries, as in ``cax status``: nothing here reads every run
 document (see ``bench/web.py`` for the times at 100,000 runs).  Bad input raises ``PageError``
