@@ -60,7 +60,7 @@ def bench(root: Path, cluster: SlurmCluster, needing: int, queued: int) -> int:
         {"name": "lab", "method": "local", "dir_raw": str(root / "raw"),
          "dir_processed": str(root / "processed"), "data_type": ["raw"],
          "processing": processing}], runs_db=f"file:{root / 'runsdb'}", lease_seconds=3600)
-    db = open_runsdb(f"file:{root / 'runsdb'}")
+    db = open_runsdb(f"file:{root / 'runsdb'}", create=True)
     start = dt.datetime(2017, 1, 1, tzinfo=dt.timezone.utc)
     total = needing + queued
     cluster.run("scontrol", "update", "PartitionName=debug", "State=DOWN")

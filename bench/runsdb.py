@@ -63,7 +63,7 @@ def seed(uri: str, count: int) -> tuple[float, float]:
     """Insert the runs, then their manifests, each in one transaction; return both times."""
     from cax.runsdb import open_runsdb
 
-    db = open_runsdb(uri)
+    db = open_runsdb(uri, create=True)
     start = time.perf_counter()
     ids = db.runs.insert_many(run_doc(n) for n in range(count)).inserted_ids
     runs_s = time.perf_counter() - start

@@ -94,7 +94,7 @@ def main() -> None:
             '{"name": "lab", "method": "local", "dir_raw": "/lab/raw", "data_type": ["raw"]}]}')
         config = load_config(root / "cax.json", "daq")
         t0 = time.perf_counter()
-        db = open_runsdb(config.runs_db)
+        db = open_runsdb(config.runs_db, create=True)
         seed(db, args.runs)
         db.find_runs({"number": -1})
         print(f"seeded {args.runs} runs in {time.perf_counter() - t0:.1f} s", flush=True)

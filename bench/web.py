@@ -80,7 +80,7 @@ def main() -> None:
             {"name": "tape", "method": "tsm", "data_type": None}]}))
         config = load_config(root / "cax.json", "daq")
         t0 = time.perf_counter()
-        writer = open_runsdb(config.runs_db)
+        writer = open_runsdb(config.runs_db, create=True)
         start = utcnow() - dt.timedelta(minutes=10 * args.runs)
         plain, taped = Collector(), Collector()
         seed(plain, args.runs, start)

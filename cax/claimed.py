@@ -39,6 +39,7 @@ from typing import Any
 from cax.clock import when
 from cax.errors import CaxError, ConfigError, LeaseLostError, UnsafeNameError
 from cax.runsdb import EntryKey
+from cax.runsdb.origins import Proof
 from cax.runsdb.runs import Claim
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,11 @@ def short_reason(exc: BaseException, limit: int = 300) -> str:
     usually comes last, after long paths."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text if len(text) <= limit else f"{text[:100]} ... {text[-(limit - 105):]}"
+
+
+class LeftRunning(CaxError):
+    """The daemon stops while work it started goes on outside it (a batch job): nothing is
+    recorded or removed; the lease lapses and the next daemon adopts the work."""
 
 
 class Keeper:
@@ -283,6 +289,9 @@ class ClaimedJob:
             with keeper:
                 self.work(keeper)
             return True
+        except LeftRunning as exc:  # a warm stop: the work goes on without us
+            log.info("%s", exc)
+            return True
         except LeaseLostError as exc:
             log.warning("%s: %s; not registered", self.label, exc)
             self._cleanup()
@@ -295,13 +304,15 @@ class ClaimedJob:
             self.fail(exc)
         return False
 
-    def register(self, fields: dict[str, Any], unset: tuple[str, ...] = ()) -> None:
-        """Register the verified result, only while the claim is ours."""
+    def register(self, fields: dict[str, Any], unset: tuple[str, ...] = (), *,
+                 proof: Proof) -> None:
+        """Register the verified result, only while the claim is ours and ``proof`` holds."""
         assert self.claim is not None
         if self.keeper is not None:
             self.keeper.check(FINAL_STEP_LEFT)
-        if not self.db.register_verified(self.claim, fields, unset):
-            raise LeaseLostError(f"entry {self.key} changed hands before registration")
+        if not self.db.register_verified(self.claim, fields, unset, proof=proof):
+            raise LeaseLostError(f"entry {self.key} changed hands, or its dataset's origin "
+                                 "changed, before registration")
 
     def fail(self, exc: BaseException) -> None:
         """Record a failed attempt with its kind; log it with the attempt count."""
@@ -345,14 +356,15 @@ class ClaimedJob:
             log.error("%s: failure not recorded: %s", self.label, exc)
 
 
-def schedule(ctx: Any, name: str, job: ClaimedJob, what: str) -> bool:
-    """Claim ``job`` and run it in a background worker (or here, without workers).
+def schedule(ctx: Any, name: str, job: ClaimedJob, what: str, pool: Any = None) -> bool:
+    """Claim ``job`` and run it in a background worker of ``pool`` (default: the transfer
+    workers; none: here, in this thread).
 
     Skips work already running under ``name`` in this process; when every worker is busy the
     work waits for the next pass, except with ``--once``, which waits for a free worker.
     Returns whether the job was started.
     """
-    background = ctx.background
+    background = pool if pool is not None else ctx.background
     if background is not None:
         if background.busy(name):
             return False

@@ -74,6 +74,9 @@ class Processing:
     accounting: str
     jobs_dir: str
     python: str | None
+    validate: tuple[str, ...] | None = None
+    validate_timeout: float = 3600.0
+    allow_empty: bool = False
 
 
 @dataclass(frozen=True)
@@ -394,27 +397,32 @@ def _check_processing(value: Any, site: Any, where: str, config_path: Path,
     found = len(problems)
     values = _check_section(value, PROCESSING_KEYS, (), at, problems, [])
     command = values.get("command")
-    if isinstance(command, list) and all(isinstance(a, str) for a in command):
+    for name, argv in (("command", command), ("validate", values.get("validate"))):
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            continue
         fields_used = set()
-        for arg in command:
+        for arg in argv:
             try:
                 fields_used |= {f for _, f, _, _ in string.Formatter().parse(arg) if f is not None}
             except ValueError as exc:
-                problems.append(f"{at}.command: {arg!r}: {exc}")
+                problems.append(f"{at}.{name}: {arg!r}: {exc}")
         unknown = sorted(fields_used - set(PROCESSING_PLACEHOLDERS))
         if unknown:
-            problems.append(f"{at}.command: unknown placeholder(s) {', '.join(unknown)} "
+            problems.append(f"{at}.{name}: unknown placeholder(s) {', '.join(unknown)} "
                             f"(known: {', '.join(PROCESSING_PLACEHOLDERS)})")
-        if not command:
-            problems.append(f"{at}.command: empty")
+        if not argv:
+            problems.append(f"{at}.{name}: empty")
         elif "output" not in fields_used:
-            problems.append(f"{at}.command: must name {{output}}, where the processor writes")
+            what = "where the processor writes" if name == "command" else "what it checks"
+            problems.append(f"{at}.{name}: must name {{output}}, {what}")
     if len(problems) > found:
         return None
     jobs_dir = values["jobs_dir"] or str(config_path.resolve().parent / "cax-jobs" / str(site))
     return Processing(**{**values, "jobs_dir": jobs_dir, "command": tuple(command),
                          "required_fields": tuple(values["required_fields"]),
-                         "timeout": float(values["timeout"])})
+                         "timeout": float(values["timeout"]),
+                         "validate": _tuple(values["validate"]),
+                         "validate_timeout": float(values["validate_timeout"])})
 
 
 def _make_site(values: dict[str, Any]) -> Site:

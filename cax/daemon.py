@@ -104,12 +104,13 @@ class Daemon:
                 break
             self.notifier.watchdog()
             result.outcomes.append(run_task(task_class(self.ctx), self.ctx))
-        if self.ctx.background is not None:
-            if wait_background:
-                self.ctx.background.wait()
+        if self.ctx.pools():
             background = Outcome("background")
-            for failure in self.ctx.background.take_failures():
-                background.fail(failure)
+            for pool in self.ctx.pools():
+                if wait_background:
+                    pool.wait()
+                for failure in pool.take_failures():
+                    background.fail(failure)
             result.outcomes.append(background)
         self._report(result, started)
         self._metrics(result, started)
@@ -194,14 +195,12 @@ class Daemon:
                     break
         finally:
             self.notifier.stopping()
-            if self.ctx.background is not None:
-                self.ctx.background.wait()
-                self.ctx.background.shutdown()
+            for pool in self.ctx.pools():
+                pool.wait()
+                pool.shutdown()
             if self.ctx.transports is not None:
                 self.ctx.transports.close_all()
-            if self.ctx.batch is not None:
-                self.ctx.batch.close()  # local jobs end (and are retried); SLURM jobs go on
-                self.ctx.batch = None
+            self.ctx.close_batch()  # local jobs end (and are retried); SLURM jobs go on
             self._stopped()
         log.info("stopped after %d pass(es)", self.passes)
         return 0

@@ -48,7 +48,9 @@ def demo_config(root: Path) -> dict:
              "processing": {"command": ["{python}", "-m", "cax.processors.reference", "{input}",
                                         "{output}", "--ncpus", "{ncpus}"],
                             "version": "v1.0.0", "backend": "local", "max_jobs": 2,
-                            "timeout": 600}},
+                            "timeout": 600,
+                            "validate": ["{python}", "-m", "cax.processors.reference",
+                                         "--validate", "{output}"]}},
         ],
     }
 
@@ -65,7 +67,7 @@ def prepare(root: Path, runs: int) -> Path:
     config = root / "cax.json"
     config.write_text(json.dumps(demo_config(root), indent=2) + "\n")
     daq = load_config(config, "daq").site
-    db = open_runsdb(f"file:{root / 'runsdb'}")
+    db = open_runsdb(f"file:{root / 'runsdb'}", create=True)
     start = utcnow() - dt.timedelta(days=runs + 1)
     docs = []
     for number in range(1, runs + 2):
@@ -93,10 +95,11 @@ def one_pass(config_path: Path, site: str) -> int:
     try:
         return Daemon(ctx, select_tasks(config.tasks_wanted)).run_pass(wait_background=True).failed
     finally:
+        for pool in ctx.pools():
+            pool.shutdown()
         if ctx.transports:
             ctx.transports.close_all()
-        if ctx.batch:
-            ctx.batch.close()
+        ctx.close_batch()
         db.close()
 
 

@@ -38,6 +38,7 @@ from cax.runsdb import (
     EntryKey,
     run_label,
 )
+from cax.runsdb.entries import check_dataset_name
 from cax.runsdb.runs import Claim
 from cax.schema import DATA_TYPES
 from cax.tasks.base import Context
@@ -152,15 +153,18 @@ def _release(ctx: Context, claim: Claim) -> None:
 
 
 def move_target(ctx: Context, found: Found, target: str) -> str:
-    """Check where a copy may move: inside the same data directory (and processed version)."""
+    """Check where a copy may move: inside the same data directory (and processed version),
+    under its own dataset name, to a place no entry names."""
     target = checked_location(ctx.site, found.key.type, target, found.key.version)
     base = base_dir(ctx.site, found.key.type, found.key.version)
     if not target.startswith(base + "/"):
         raise UnsafeNameError(f"{target}: a {found.key} copy must stay inside {base}")
     if target == found.path:
         raise ConfigError(f"{target}: source and target are the same")
+    check_dataset_name(found.run, target)
     if os.path.lexists(target):
         raise ConfigError(f"{target} exists; not replacing it")
+    ctx.runsdb.check_place_free(ctx.site.name, target)
     return target
 
 
@@ -184,7 +188,7 @@ def move_dataset(ctx: Context, source: str, target: str) -> MoveResult:
         _release(ctx, claim)
         raise
     try:
-        if not ctx.runsdb.relocate(claim, target):
+        if not ctx.runsdb.relocate(claim, found.run, target):
             raise LeaseLostError(f"{found.key}: lease lost before the new location was recorded")
     except BaseException:
         _unplace(found.path, target, copied)
@@ -263,6 +267,7 @@ def remove_dataset(ctx: Context, location: str, number: int, *, force: bool = Fa
     """
     _refuse_without_db(ctx, "cax-rm")
     found = locate(ctx, location, number)
+    _refuse_shared_place(ctx, found)
     others = other_verified_copies(found)
     if not others:
         question = (f"{found.path} is the last verified copy of {found.label} {found.key.type} "
@@ -277,6 +282,23 @@ def remove_dataset(ctx: Context, location: str, number: int, *, force: bool = Fa
     log.info("%s: removing %s at %s", found.label, found.key, found.path)
     delete_and_pull(ctx, claim, found.path, granted)
     return RemoveResult(found.label, found.path, len(others))
+
+
+def _refuse_shared_place(ctx: Context, found: Found) -> None:
+    """Never delete a path that another entry (of any run) names: ``--force`` included.  Such
+    an entry is a mistaken registration of the other run's data; ``cax run remove``
+    unregisters it without touching the data."""
+    for run in ctx.runsdb.find_runs_with_location(ctx.site.name, found.path):
+        for entry in run.get("data") or ():
+            if entry.get("host") != ctx.site.name or not isinstance(entry.get("location"), str) \
+                    or posixpath.normpath(entry["location"]) != found.path:
+                continue
+            if run["_id"] == found.run["_id"] and EntryKey.of(entry) == found.key:
+                continue
+            raise ConfigError(
+                f"{found.path} is also the location of {run_label(run)}'s {entry.get('type')} "
+                f"entry ({entry.get('status')}); nothing deleted (an entry registered on another "
+                "run's data is removed with `cax run remove`, which keeps the data)")
 
 
 def _dataset_paths(site: Site) -> list[str]:

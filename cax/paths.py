@@ -12,6 +12,7 @@ import posixpath
 from cax.config import Site
 from cax.errors import UnsafeNameError
 from cax.runsdb import safe_component
+from cax.runsdb.entries import check_dataset_name
 
 PARTIAL_SUFFIX = ".cax-partial"
 
@@ -93,18 +94,14 @@ def checked_location(site: Site, data_type: str, location: object,
 def dataset_name(run: dict, data_type: str, source_path: str) -> str:
     """Return the name ``run``'s dataset has at every site, checked against its source.
 
-    The name derives from the run's identity -- its name, plus ``_MV`` for the muon veto, as
-    the original cax named them -- optionally followed by an extension (``.root``).  A source
-    named otherwise does not belong to this run, so copying it would put one run's data
-    where another's belongs.
+    The name derives from the run's identity (``entries.check_dataset_name``); a source named
+    otherwise does not belong to this run, so copying it would put one run's data where
+    another's belongs.
     """
-    name = safe_component(run.get("name"), "run name")
-    stem = name + ("_MV" if run.get("detector") == "muon_veto" else "")
-    base = posixpath.basename(source_path)
-    if base == stem or (base.startswith(stem + ".") and safe_component(base, "dataset")):
-        return base
-    raise UnsafeNameError(f"{data_type} location {source_path!r} does not belong to run "
-                          f"{run.get('number', '?')} ({name}): its dataset must be named {stem}")
+    try:
+        return check_dataset_name(run, source_path)
+    except UnsafeNameError as exc:
+        raise UnsafeNameError(f"{data_type} {exc}") from None
 
 
 def entry_location(site: Site, entry: dict) -> str:

@@ -157,6 +157,13 @@ PROCESSING_KEYS: tuple[Key, ...] = (
         "default cax-jobs/<site> beside the configuration file.", absolute_path=True),
     Key("python", ("str", "null"), None, "Python that runs job scripts on batch nodes "
         "(default: the one running cax)."),
+    Key("validate", ("list", "null"), None, "A validator run on each finished output before it "
+        "is registered, as an argument list with the same placeholders; exit 0 accepts it "
+        "(the reference processor's: [\"{python}\", \"-m\", \"cax.processors.reference\", "
+        "\"--validate\", \"{output}\"]).", items="str"),
+    Key("validate_timeout", ("number",), 3600, "Seconds the validator may run.", minimum=1),
+    Key("allow_empty", ("bool",), False, "Accept an output without any bytes (else a job that "
+        "exits 0 but writes nothing has failed)."),
 )
 
 #: Keys of the original cax.json that are accepted and ignored with one log line (grid, rucio,

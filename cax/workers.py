@@ -16,9 +16,9 @@ log = logging.getLogger(__name__)
 class Background:
     """A bounded set of named jobs.  A job whose key is already running is not started twice."""
 
-    def __init__(self, max_workers: int):
+    def __init__(self, max_workers: int, prefix: str = "cax-work"):
         self.max_workers = max_workers
-        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="cax-work")
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix=prefix)
         self._running: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)

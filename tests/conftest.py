@@ -74,7 +74,9 @@ def runsdb_uri(tmp_path: Path) -> Any:
         db.client.drop_database(name)
         db.close()
     else:
-        yield f"file:{tmp_path / 'runsdb'}", "run"
+        uri = f"file:{tmp_path / 'runsdb'}"
+        open_runsdb(uri, create=True).close()  # made by the test's set-up, as by `cax demo`
+        yield uri, "run"
 
 
 @pytest.fixture

@@ -7,7 +7,12 @@ position, a 16-bin histogram of byte values): a real processed file whose conten
 every byte of the input.  Nothing is written if the input cannot be read completely; the output
 is written to ``OUTPUT`` directly (cax gives it a scratch name and renames it once verified).
 
-Exit codes: 0 success, 1 unreadable or empty input, 2 usage.
+``python -m cax.processors.reference --validate OUTPUT`` is its validator (the ``validate`` of
+a processing section): it accepts only a complete document of this processor, with at least one
+file and its events, and says what is wrong otherwise.
+
+Exit codes: 0 success (or a valid output), 1 unreadable or empty input (or an invalid output),
+2 usage.
 """
 
 from __future__ import annotations
@@ -71,7 +76,37 @@ def process(input_path: str, output_path: str, ncpus: int = 1) -> int:
     return summary["total_events"]
 
 
+def validate(output_path: str) -> None:
+    """Raise ValueError unless ``output_path`` is a complete output of this processor."""
+    try:
+        with open(output_path, "rb") as fh:
+            doc = json.loads(fh.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{output_path}: not a processed document ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("processor") != "cax.processors.reference":
+        raise ValueError(f"{output_path}: not written by the reference processor")
+    files, events = doc.get("files"), doc.get("events")
+    if not isinstance(files, list) or not files:
+        raise ValueError(f"{output_path}: no input files recorded")
+    if not isinstance(events, list) or doc.get("total_events") != len(events):
+        raise ValueError(f"{output_path}: the event list is incomplete")
+    if sum(f.get("events", 0) for f in files if isinstance(f, dict)) != len(events):
+        raise ValueError(f"{output_path}: the files' events do not add up")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--validate"]:
+        if len(argv) != 2:
+            click.echo("usage: python -m cax.processors.reference --validate OUTPUT", err=True)
+            return 2
+        try:
+            validate(argv[1])
+        except (OSError, ValueError) as exc:
+            click.echo(f"reference validator: {exc}", err=True)
+            return 1
+        click.echo(f"reference validator: {argv[1]}: valid")
+        return 0
     parser = argparse.ArgumentParser(prog="python -m cax.processors.reference",
                                      description="Turn a raw dataset into a processed file.")
     parser.add_argument("input", help="raw dataset (directory or file)")

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from urllib.parse import quote_plus
 
@@ -18,6 +15,7 @@ from pymongo.errors import PyMongoError
 from cax.errors import ConfigError, RunsDBError
 from cax.runsdb.runs import RunsDB
 from cax.runsdb.store import EmbeddedClient
+from cax.runsdb.storefile import FILE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +88,27 @@ def with_password(uri: str) -> str:
                       f"set {PASSWORD_VARIABLES[0]}")
 
 
+def embedded_store_exists(path: Path) -> bool:
+    """Whether ``path`` holds an embedded store (its SQLite file, or an older cax's files).
+
+    An empty directory is no store: it is what an unmounted disk's mount point looks like.
+    """
+    return (path / FILE_NAME).is_file() or any(path.glob("*.*.bson"))
+
+
 def open_runsdb(uri: str | None, db_name: str = "run", runs_collection: str = "runs_new", *,
-                read_only: bool = False, check: bool = True) -> RunsDB:
+                read_only: bool = False, check: bool = True, create: bool = False) -> RunsDB:
     """Connect to the runs DB at ``uri`` and return it, its indexes ensured.
 
     ``uri`` is ``mongodb://...`` (or ``mongodb+srv://``) for a server, ``embedded:PATH`` or
     ``file:PATH`` for the embedded store.  None is refused: the embedded store is used only
     when asked for, never as a silent fallback.  With ``check`` the server
     is pinged, so an unreachable DB fails here with RunsDBError rather than mid-pass.
+
+    An embedded store that does not exist is an outage (RunsDBError), never an empty runs DB:
+    a moved folder or an unmounted disk must not make a registration land in a new, empty
+    store, nor a status view show an empty, healthy world.  Only ``create`` (``cax demo``,
+    ``cax run add --create-runs-db``) makes a new one.
     """
     if not uri:
         raise ConfigError("no runs DB configured: give --runs-db, set CAX_RUNS_DB, or set "
@@ -110,15 +121,14 @@ def open_runsdb(uri: str | None, db_name: str = "run", runs_collection: str = "r
         raise ConfigError(f"runs DB {uri[:60]!r}: expected mongodb://, mongodb+srv://, "
                           "embedded:PATH or file:PATH")
     path = Path(uri[5:])
-    store_read_only = read_only
-    if read_only and not path.exists():
-        # A dry run before any daemon created the store: an empty runs DB (nothing to do),
-        # kept in a temporary directory so that nothing is created at ``path``.
-        log.info("no runs DB at %s yet: nothing to do", path)
-        path, store_read_only = Path(tempfile.mkdtemp(prefix="cax-no-runsdb-")), False
-        atexit.register(shutil.rmtree, path, True)
+    if not embedded_store_exists(path):
+        if not create or read_only:
+            raise RunsDBError(f"no embedded runs DB at {path} (moved, deleted or on a disk that "
+                              "is not mounted?); cax creates one only when asked "
+                              "(cax run add --create-runs-db)")
+        log.warning("creating a new, empty embedded runs DB at %s", path)
     try:
-        client = EmbeddedClient(path, read_only=store_read_only)
+        client = EmbeddedClient(path, read_only=read_only)
         client.admin_ping()
     except (OSError, PyMongoError) as exc:  # PyMongoError: the store's file is unusable
         raise RunsDBError(f"embedded runs DB at {path}: {exc}") from exc

@@ -70,6 +70,28 @@ def find_entry(run: dict[str, Any], key: EntryKey) -> dict[str, Any] | None:
     return None
 
 
+def dataset_stem(run: dict[str, Any]) -> str:
+    """The name every dataset of ``run`` has at every site, before any extension: the run's
+    name, plus ``_MV`` for the muon veto (as the original cax named them)."""
+    name = safe_component(run.get("name"), "run name")
+    return name + ("_MV" if run.get("detector") == "muon_veto" else "")
+
+
+def check_dataset_name(run: dict[str, Any], location: str) -> str:
+    """Return the last component of ``location`` if it names ``run``'s dataset (its stem, or
+    the stem with an extension such as ``.root``); raise UnsafeNameError otherwise.
+
+    Invariant (b) of the ledger: a location names its own run's data, so no entry can point at
+    another run's bytes.
+    """
+    stem = dataset_stem(run)
+    base = location.rstrip("/").rsplit("/", 1)[-1] if isinstance(location, str) else ""
+    if base == stem or (base.startswith(stem + ".") and SAFE_COMPONENT.match(base)):
+        return base
+    raise UnsafeNameError(f"location {str(location)[:200]!r} does not belong to "
+                          f"{run_label(run)}: its dataset must be named {stem}")
+
+
 def run_label(run: dict[str, Any]) -> str:
     """Return how logs name a run: its number and name."""
     return f"run {run.get('number', '?')} ({run.get('name', '?')})"

@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import bson
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from cax.clock import as_utc
-from cax.errors import RunsDBError
+from cax.errors import RunsDBError, UnsafeNameError
 from cax.runsdb.dbclock import DBClock, ServerTime
 from cax.runsdb.entries import (
     ERROR,
@@ -34,8 +35,11 @@ from cax.runsdb.entries import (
     TRANSFERRING,
     VERIFYING,
     EntryKey,
+    check_dataset_name,
     find_entry,
+    run_label,
 )
+from cax.runsdb.origins import Proof, dataset_match
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +47,18 @@ DAEMONS_COLLECTION = "cax_daemons"
 MANIFESTS_COLLECTION = "cax_manifests"
 NEWEST_FIRST = [("start", DESCENDING), ("number", DESCENDING)]
 #: The run fields tasks need; the DAQ's large sub-documents (reader, trigger, ...) stay behind.
-RUN_FIELDS = {"number": 1, "name": 1, "detector": 1, "start": 1, "end": 1, "tags": 1, "data": 1}
+RUN_FIELDS = {"number": 1, "name": 1, "detector": 1, "start": 1, "end": 1, "tags": 1, "data": 1,
+              "origins": 1}
 #: Events kept in an entry's ``history`` (claims taken over, failures, resets by a person).
 HISTORY_KEPT = 20
 #: Fields of a lease; dropped together when work ends.
 LEASE_FIELDS = ("lease_owner", "lease_expires", "lease_token")
 #: Fields describing a failure; dropped when the entry is registered good.
 FAILURE_FIELDS = ("error", "error_kind", "next_attempt", "config_hash")
+#: The pseudo-site under which a dataset's origin manifest is kept (no site name has an "@").
+ORIGIN_MANIFEST_HOST = "@origin"
+#: The unique index of (host, location) over every entry of every run.
+PLACE_INDEX = "data_place_unique"
 #: Kinds of failure: ``transient`` is retried with backoff up to ``max_attempts``;
 #: ``permanent`` (retrying alone cannot fix it) and ``config`` (the configuration is wrong)
 #: are retried once the configuration changed (its hash differs from ``config_hash``), or
@@ -66,12 +75,42 @@ def _db_call(fn: Callable[..., T]) -> Callable[..., T]:
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return fn(*args, **kwargs)
+        except DuplicateKeyError as exc:  # the unique (host, location) index
+            raise LocationTakenError(f"runs DB refused {fn.__name__}: another entry already "
+                                     f"names that place ({_dup_key(exc)})") from None
         except PyMongoError as exc:
             raise RunsDBError(f"runs DB: {fn.__name__}: {exc}") from exc
         except OSError as exc:
             raise RunsDBError(f"runs DB: {fn.__name__}: {exc}") from exc
 
     return wrapper
+
+
+class LocationTakenError(UnsafeNameError):
+    """A location is already named by another entry: one place holds one dataset."""
+
+
+def _dup_key(exc: DuplicateKeyError) -> str:
+    details = exc.details or {}
+    key = details.get("keyValue") or details.get("keyvalue")
+    return ", ".join(f"{k} {v!r}" for k, v in key.items()) if isinstance(key, dict) else \
+        str(exc).split("dup key:", 1)[-1].strip()[:200]
+
+
+def stored_name(path: str) -> str | bson.Binary:
+    """A manifest's file name as BSON can hold it: the name itself when it is UTF-8, else its
+    bytes (a name the filesystem allows is never refused: names are bytes on POSIX, and cax
+    reads them decoded with surrogateescape)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return bson.Binary(path.encode("utf-8", "surrogateescape"))
+
+
+def loaded_name(value: str | bytes) -> str:
+    """The inverse of ``stored_name``."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
 def _positional(fields: dict[str, Any]) -> dict[str, Any]:
@@ -176,6 +215,14 @@ class RunsDB:
             [("data.transfer_end", DESCENDING)], [("data.creation_time", DESCENDING)],
         ):
             self.runs.create_index(keys)
+        try:  # invariant (a): one place, one entry, over all runs
+            self.runs.create_index([("data.host", ASCENDING), ("data.location", ASCENDING)],
+                                   unique=True, name=PLACE_INDEX)
+        except (DuplicateKeyError, OperationFailure) as exc:
+            log.error("runs DB: the unique index of data places cannot be created, because two "
+                      "entries already name one place (%s); cax still refuses new ones, but "
+                      "this must be mended by a person (cax run remove)", _dup_key(exc)
+                      if isinstance(exc, DuplicateKeyError) else str(exc)[:200])
         self.manifests.create_index([("run", ASCENDING), ("host", ASCENDING)])
         self.daemons.create_index([("site", ASCENDING)])
 
@@ -269,8 +316,17 @@ class RunsDB:
         and the insert are one upsert, so two registrations of one run cannot both succeed
         on the embedded store.  Returns None when inserted, else the run already there
         (and writes nothing).
+
+        Each entry's location must name the run's dataset and no other entry of any run may
+        name it (LocationTakenError, UnsafeNameError): checked first for a clear message, and
+        by the unique index of places in the insert itself.
         """
         detector = doc.get("detector")
+        for entry in doc.get("data") or ():
+            location = entry.get("location") if isinstance(entry, dict) else None
+            if isinstance(location, str):
+                check_dataset_name(doc, location)
+                self.check_place_free(entry.get("host"), location)
         same = {"$or": [{"number": doc["number"], "detector": detector},
                         {"name": doc["name"], "detector": detector}]}
         fields = {"number": 1, "name": 1, "detector": 1, "start": 1}
@@ -280,6 +336,31 @@ class RunsDB:
         if result.upserted_id is not None:
             return None
         return self.runs.find_one(same, fields) or {}
+
+    @_db_call
+    def find_duplicate_run(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """The run ``register_run`` would refuse ``doc`` for, or None (writes nothing)."""
+        detector = doc.get("detector")
+        return self.runs.find_one({"$or": [{"number": doc["number"], "detector": detector},
+                                           {"name": doc["name"], "detector": detector}]},
+                                  {"number": 1, "name": 1, "detector": 1, "start": 1})
+
+    @_db_call
+    def check_place_free(self, host: Any, location: str, run_id: Any = None,
+                         key: EntryKey | None = None) -> None:
+        """Raise LocationTakenError if an entry of any run (but entry ``key`` of ``run_id``)
+        names ``location`` at ``host`` -- with or without the final slash the original kept."""
+        for run in self.find_runs_with_location(host, location.rstrip("/")):
+            for entry in run.get("data") or ():
+                if entry.get("host") != host or not isinstance(entry.get("location"), str) \
+                        or entry["location"].rstrip("/") != location.rstrip("/"):
+                    continue
+                if run["_id"] == run_id and key is not None and EntryKey.of(entry) == key:
+                    continue
+                raise LocationTakenError(
+                    f"{location} at {host} is already the location of {run_label(run)}'s "
+                    f"{entry.get('type')} entry ({entry.get('status')}); one place holds one "
+                    "dataset")
 
     @_db_call
     def highest_run_number(self) -> int | None:
@@ -321,7 +402,8 @@ class RunsDB:
 
     @_db_call
     def claim_purge(self, run_id: Any, key: EntryKey, *, keep: Sequence[tuple[EntryKey, dict]],
-                    owner: str, lease_s: float) -> Claim | None:
+                    owner: str, lease_s: float,
+                    where: Sequence[dict[str, Any]] = ()) -> Claim | None:
         """Atomically turn our verified copy into ``purging`` (leased) while ``keep`` holds
         and nobody reads it.
 
@@ -343,7 +425,8 @@ class RunsDB:
         before = self._update_entry_at(
             run_id, key, {"status": TRANSFERRED, "lease_expires": _lease_free(now)},
             {"$set": values}, requires,
-            excludes=[{"status": TRANSFERRING, **reader, "lease_expires": {"$gt": now}}])
+            excludes=[{"status": TRANSFERRING, **reader, "lease_expires": {"$gt": now}}],
+            where=where)
         if before is None:
             return None
         return Claim(run_id, key, owner, token, int(before.get("attempts") or 0),
@@ -390,16 +473,21 @@ class RunsDB:
     def _update_entry_at(self, run_id: Any, key: EntryKey, conditions: dict[str, Any],
                          update: dict[str, dict[str, Any]],
                          requires: Sequence[tuple[EntryKey, dict[str, Any]]] = (),
-                         excludes: Sequence[dict[str, Any]] = ()) -> dict[str, Any] | None:
+                         excludes: Sequence[dict[str, Any]] = (),
+                         where: Sequence[dict[str, Any]] = (),
+                         run_update: dict[str, dict[str, Any]] | None = None
+                         ) -> dict[str, Any] | None:
         """Atomically apply ``update`` (paths relative to the entry) to the entry ``key`` if it
-        meets ``conditions``, every ``requires`` entry meets its own and no entry of the run
-        matches any of ``excludes``; return the entry as it was before, or None.
+        meets ``conditions``, every ``requires`` entry meets its own, no entry of the run
+        matches any of ``excludes`` and the run meets every ``where`` (conditions on other
+        fields, e.g. its ``origins``); ``run_update`` (paths relative to the run) goes into the
+        same write.  Return the entry as it was before, or None.
 
-        Without ``requires``/``excludes`` the entry is addressed by the positional ``$``.  With
-        them it is addressed by its index, re-checked by identity in the same filter, because
-        ``$`` is ambiguous when several conditions on ``data`` are combined.
+        Without ``requires``/``excludes``/``where`` the entry is addressed by the positional
+        ``$``.  With them it is addressed by its index, re-checked by identity in the same
+        filter, because ``$`` is ambiguous when a query has conditions on several arrays.
         """
-        by_index = bool(requires or excludes)
+        by_index = bool(requires or excludes or where)
         for _ in range(3):  # the index moves only if an earlier entry was pulled meanwhile
             if by_index:
                 run = self.runs.find_one({"_id": run_id}, {"data": 1})
@@ -412,12 +500,14 @@ class RunsDB:
                 mine = {f"{at}.{name}": value for name, value in key.match().items()}
                 query = {"_id": run_id, "$and": [mine, {"data": key.elem_match(**conditions)}] + [
                     {"data": other.elem_match(**extra)} for other, extra in requires] + [
-                    {"data": {"$not": {"$elemMatch": cond}}} for cond in excludes]}
+                    {"data": {"$not": {"$elemMatch": cond}}} for cond in excludes] + list(where)}
             else:
                 at = "data.$"
                 query = {"_id": run_id, "data": key.elem_match(**conditions)}
             body = {op: {f"{at}.{name}": value for name, value in fields.items()}
                     for op, fields in update.items() if fields}
+            for op, fields in (run_update or {}).items():
+                body.setdefault(op, {}).update(fields)
             before = self.runs.find_one_and_update(query, body, {"data": 1},
                                                    return_document=ReturnDocument.BEFORE)
             if before is not None:
@@ -434,6 +524,7 @@ class RunsDB:
               statuses: Iterable[str] = (), conditions: dict[str, Any] | None = None,
               fields: dict[str, Any] | None = None, new_entry: dict[str, Any] | None = None,
               requires: Sequence[tuple[EntryKey, dict[str, Any]]] = (),
+              where: Sequence[dict[str, Any]] = (), run: dict[str, Any] | None = None,
               count_attempt: bool = True) -> Claim | None:
         """Lease the entry ``key`` for one attempt of work; None if another daemon has it.
 
@@ -441,15 +532,27 @@ class RunsDB:
         none with its identity.  Otherwise, or if one exists, it is taken when its status is in
         ``statuses``, its lease (if any) has expired by the runs DB's clock and it meets
         ``conditions``; ``count_attempt`` counts the claim in ``attempts`` (a takeover of an
-        expired lease is an attempt too).  Every ``requires`` entry must meet its conditions
-        in the same atomic write (e.g. the source copy is still ``transferred``).
+        expired lease is an attempt too).  Every ``requires`` entry must meet its conditions,
+        and the run every ``where`` condition, in the same atomic write (e.g. the source copy
+        is still ``transferred``).
+
+        A claim that sets a ``location`` must name ``run`` (its name and detector): the place
+        must name the run's dataset (invariant (b), UnsafeNameError), and no other entry of any
+        run may name it (invariant (a): the unique index of places refuses it in the write,
+        LocationTakenError).
         """
         now = self.now()
         token = secrets.token_hex(4)
         lease = {"lease_owner": owner, "lease_expires": now + dt.timedelta(seconds=lease_s),
                  "lease_token": token, "modified_time": now}
         fields = dict(fields or {})
+        location = fields.get("location", (new_entry or {}).get("location"))
+        if location is not None:
+            if run is None:
+                raise ValueError("a claim that sets a location must name its run")
+            check_dataset_name(run, location)
         required = [{"data": other.elem_match(**extra)} for other, extra in requires]
+        required += list(where)
         if new_entry is not None:
             entry = {**key.match(), "creation_time": now, "attempts": 1, **new_entry, **fields,
                      **lease}
@@ -466,9 +569,9 @@ class RunsDB:
         match = {"status": {"$in": statuses}, "lease_expires": _lease_free(now),
                  **(conditions or {})}
         if self._skip("claim", run_id, key, owner):
-            run = self.runs.find_one({"_id": run_id, "$and": [{"data": key.elem_match(**match)},
-                                                               *required]}, {"data": 1})
-            before = find_entry(run, key) if run else None
+            found = self.runs.find_one({"_id": run_id, "$and": [
+                {"data": key.elem_match(**match)}, *required]}, {"data": 1})
+            before = find_entry(found, key) if found else None
         else:
             update: dict[str, dict[str, Any]] = {"$set": {**fields, **lease}}
             if count_attempt:
@@ -479,7 +582,7 @@ class RunsDB:
                 update = {"$push": {"history": {
                     "$each": [history_event(now, "takeover", owner, "the previous lease expired")],
                     "$slice": -HISTORY_KEPT}}, **update}
-            before = self._update_entry_at(run_id, key, match, update, requires)
+            before = self._update_entry_at(run_id, key, match, update, requires, where=where)
         if before is None:
             return None
         attempts = int(before.get("attempts") or 0) + (1 if count_attempt else 0)
@@ -502,20 +605,22 @@ class RunsDB:
         return result.matched_count == 1
 
     def _finish(self, claim: Claim, what: str, fields: dict[str, Any], unset: Iterable[str],
-                event: dict[str, Any] | None = None) -> bool:
-        """One write that ends (or changes) claimed work, only while the claim is ours."""
+                event: dict[str, Any] | None = None, where: Sequence[dict[str, Any]] = (),
+                run_update: dict[str, dict[str, Any]] | None = None) -> bool:
+        """One write that ends (or changes) claimed work, only while the claim is ours (and
+        the run meets ``where``; ``run_update`` changes run fields in the same write)."""
         if self._skip(what, claim.run_id, claim.key, fields):
             return True
-        update: dict[str, Any] = {"$set": _positional(fields)}
+        update: dict[str, Any] = {"$set": dict(fields)}
         if event:
-            update["$push"] = {"data.$.history": {"$each": [event], "$slice": -HISTORY_KEPT}}
+            update["$push"] = {"history": {"$each": [event], "$slice": -HISTORY_KEPT}}
         to_unset = [name for name in unset if name not in fields]
         if to_unset:  # last: the embedded engine applies operators in order, and the filter
             # that located the entry names fields this unsets
-            update["$unset"] = {f"data.$.{name}": "" for name in to_unset}
-        result = self.runs.update_one(
-            {"_id": claim.run_id, "data": claim.key.elem_match(**self._ours(claim))}, update)
-        return result.matched_count == 1
+            update["$unset"] = {name: "" for name in to_unset}
+        before = self._update_entry_at(claim.run_id, claim.key, self._ours(claim), update,
+                                       where=where, run_update=run_update)
+        return before is not None
 
     @_db_call
     def renew_leases(self, key: EntryKey, owner: str, lease_s: float) -> int:
@@ -537,16 +642,30 @@ class RunsDB:
 
     @_db_call
     def register_verified(self, claim: Claim, fields: dict[str, Any],
-                          unset: Iterable[str] = ()) -> bool:
-        """Mark the work's result good (``transferred``) -- only if the claim is still ours.
+                          unset: Iterable[str] = (), *, proof: Proof) -> bool:
+        """Mark the work's result good (``transferred``) -- only if the claim is still ours and
+        ``proof`` still holds in the same write (invariant (c) of the ledger).
 
-        The caller has verified every checksum; ``fields`` carry them (checksum, size, ...).
-        False means the claim was lost and nothing was written.
+        The caller has verified every checksum; ``fields`` carry them (checksum, size, ...) and
+        ``evidence`` (how it was verified, see ``origins``).  A producer's registration
+        (``proof.establishes``) records the dataset's origin in this same write, once.
+        False means the claim was lost, or the origin changed, and nothing was written.
         """
         now = self.now()
         fields = {"status": TRANSFERRED, "verified_time": now, "modified_time": now, **fields}
+        dataset = dataset_match(claim.key.type, claim.key.version)
+        run_update = None
+        if proof.establishes is not None:
+            where = [{"origins": {"$not": {"$elemMatch": dataset}}}]
+            run_update = {"$push": {"origins": proof.establishes}}
+        elif proof.matches is not None:
+            where = [{"origins": {"$elemMatch": {**dataset,
+                                                 "checksum": proof.matches["checksum"]}}}]
+        else:
+            where = [{"origins": {"$not": {"$elemMatch": dataset}}}]
         return self._finish(claim, "register", fields,
-                            [*LEASE_FIELDS, *FAILURE_FIELDS, *unset])
+                            [*LEASE_FIELDS, *FAILURE_FIELDS, *unset], where=where,
+                            run_update=run_update)
 
     @_db_call
     def record_failure(self, claim: Claim, reason: str, *, kind: str,
@@ -575,10 +694,48 @@ class RunsDB:
                             [*LEASE_FIELDS, *unset])
 
     @_db_call
-    def relocate(self, claim: Claim, location: str) -> bool:
-        """Record the new location of a copy we hold (``cax-mv``) and release it."""
+    def relocate(self, claim: Claim, run: dict[str, Any], location: str) -> bool:
+        """Record the new location of a copy we hold (``cax-mv``) and release it.
+
+        The new place must name the run's dataset and be named by no other entry (invariants
+        (a) and (b); the unique index of places re-checks the second in the write).
+        """
+        check_dataset_name(run, location)
+        self.check_place_free(claim.key.host, location, claim.run_id, claim.key)
         return self._finish(claim, "relocate", {"location": location,
                                                 "modified_time": self.now()}, LEASE_FIELDS)
+
+    @_db_call
+    def remove_entry(self, run_id: Any, key: EntryKey, *, by: str) -> dict[str, Any] | None:
+        """Unregister the entry ``key`` of a run without touching its data (``cax run remove``).
+
+        Refused (None) while a live lease holds it.  If the entry was its dataset's producer
+        (the origin is recorded at its site) and no other copy agrees with that origin, the
+        origin goes with it: a mistaken registration must not stay the truth.  Returns the
+        removed entry.
+        """
+        now = self.now()
+        run = self.runs.find_one({"_id": run_id}, {"data": 1, "origins": 1, "number": 1,
+                                                   "name": 1})
+        entry = find_entry(run, key) if run else None
+        if entry is None:
+            return None
+        if self._skip("remove entry", run_id, key, by):
+            return entry
+        cond = {**key.match(), "lease_expires": _lease_free(now)}
+        done = self.runs.update_one({"_id": run_id, "data": key.elem_match(
+            lease_expires=_lease_free(now))}, {"$pull": {"data": cond}}).modified_count == 1
+        if not done:
+            return None
+        self.remove_manifest(run_id, key)
+        dataset = dataset_match(key.type, key.version)
+        alike = {**dataset, "status": TRANSFERRED}
+        self.runs.update_one(
+            {"_id": run_id, "origins": {"$elemMatch": {**dataset, "host": key.host}},
+             "data": {"$not": {"$elemMatch": alike}}},
+            {"$pull": {"origins": dataset}})
+        log.info("%s: %s unregistered by %s (data left in place)", run_label(run), key, by)
+        return entry
 
     @_db_call
     def remove_claimed(self, claim: Claim, status: str) -> bool:
@@ -590,19 +747,19 @@ class RunsDB:
                                     {"$pull": {"data": cond}}).modified_count == 1
 
     @_db_call
-    def flag_bad_copy(self, claim: Claim, *, reference: str, expected: str, reason: str,
-                      failures: int, repair: bool) -> bool:
-        """Take a copy found to differ from ``expected`` out of ``transferred``.
+    def flag_bad_copy(self, claim: Claim, *, reference: str, expected: str | None, reason: str,
+                      failures: int, retry_at: dt.datetime | None) -> bool:
+        """Take a copy found to differ from its dataset's origin out of ``transferred``.
 
-        ``repair``: a good copy exists, so the copy is due for per-file repair now; otherwise
-        it is flagged and kept (nothing deleted: it may be the last copy of those bytes) and
-        waits for a person.
+        ``retry_at``: when a repair is due (now, if a good copy exists; later, if the dataset's
+        origin is not settled yet); None: no good copy exists, so the copy is flagged and kept
+        (nothing deleted: it may be the last copy of those bytes) and waits for a person.
         """
         now = self.now()
         fields = {"status": ERROR, "checksum_problem": reference, "expected_checksum": expected,
                   "checksum_failures": failures, "error": reason, "modified_time": now,
-                  "error_kind": "transient" if repair else "permanent",
-                  "attempts": 0, "next_attempt": now if repair else None}
+                  "error_kind": "transient" if retry_at else "permanent",
+                  "attempts": 0, "next_attempt": retry_at}
         return self._finish(claim, "flag bad copy", fields, [*LEASE_FIELDS, "compared_checksum"],
                             history_event(now, "bad copy", claim.owner, reason))
 
@@ -616,15 +773,20 @@ class RunsDB:
                                     ).matched_count == 1
 
     @_db_call
-    def record_compared(self, run_id: Any, key: EntryKey, token: str) -> bool:
-        """Record that a copy's checksum was compared with its reference's (``token`` names
-        both checksums, so this needs no lease: a stale write cannot hide a change)."""
+    def record_compared(self, run_id: Any, key: EntryKey, token: str, compared_with: list[str],
+                        *, disputed: str | None = None) -> bool:
+        """Record that a copy was judged against its dataset's origin in the state ``token``
+        and ``compared_with`` name (its checksum and its origin's, the other copies'), so it
+        needs no lease: a stale write cannot hide a change.  ``disputed`` marks the copy as
+        part of a dispute; None clears the mark."""
         if self._skip("compared", run_id, key, token):
             return True
-        return self.runs.update_one(
-            {"_id": run_id, "data": key.elem_match()},
-            {"$set": {"data.$.compared_checksum": token},
-             "$unset": {"data.$.checksum_failures": ""}}).matched_count == 1
+        values = {"data.$.compared_checksum": token, "data.$.compared_with": compared_with}
+        if disputed:
+            values["data.$.disputed"] = disputed
+        unset = {"data.$.checksum_failures": "", **({} if disputed else {"data.$.disputed": ""})}
+        return self.runs.update_one({"_id": run_id, "data": key.elem_match()},
+                                    {"$set": values, "$unset": unset}).matched_count == 1
 
     @_db_call
     def reset_entry(self, run_id: Any, key: EntryKey, *, by: str,
@@ -705,7 +867,8 @@ class RunsDB:
             return
         doc = {"run": run_id, "host": key.host, "type": key.type, "pax_version": key.version,
                "checksum": checksum, "time": now,
-               "files": [[path, size, adler] for path, (size, adler) in sorted(files.items())]}
+               "files": [[stored_name(path), size, adler]
+                         for path, (size, adler) in sorted(files.items())]}
         self.manifests.replace_one({"_id": self._manifest_id(run_id, key)},
                                    {"_id": self._manifest_id(run_id, key), **doc}, upsert=True)
 
@@ -715,7 +878,32 @@ class RunsDB:
         doc = self.manifests.find_one({"_id": self._manifest_id(run_id, key)})
         if not doc:
             return None
-        return {path: (size, adler) for path, size, adler in doc["files"]}
+        return {loaded_name(path): (size, adler) for path, size, adler in doc["files"]}
+
+    @staticmethod
+    def _origin_key(key: EntryKey) -> EntryKey:
+        return EntryKey(ORIGIN_MANIFEST_HOST, key.type, key.version)
+
+    @_db_call
+    def save_origin_manifest(self, run_id: Any, key: EntryKey, files: dict[str, tuple[int, str]],
+                             checksum: str, now: dt.datetime) -> None:
+        """Keep the producer's per-file checksums of a dataset (its origin's manifest), before
+        the write that records the origin; a leftover of a producer whose registration failed
+        is replaced by the next one, and only a manifest whose checksum is the recorded
+        origin's is ever used (``find_origin_manifest``)."""
+        self.save_manifest(run_id, self._origin_key(key), files, checksum, now)
+
+    @_db_call
+    def find_origin_manifest(self, run_id: Any, key: EntryKey, origin: dict[str, Any] | None,
+                             *, pending: bool = False) -> dict[str, tuple[int, str]] | None:
+        """The per-file checksums of the dataset's origin, if recorded and still its own; with
+        ``pending``, the last producer's whatever the origin (for its adoption)."""
+        if not origin and not pending:
+            return None
+        doc = self.manifests.find_one({"_id": self._manifest_id(run_id, self._origin_key(key))})
+        if not doc or not pending and doc.get("checksum") != origin.get("checksum"):
+            return None
+        return {loaded_name(path): (size, adler) for path, size, adler in doc["files"]}
 
     @_db_call
     def remove_manifest(self, run_id: Any, key: EntryKey) -> None:

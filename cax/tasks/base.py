@@ -41,6 +41,8 @@ class Context:
     transports: Any = None  # cax.transport.pool.TransportPool, made when first needed
     board: Any = None  # cax.progress.ProgressBoard of the running copies
     batch: Any = None  # cax.batch.BatchBackend of processing, made when first needed
+    watcher: Any = None  # cax.batch.watcher.JobWatcher over ``batch``
+    jobs: Any = None  # cax.workers.Background of processing attempts (one per batch job)
     ncpu: int | None = None  # cax --ncpu: process here, in this (batch) job, with N CPUs
 
     def __post_init__(self) -> None:
@@ -50,6 +52,20 @@ class Context:
     @property
     def site(self) -> Site:
         return self.config.site
+
+    def pools(self) -> list[Any]:
+        """The background workers: transfers, then processing attempts."""
+        return [p for p in (self.background, self.jobs) if p is not None]
+
+    def close_batch(self) -> None:
+        """Stop watching jobs and release the batch backend (local jobs end; SLURM jobs go on
+        and are adopted by the next daemon)."""
+        if self.watcher is not None:
+            self.watcher.close()
+            self.watcher = None
+        if self.batch is not None:
+            self.batch.close()
+            self.batch = None
 
     @functools.cached_property
     def config_hash(self) -> str:

@@ -2,7 +2,8 @@
 
 For each data type this site handles, CopyPush sends this site's good copies to the sites in
 ``upload_options``, and CopyPull fetches good copies from the sites in ``download_options``
-(the first, in config order, that has one).  A destination needs a copy when it has no entry,
+(the first, in config order, that has one).  Good means agreeing with the dataset's origin
+(``runsdb.judgement``): a dataset whose copies are disputed, or not yet settled, is not copied.  A destination needs a copy when it has no entry,
 an ``error`` entry whose retry is due, or a ``transferring`` entry whose lease expired.  The
 same conditions are the runs-DB query, so an idle pass fetches no runs.
 
@@ -21,17 +22,19 @@ from cax.clock import as_utc
 from cax.config import Site
 from cax.errors import UnsafeNameError
 from cax.progress import ProgressBoard
-from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
+from cax.runsdb import TRANSFERRED, EntryKey, find_entry, run_label
+from cax.runsdb.judgement import (
+    is_good,
+    needs_copy,
+    needs_copy_query,
+    repair_conditions,
+    repair_due,
+)
+from cax.runsdb.origins import judge
 from cax.schema import TRANSFER_METHODS
 from cax.tasks.base import Task
-from cax.tasks.copyjob import (
-    CopyJob,
-    CopyPlan,
-    is_retry_due,
-    make_plan,
-    retry_conditions,
-)
-from cax.tasks.repair import is_good, repair_conditions, repair_due, repair_plan
+from cax.tasks.copyjob import CopyJob, CopyPlan, make_plan
+from cax.tasks.repair import repair_plan
 from cax.transport.pool import TransportPool
 
 log = logging.getLogger(__name__)
@@ -56,28 +59,11 @@ class CopyBase(Task):
 
     def needs_copy(self, key: EntryKey) -> list[dict[str, Any]]:
         """Query parts: the destination ``key`` has no entry, a due retry, or a dead lease."""
-        now = self.ctx.now()
-        return [
-            {"data": {"$not": key.elem_match()}},
-            {"data": key.elem_match(status=ERROR, checksum_problem={"$exists": False},
-                                    **retry_conditions(self.site, now))},
-            {"data": key.elem_match(status=TRANSFERRING, checksum_problem={"$exists": False},
-                                    lease_expires={"$lt": now})},
-        ]
+        return needs_copy_query(key, self.site.max_attempts, self.ctx.now())
 
     def entry_needs_copy(self, entry: dict[str, Any] | None) -> bool:
         """The same test as ``needs_copy``, on an entry already fetched."""
-        if entry is None:
-            return True
-        if entry.get("checksum_problem"):
-            return False  # a bad copy: repaired file by file, not copied again whole
-        now = self.ctx.now()
-        status = entry.get("status")
-        if status == ERROR:
-            return int(entry.get("attempts") or 0) < self.site.max_attempts and is_retry_due(
-                entry, now)
-        expires = entry.get("lease_expires")
-        return status == TRANSFERRING and expires is not None and as_utc(expires) < now
+        return needs_copy(entry, self.site.max_attempts, self.ctx.now())
 
     def too_old_to_keep(self, data_type: str) -> dict[str, Any] | None:
         """Query part excluding raw runs this site would purge at once (pull only)."""
@@ -131,7 +117,7 @@ class CopyPush(CopyBase):
             wanted = [q for p in peers for q in self.needs_copy(EntryKey(p.name, data_type,
                                                                          version))]
             wanted += [{"data": EntryKey(p.name, data_type, version).elem_match(
-                **repair_conditions(self.site, self.ctx.now()))} for p in peers]
+                **repair_conditions(self.site.max_attempts, self.ctx.now()))} for p in peers]
             parts.append({"$and": [{"data": here.elem_match(status=TRANSFERRED)},
                                    {"$or": wanted}]})
         return {"$or": parts} if parts else None
@@ -141,12 +127,19 @@ class CopyPush(CopyBase):
             here = find_entry(run, EntryKey(self.site.name, data_type, version))
             if not here or here.get("status") != TRANSFERRED:
                 continue
+            judgement = judge(run, data_type, version)
+            good = is_good(judgement, here)
             for peer in self.peers():
                 there = find_entry(run, EntryKey(peer.name, data_type, version))
                 if self.entry_needs_copy(there):
-                    self.schedule(self.plan(run, data_type, version, self.site, here, peer))
-                elif there and repair_due(there, self.site, self.ctx.now()) \
-                        and is_good(here, there.get("expected_checksum") or ""):
+                    plan = self.plan(run, data_type, version, self.site, here, peer)
+                    if good:
+                        self.schedule(plan)
+                    else:  # the location is checked all the same (above): loudly
+                        log.info("%s is not known to be its dataset's origin (%s); not pushed "
+                                 "to %s", EntryKey.of(here), judgement.describe(), peer.name)
+                elif good and there and repair_due(there, self.site.max_attempts,
+                                                   self.ctx.now()):
                     job = repair_plan(self.ctx, run, there, self.site, here, peer, push=True)
                     schedule(self.ctx, f"{run['_id']}/{job.key}", job, job.label)
 
@@ -179,8 +172,13 @@ class CopyPull(CopyBase):
             if age and as_utc(run["start"]) <= age["start"]["$gt"]:
                 log.info("skipping download of raw data that would be purged at once")
                 continue
+            judgement = judge(run, data_type, version)
             for peer in self.peers():
                 there = find_entry(run, EntryKey(peer.name, data_type, version))
-                if there and there.get("status") == TRANSFERRED:
+                if is_good(judgement, there):
                     self.schedule(self.plan(run, data_type, version, peer, there, self.site))
                     break
+            else:
+                if not judgement.settled:
+                    log.info("%s: not fetched: %s", EntryKey(self.site.name, data_type, version),
+                             judgement.describe())

@@ -14,16 +14,19 @@ Keeper that aborts the transport when it cannot be renewed; bytes go to a scratc
 by the claim's token; every file's size and adler32 must equal the source's before the scratch
 is renamed into place and the entry registered, in a write that re-checks ownership.
 
-Paths are owned: the destination's name derives from the run (``paths.dataset_name``), and
-data already at the destination is removed only when the runs DB shows that no other entry
-claims that path.  While it runs, the copy's entry names the source copy in ``reading``, so
+The bytes must be the dataset's *origin* (``runsdb.origins``): the copy is verified against the
+origin's manifest where one is recorded, else against its source's recorded checksums, which
+the source's judgement ties to the origin; the registration re-checks the origin in the same
+write.  Paths are owned: the destination's name derives from the run (``paths.dataset_name``),
+and data already at the destination is removed only when the runs DB shows that no other entry
+claims that path -- unless it is this copy, verified and renamed into place by an attempt whose
+registration failed: that copy is registered, not sent again.  While it runs, the copy's entry names the source copy in ``reading``, so
 the source cannot be purged under it; the claim itself requires the source to still be
 ``transferred``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import posixpath
 from dataclasses import dataclass
@@ -36,16 +39,18 @@ from cax.checksum import (
     diff_manifests,
     legacy_checksum_fields,
     legacy_dirhash,
+    recorded_adler32,
     scan_with_dirhash,
     verifiable_kind,
 )
 from cax.claimed import ClaimedJob, Keeper
-from cax.clock import as_utc
 from cax.config import Site
 from cax.errors import ChecksumMismatchError, TransferError, UnsafeNameError
 from cax.paths import checked_location, dataset_name, dataset_path, scratch_path
 from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey
+from cax.runsdb.judgement import retry_conditions
+from cax.runsdb.origins import ORIGIN, Judgement, Proof, judge
 from cax.runsdb.runs import Claim
 from cax.tasks.base import Context
 from cax.transport.base import Transport
@@ -61,10 +66,11 @@ RESUMING_METHODS = ("rsync",)
 class CopyPlan:
     """What to copy: one dataset of one run, from ``source`` to ``dest``; ``push`` or pull.
 
-    ``dataset`` is the dataset's name at every site, derived from the run's identity.
+    ``dataset`` is the dataset's name at every site, derived from the run's identity;
+    ``judgement`` is what its bytes must be (their origin), judged when the copy was planned.
     """
 
-    run_id: Any
+    run: dict[str, Any]
     label: str
     data_type: str
     version: str | None
@@ -73,6 +79,11 @@ class CopyPlan:
     dest: Site
     push: bool
     dataset: str
+    judgement: Judgement
+
+    @property
+    def run_id(self) -> Any:
+        return self.run["_id"]
 
     @property
     def dest_key(self) -> EntryKey:
@@ -97,28 +108,9 @@ def make_plan(run: dict[str, Any], label: str, data_type: str, version: str | No
               source: Site, source_entry: dict[str, Any], dest: Site, push: bool) -> CopyPlan:
     """Plan a copy; raises UnsafeNameError if the source is not where this run's data goes."""
     path = checked_location(source, data_type, source_entry.get("location"), version)
-    return CopyPlan(run["_id"], label, data_type, version, source, source_entry, dest, push,
-                    dataset_name(run, data_type, path))
-
-
-def retry_due(now: dt.datetime) -> dict[str, Any]:
-    """Condition on an entry whose retry is due: ``next_attempt`` passed, or never set (the
-    original cax's errors).  An explicit null means no automatic retry: it waits for a person
-    or for the configuration to change."""
-    return {"$or": [{"next_attempt": {"$exists": False}}, {"next_attempt": {"$lte": now}}]}
-
-
-def is_retry_due(entry: dict[str, Any], now: dt.datetime) -> bool:
-    """The Python twin of ``retry_due``."""
-    if "next_attempt" not in entry:
-        return True
-    due = entry["next_attempt"]
-    return isinstance(due, dt.datetime) and as_utc(due) <= now
-
-
-def retry_conditions(site: Site, now: dt.datetime) -> dict[str, Any]:
-    """Conditions on an ``error`` entry whose next attempt is due and not yet stuck."""
-    return {"attempts": {"$not": {"$gte": site.max_attempts}}, **retry_due(now)}
+    ident = {k: run.get(k) for k in ("_id", "number", "name", "detector")}
+    return CopyPlan(ident, label, data_type, version, source, source_entry, dest, push,
+                    dataset_name(run, data_type, path), judge(run, data_type, version))
 
 
 def same_machine(a: Site, b: Site) -> bool:
@@ -165,14 +157,14 @@ class CopyJob(ClaimedJob):
     def take(self) -> Claim | None:
         """Add the destination entry, or take over a due retry or an expired lease."""
         fields, requires, now = self.claim_fields(), self.source_still_good(), self.ctx.now()
-        claim = self.db.claim(self.run_id, self.key, owner=self.ctx.owner, lease_s=self.lease_s,
-                              new_entry={"checksum": None}, statuses=[ERROR],
-                              conditions=retry_conditions(self.ctx.site, now), fields=fields,
-                              requires=requires)
-        return claim or self.db.claim(self.run_id, self.key, owner=self.ctx.owner,
-                                      lease_s=self.lease_s, statuses=[TRANSFERRING],
-                                      conditions={"lease_expires": {"$lt": now}},
-                                      fields=fields, requires=requires)
+        common = dict(owner=self.ctx.owner, lease_s=self.lease_s, fields=fields,
+                      requires=requires, run=self.plan.run)
+        claim = self.db.claim(self.run_id, self.key, new_entry={"checksum": None},
+                              statuses=[ERROR],
+                              conditions=retry_conditions(self.ctx.site.max_attempts, now),
+                              **common)
+        return claim or self.db.claim(self.run_id, self.key, statuses=[TRANSFERRING],
+                                      conditions={"lease_expires": {"$lt": now}}, **common)
 
     # -- the work (in a worker thread) --------------------------------------------------------
 
@@ -197,6 +189,8 @@ class CopyJob(ClaimedJob):
         self.adopt_previous_scratch(dest_ops)
         if dest_ops.exists(self.dest_path):
             self.clear_destination(dest_ops)
+            if self.adopt_final(dest_ops, expected):
+                return
         total = sum(size for size, _ in expected.values())
         log.info("%s: copying %d file(s), %d bytes (attempt %d of %d)", plan.route(),
                  len(expected), total, self.attempts, self.max_attempts)
@@ -234,6 +228,7 @@ class CopyJob(ClaimedJob):
                 f"{plan.describe()}: {len(bad)} file(s) of {where} differ from the reference "
                 f"checksums: {', '.join(bad[:5])}", files=bad)
         self._check_legacy(self.scratch, dest_ops)
+        self._save_manifest(actual)  # before the rename: a copy in place has its manifest
         keeper.check(0.15)
         dest_ops.rename(self.scratch, self.dest_path)
         self.scratch = None
@@ -288,8 +283,36 @@ class CopyJob(ClaimedJob):
             if dest_ops.exists(self.scratch):
                 dest_ops.remove(self.scratch)
 
+    def adopt_final(self, dest_ops: Transport, expected: Manifest) -> bool:
+        """Register the copy already at the destination if it is this copy, verified: an
+        earlier attempt renamed it into place and then failed to register it (the runs DB away
+        for a moment).  Sending it again would throw a verified copy away.  Anything else there
+        is removed (``clear_destination`` checked that no other entry names it)."""
+        try:
+            found = dest_ops.manifest(self.dest_path)
+        except (OSError, ValueError, TransferError) as exc:
+            log.info("%s: unreadable data at %s (%s)", self.plan.route(), self.dest_path, exc)
+            found = None
+        if found is not None and not diff_manifests(expected, found):
+            self._check_legacy(self.dest_path, dest_ops)  # the original's sha512, if any
+            self.legacy_hash = self._legacy_hash_of(self.dest_path)
+            log.info("%s: the verified copy of an earlier attempt is in place; registering it",
+                     self.plan.route())
+            self._save_manifest(found)
+            self._register(found)
+            return True
+        log.info("removing unregistered data at %s", dest_ops.where(self.dest_path))
+        dest_ops.remove(self.dest_path)
+        return False
+
+    def _legacy_hash_of(self, path: str) -> str | None:
+        """The original's sha512 of a copy in mixed operation (local bytes only)."""
+        if not self.ctx.config.legacy_checksums:
+            return None
+        return scan_with_dirhash(self.source_path if self.plan.push else path)[1]
+
     def clear_destination(self, dest_ops: Transport) -> None:
-        """Remove data at the destination path only if no entry but the one we hold claims it.
+        """Refuse to touch data at the destination path if any entry but ours names it.
 
         Our own entry's data there is an earlier attempt's, renamed but never registered.
         Anything another entry (of any run) names is somebody's copy: refuse, touch nothing.
@@ -306,8 +329,6 @@ class CopyJob(ClaimedJob):
                     f"{plan.describe()}: {dest_ops.where(self.dest_path)} holds the "
                     f"{entry.get('type')} data of run {run.get('number', '?')} "
                     f"({run.get('name', '?')}, status {entry.get('status')}); not touching it")
-        log.info("removing unregistered data at %s", dest_ops.where(self.dest_path))
-        dest_ops.remove(self.dest_path)
 
     def cleanup(self) -> None:
         """After a failure: keep a resumable scratch for the next attempt, else remove it."""
@@ -326,22 +347,34 @@ class CopyJob(ClaimedJob):
         return {}
 
     def _expected_manifest(self, transport: Transport, local: Transport) -> Manifest:
-        """Return the per-file checksums the copy must have: the source's recorded ones.
+        """Return the per-file checksums the copy must have: the origin's.
 
-        Without a recorded manifest they are computed at the source and, if the source entry
-        has an adler32 checksum, checked against it first.
+        That is the origin's recorded manifest where there is one; else the source's recorded
+        manifest, when it matches the source's recorded checksum; else the source's files are
+        checksummed and must match that recorded checksum.  Whichever it is must equal the
+        origin's checksum when the origin has an adler32 one (the source was judged good, but
+        its bytes are what is copied).
         """
         plan = self.plan
-        recorded = self.db.find_manifest(plan.run_id, plan.source_key)
-        checksum = plan.source_entry.get("checksum")
-        if recorded is not None and (not checksum or dataset_checksum(recorded) == checksum):
-            return recorded
-        source_ops = local if plan.push else transport
-        computed = source_ops.manifest(self.source_path)
-        if checksum and _kind(checksum) == "adler32" and dataset_checksum(computed) != checksum:
-            raise ChecksumMismatchError(f"{plan.describe()}: the source copy does not match its "
-                                        "registered checksum; not copying it")
-        return computed
+        origin = plan.judgement.origin
+        expected = self.db.find_origin_manifest(plan.run_id, plan.source_key, origin) \
+            if plan.judgement.stored else None
+        if expected is None:
+            recorded = self.db.find_manifest(plan.run_id, plan.source_key)
+            adler = recorded_adler32(plan.source_entry)
+            if recorded is not None and (not adler or dataset_checksum(recorded) == adler):
+                expected = recorded
+            else:
+                source_ops = local if plan.push else transport
+                expected = source_ops.manifest(self.source_path)
+                if adler and dataset_checksum(expected) != adler:
+                    raise ChecksumMismatchError(f"{plan.describe()}: the source copy does not "
+                                                "match its registered checksum; not copying it")
+        want = recorded_adler32(origin or {})
+        if want and dataset_checksum(expected) != want:
+            raise ChecksumMismatchError(f"{plan.describe()}: the source's files are not the "
+                                        "dataset's origin; not copying them")
+        return expected
 
     def _read_back(self, dest_ops: Transport) -> tuple[Manifest, str | None]:
         """The copy's manifest and, in mixed operation (``legacy_checksums``), its sha512 dirhash.
@@ -365,23 +398,24 @@ class CopyJob(ClaimedJob):
             raise ChecksumMismatchError(f"{self.plan.describe()}: data differ from the legacy "
                                         "sha512 checksum of the source entry")
 
+    def _save_manifest(self, manifest: Manifest) -> None:
+        plan = self.plan
+        self.db.save_manifest(plan.run_id, plan.dest_key, manifest, dataset_checksum(manifest),
+                              self.ctx.now())
+
     def _register(self, manifest: Manifest) -> None:
+        """Register the verified copy, its checksum the origin's, re-checked in the write."""
         plan, now = self.plan, self.ctx.now()
         checksum = dataset_checksum(manifest)
-        self.db.save_manifest(plan.run_id, plan.dest_key, manifest, checksum, now)
         fields = {"checksum": checksum, "size": sum(size for size, _ in manifest.values()),
-                  "file_count": len(manifest), "transfer_end": now}
-        unset = ("checksum_problem", "expected_checksum", "partial", "reading")
-        extra, drop = self._registration_extras(checksum)
-        if self.legacy_hash:  # mixed operation: old daemons read `checksum`
-            extra = {**extra, **legacy_checksum_fields(manifest, self.legacy_hash)}
-        self.register({**fields, **extra}, unset + tuple(drop))
+                  "file_count": len(manifest), "transfer_end": now, "evidence": ORIGIN}
+        unset = ("checksum_problem", "expected_checksum", "partial", "reading",
+                 "adler32_checksum", "disputed", "compared_checksum", "compared_with")
+        extra = legacy_checksum_fields(manifest, self.legacy_hash) if self.legacy_hash else {}
+        self.register({**fields, **extra}, tuple(u for u in unset if u not in extra),
+                      proof=Proof.against(plan.judgement))
         log.info("%s: %s (%s, %d bytes)", plan.route(), self.done_message, checksum[:20],
                  fields["size"])
-
-    def _registration_extras(self, checksum: str) -> tuple[dict[str, Any], list[str]]:
-        """Fields to set and to unset besides the usual ones when the copy is registered."""
-        return {}, []
 
 
 #: Fields a copy carries over from its source, as the original's copy_handshake did (processed

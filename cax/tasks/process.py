@@ -2,40 +2,43 @@
 
 The life of a processed entry at this site, for the version the site's ``processing`` makes::
 
-    (none) --claim + submit--> transferring (job_id) --job done, output checksummed--> transferred
-                                   |
+    (none) --claim + submit--> transferring (job_id) --job done, output validated--> transferred
+                                   |                     (the version's origin)
                                    +--> error (reason: cancelled / node failure / timeout /
-                                        exit code + output tail) --retry due--> transferring
+                                        exit code + output tail / invalid output) --retry due-->
 
-* The claim is the shared one: the entry is added (or an ``error`` whose retry is due, or a
-  ``transferring`` whose lease expired, taken over) in one atomic write, with a lease, and it
-  names the raw copy it reads (``reading``), so a purge cannot delete the input meanwhile.
-* The job (processor command from the configuration) writes to a per-attempt scratch name.
-  When the batch system says the job ended well, the output is checksummed, renamed into
-  place, and only then registered ``transferred`` with ``pax_version``, ``pax_hash``,
-  ``creation_place``, size, checksum and times.
-* A pass asks the batch system about all of this site's jobs in **one** call and renews the
-  leases of every job still queued or running in **one** write; a pass costs a fixed number of
-  runs-DB round trips and batch calls, not one per run.
+Processing is claimed work like every copy (``cax.claimed``): one ``ProcessJob`` per attempt,
+under a Keeper that renews its lease while the job is queued or running, whatever the length
+of the daemon's passes, and cancels the job when the lease cannot be kept.  The waiting threads
+share one ``JobWatcher``, so the batch system is asked about all of them in one call.
+
+* The claim adds the entry (or takes an ``error`` whose retry is due, or a ``transferring``
+  whose lease expired) in one atomic write, naming the raw copy it reads (``reading``, so no
+  purge deletes the input meanwhile), only while that raw copy is verified and while the version
+  has no origin yet: the first output of a version is its origin, and every other site copies
+  it instead of making different bytes of its own.
+* The job writes to a per-attempt scratch name.  When the batch system says it ended well, the
+  output must exist, hold bytes (unless ``allow_empty``) and pass the section's ``validate``
+  command; only then is its manifest saved, is it renamed into place (never over another entry's
+  data) and registered ``transferred`` -- as the version's origin, in the same write.
 * A daemon that takes over an expired claim first asks the batch system about the job the entry
-  names (by id, else by job name): if it still runs, it is adopted, not run again.  So a crashed
-  daemon never causes a second job.  A job that ended without a good output becomes ``error``
-  with the reason, retried up to ``max_attempts`` and then stuck until ``cax retry``.
-* When the batch system cannot be asked (``squeue`` fails), nothing is decided this pass.
+  names (by id, else by job name): if it still runs it is adopted, if it finished its output is
+  judged, so a crashed daemon never causes a second job.  An output already in place whose
+  registration failed (the runs DB away for a moment) is registered, not made again.
+* ``cax retry`` of a processed entry makes it a due ``error``, so a new job is submitted.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import posixpath
 import secrets
 import shutil
-import time
 from dataclasses import dataclass
 from typing import Any
 
+from cax import proc
 from cax.batch import (
     BatchBackend,
     JobSpec,
@@ -46,12 +49,12 @@ from cax.batch import (
     SlurmBackend,
     recorded_status,
 )
-from cax.checksum import dataset_checksum, scan_dataset
-from cax.claimed import backoff_s, short_reason
-from cax.clock import as_utc, when
+from cax.batch.watcher import JobWatcher
+from cax.checksum import Manifest, dataset_checksum, scan_dataset
+from cax.claimed import ClaimedJob, Keeper, LeftRunning, schedule
+from cax.clock import as_utc
 from cax.config import Processing, Site
-from cax.errors import BatchError, CaxError, LeaseLostError
-from cax.logcontext import log_context
+from cax.errors import BatchError, CaxError, CommandError, LeaseLostError
 from cax.paths import checked_location, scratch_path
 from cax.processors.command import fill_command, placeholders
 from cax.runsdb import (
@@ -63,14 +66,17 @@ from cax.runsdb import (
     run_label,
     safe_component,
 )
+from cax.runsdb.judgement import retry_conditions
+from cax.runsdb.origins import PRODUCER, Proof, dataset_match, origin_record
 from cax.runsdb.runs import Claim
 from cax.tasks.base import Context, Task
-from cax.tasks.copyjob import retry_conditions
+from cax.workers import Background
 
 log = logging.getLogger(__name__)
 
 DONOTPROCESS = "donotprocess"
-ONCE_POLL_S = 1.0
+#: Seconds between polls of the batch system (one call for every job waited on).
+POLL_S = {"local": 1.0, "slurm": 15.0}
 
 
 # -- where things go ---------------------------------------------------------------------------
@@ -124,9 +130,9 @@ def resources(processing: Processing, ncpu: int | None = None) -> Resources:
                      account=processing.account)
 
 
-def _remove(path: str) -> None:
-    """Delete a file or directory left by a failed attempt (best effort: it is hidden and
-    per-attempt, so a leftover harms nothing)."""
+def remove_output(path: str) -> None:
+    """Delete a file or directory an attempt left under its scratch name (best effort: it is
+    hidden and per-attempt, so a leftover harms nothing)."""
     try:
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
@@ -138,47 +144,289 @@ def _remove(path: str) -> None:
         log.warning("cannot remove %s: %s", path, exc)
 
 
-def _held(run: dict[str, Any], key: EntryKey, entry: dict[str, Any]) -> Claim:
-    """Our claim on ``entry``, rebuilt from the runs DB: its owner and token are ours (the
-    lease outlives one pass while the job is queued or running)."""
-    return Claim(run["_id"], key, entry["lease_owner"], entry.get("lease_token") or "",
-                 int(entry.get("attempts") or 1), entry)
+class JobFailed(CaxError):
+    """The job ended without a good output; retried with backoff up to ``max_attempts``."""
+
+
+@dataclass
+class Processor:
+    """What every processing attempt of this site shares: its section, backend and watcher."""
+
+    site: Site
+    processing: Processing
+    backend: BatchBackend
+    watcher: JobWatcher
+    ncpu: int | None = None
+
+    @property
+    def key(self) -> EntryKey:
+        return EntryKey(self.site.name, "processed", self.processing.version)
+
+    @property
+    def raw_key(self) -> EntryKey:
+        return EntryKey(self.site.name, "raw")
+
+    def spec(self, run: dict[str, Any], token: str) -> JobSpec:
+        raw = find_entry(run, self.raw_key)
+        source = checked_location(self.site, "raw", raw.get("location") if raw else None)
+        final = output_path(self.site, self.processing, run)
+        name = job_name(run, self.processing)
+        values = placeholders(self.processing, run=run, site=self.site.name, input=source,
+                              output=scratch_output(final, token), ncpus=self.ncpu)
+        return JobSpec(name=name, argv=fill_command(self.processing, values),
+                       output=job_log(self.processing, name, token),
+                       resources=resources(self.processing, self.ncpu))
+
+    def validate(self, run: dict[str, Any], output: str, job: str) -> Manifest:
+        """The manifest of a finished job's output; JobFailed unless it is one to register."""
+        if not os.path.lexists(output):
+            raise JobFailed(f"job {job} completed but wrote no output {output}")
+        try:
+            manifest = scan_dataset(output)
+        except (OSError, ValueError) as exc:
+            raise JobFailed(f"output of job {job} unreadable: {exc}") from None
+        if not self.processing.allow_empty and not sum(size for size, _ in manifest.values()):
+            raise JobFailed(f"job {job} completed but its output {output} is empty "
+                            "(allow_empty is off)")
+        if self.processing.validate:
+            raw = find_entry(run, self.raw_key) or {}
+            values = placeholders(self.processing, run=run, site=self.site.name,
+                                  input=str(raw.get("location") or ""), output=output,
+                                  ncpus=self.ncpu)
+            argv = [arg.format_map(values) for arg in self.processing.validate]
+            try:
+                proc.run(argv, timeout=self.processing.validate_timeout)
+            except CommandError as exc:
+                raise JobFailed(f"output of job {job} refused by the validator: {exc}") from None
+        return manifest
+
+
+class ProcessJob(ClaimedJob):
+    """One processing attempt of one run: claim, submit (or adopt) the job, wait for it under
+    the Keeper, validate its output and register it as the version's origin."""
+
+    def __init__(self, ctx: Context, processor: Processor, run: dict[str, Any],
+                 entry: dict[str, Any] | None):
+        super().__init__(ctx)
+        self.processor = processor
+        self.run_doc, self.run_id = run, run["_id"]
+        self.key = processor.key
+        self.label = f"{run_label(run)} {self.key}"
+        self.entry = entry  # as the pass saw it (None: no entry yet)
+        self.final = output_path(processor.site, processor.processing, run)
+        self.job_id: str | None = None
+        self.scratch: str | None = None
+        self.running = False  # a job of ours may still be writing the scratch
+
+    @property
+    def takeover(self) -> bool:
+        return bool(self.entry and self.entry.get("status") == TRANSFERRING)
+
+    # -- claim --------------------------------------------------------------------------------
+
+    def take(self) -> Claim | None:
+        now, processing = self.ctx.now(), self.processor.processing
+        raw = find_entry(self.run_doc, self.processor.raw_key) or {}
+        kw: dict[str, Any] = dict(
+            owner=self.ctx.owner, lease_s=self.lease_s, run=self.run_doc,
+            requires=[(self.processor.raw_key, {"status": TRANSFERRED,
+                                                "location": raw.get("location")})],
+            where=[{"origins": {"$not": {"$elemMatch": dataset_match("processed",
+                                                                     processing.version)}}}])
+        if self.takeover:  # the attempt is the job's, if one was submitted: counted then
+            assert self.entry is not None
+            return self.db.claim(self.run_id, self.key, statuses=[TRANSFERRING],
+                                 conditions={"lease_expires": {"$lt": now}},
+                                 count_attempt=not self.entry.get("job_name"), **kw)
+        fields = {"status": TRANSFERRING, "location": self.final,
+                  "creation_place": self.processor.site.name, "pax_hash": processing.pax_hash,
+                  "reading": self.processor.raw_key.match(), "transfer_start": now}
+        return self.db.claim(self.run_id, self.key, new_entry={"checksum": None},
+                             statuses=[ERROR],
+                             conditions=retry_conditions(self.max_attempts, now), fields=fields,
+                             **kw)
+
+    # -- the work -----------------------------------------------------------------------------
+
+    def work(self, keeper: Keeper) -> None:
+        if self.adopt_output():
+            return
+        status = self.previous_job() if self.takeover else None
+        if status is None:
+            self.submit()
+        else:
+            log.info("%s: adopting job %s (%s)", self.label, status.job_id, status.state.value)
+            self.job_id = status.job_id
+        assert self.job_id is not None
+        self.running = True
+        keeper.add_stopper(self.cancel)
+        status = self.wait(keeper, status)
+        self.running = False
+        self.processor.watcher.forget(self.job_id)
+        if status.state != JobState.COMPLETED:
+            raise JobFailed(status.reason(self.log_file))
+        assert self.scratch is not None
+        manifest = self.processor.validate(self.run_doc, self.scratch, self.job_id)
+        self.place_and_register(manifest, keeper)
+
+    @property
+    def log_file(self) -> str:
+        claim_entry = self.claim.entry if self.claim else {}
+        return job_log(self.processor.processing, claim_entry.get("job_name") or "",
+                       claim_entry.get("job_token") or "")
+
+    def previous_job(self) -> JobStatus | None:
+        """The job the taken-over entry names, as the batch system knows it; None if none."""
+        entry = (self.claim.previous or {}) if self.claim else {}
+        backend = self.processor.backend
+        token = entry.get("job_token")
+        if token:
+            self.scratch = scratch_output(self.final, token)
+        job_id = entry.get("job_id")
+        if job_id and entry.get("job_backend") == backend.kind:
+            status = backend.poll([job_id]).get(job_id) or JobStatus(job_id, JobState.LOST)
+        elif job_id:  # recorded under another backend (the configuration changed)
+            status = JobStatus(job_id, JobState.LOST, detail=f"{entry.get('job_backend')} job")
+        else:
+            found = [s for s in backend.poll().values() if s.active and
+                     s.name == entry.get("job_name")]
+            status = found[0] if found else None
+        if status is not None and status.state == JobState.LOST:
+            status = recorded_status(status.job_id, self.log_file) or status
+        if status is not None and not status.active and status.state != JobState.COMPLETED:
+            raise JobFailed(status.reason(self.log_file))
+        return status
+
+    def submit(self) -> None:
+        """Submit the job of our claim; name and token are recorded first, so a crash between
+        submit and recording the id leaves a job that a taker-over finds by its name."""
+        assert self.claim is not None
+        token = secrets.token_hex(4)
+        spec = self.processor.spec(self.run_doc, token)
+        self.scratch = scratch_output(self.final, token)
+        os.makedirs(output_dir(self.processor.site, self.processor.processing), exist_ok=True)
+        job = {"job_name": spec.name, "job_token": token,
+               "job_backend": self.processor.backend.kind, "job_id": None,
+               "partial": self.scratch}
+        if not self.db.update_claimed(self.claim, job):
+            raise LeaseLostError(f"{self.key}: claim lost before submitting")
+        self.claim.entry.update(job)
+        try:
+            self.job_id = self.processor.backend.submit(spec)
+        except BatchError as exc:
+            raise JobFailed(f"not submitted: {exc}") from None
+        if not self.db.update_claimed(self.claim, {"job_id": self.job_id}):
+            self.cancel()
+            raise LeaseLostError(f"{self.key}: claim lost after submitting job {self.job_id}; "
+                                 "cancelled it")
+        log.info("%s: submitted job %s (attempt %d)", self.label, self.job_id, self.attempts)
+
+    def wait(self, keeper: Keeper, status: JobStatus | None) -> JobStatus:
+        """Wait for the job to end, while the keeper holds the lease; on a warm stop leave it
+        running (its lease lapses, and the next daemon adopts it)."""
+        assert self.job_id is not None
+        interval = POLL_S.get(self.processor.backend.kind, 15.0)
+        while status is None or status.active:
+            status = self.processor.watcher.wait(self.job_id, min(interval, 1.0))
+            keeper.check()
+            if self.ctx.stop.is_set() and (status is None or status.active):
+                raise LeftRunning(f"{self.label}: job {self.job_id} left running; the next "
+                                  "daemon adopts it when the lease lapses")
+        if status.state == JobState.LOST:
+            status = recorded_status(status.job_id, self.log_file) or status
+        return status
+
+    def cancel(self) -> None:
+        if self.job_id and self.running:
+            try:
+                self.processor.backend.cancel(self.job_id)
+            except BatchError as exc:
+                log.error("%s: cannot cancel job %s: %s", self.label, self.job_id, exc)
+
+    # -- the output ---------------------------------------------------------------------------
+
+    def adopt_output(self) -> bool:
+        """Register the output already in place if an earlier attempt renamed it there but
+        failed to register it; False if there is nothing of the kind."""
+        if not os.path.lexists(self.final):
+            return False
+        pending = self.db.find_origin_manifest(self.run_id, self.key, None, pending=True)
+        try:
+            found = scan_dataset(self.final)
+        except (OSError, ValueError):
+            return False
+        if pending is None or found != pending:
+            return False
+        self.db.check_place_free(self.processor.site.name, self.final, self.run_id, self.key)
+        log.info("%s: the output of an earlier attempt is in place; registering it", self.label)
+        self.register_output(found)
+        return True
+
+    def place_and_register(self, manifest: Manifest, keeper: Keeper) -> None:
+        """The registration step: manifest saved, output renamed into place (never over another
+        entry's data), entry registered as the version's origin."""
+        assert self.scratch is not None
+        checksum = dataset_checksum(manifest)
+        self.db.save_origin_manifest(self.run_id, self.key, manifest, checksum, self.ctx.now())
+        keeper.check(0.15)
+        if os.path.lexists(self.final):
+            self.db.check_place_free(self.processor.site.name, self.final, self.run_id,
+                                     self.key)
+            log.info("%s: removing unregistered data at %s", self.label, self.final)
+            remove_output(self.final)
+        os.rename(self.scratch, self.final)
+        self.scratch = None
+        self.register_output(manifest)
+
+    def register_output(self, manifest: Manifest) -> None:
+        now, processing = self.ctx.now(), self.processor.processing
+        checksum = dataset_checksum(manifest)
+        size = sum(size for size, _ in manifest.values())
+        self.db.save_manifest(self.run_id, self.key, manifest, checksum, now)
+        origin = origin_record(checksum, host=self.processor.site.name, evidence=PRODUCER,
+                               now=now, key=self.key, size=size, file_count=len(manifest))
+        fields = {"location": self.final, "checksum": checksum, "size": size,
+                  "file_count": len(manifest), "pax_version": processing.version,
+                  "pax_hash": processing.pax_hash, "evidence": PRODUCER,
+                  "creation_place": self.processor.site.name, "transfer_end": now}
+        self.register(fields, ("reading", "partial", "disputed", "checksum_problem",
+                               "expected_checksum"), proof=Proof(establishes=origin))
+        log.info("processed %s: %s (%d bytes, %s)", self.key, self.final, size, checksum[:20])
+
+    def cleanup(self) -> None:
+        """Remove what a failed attempt's job left, once the job no longer writes it."""
+        if self.scratch and not self.running:
+            remove_output(self.scratch)
+
+    def failure_fields(self) -> dict[str, Any]:
+        return {"transfer_end": self.ctx.now()}
 
 
 # -- the task --------------------------------------------------------------------------------
 
-@dataclass
-class _Work:
-    """One processed entry of this site to look after in this pass."""
-
-    run: dict[str, Any]
-    entry: dict[str, Any] | None  # None: no entry yet
-    claim: Claim | None = None  # ours, once claimed
-
-
 class ProcessBatchQueue(Task):
-    """Submit processing jobs for runs that need them and register what they produced."""
+    """Start processing attempts for runs that need them, in the processing workers."""
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         self.processing = self.site.processing
         self._runs: list[dict[str, Any]] = []
-        self._mine_active: list[_Work] = []
         if self.processing is not None:
             self.key = EntryKey(self.site.name, "processed", self.processing.version)
             self.raw_key = EntryKey(self.site.name, "raw")
 
-    # -- selection ----------------------------------------------------------------------
-
-    def _candidates(self, now: dt.datetime) -> dict[str, Any]:
-        """Runs that may need a new job: verified raw here, not excluded, fields present, and
-        no processed entry of our version here, or one in error whose retry is due."""
+    def _candidates(self, now: Any) -> dict[str, Any]:
+        """Runs that may need a new attempt: verified raw here, not excluded, fields present,
+        no origin of this version anywhere, and no processed entry of our version here, or one
+        in error whose retry is due."""
         query: dict[str, Any] = {
             "data": self.raw_key.elem_match(status=TRANSFERRED),
             "tags.name": {"$ne": DONOTPROCESS},
+            "origins": {"$not": {"$elemMatch": dataset_match("processed",
+                                                             self.processing.version)}},
             "$or": [{"data": {"$not": self.key.elem_match()}},
-                    {"data": self.key.elem_match(status=ERROR, **retry_conditions(self.site,
-                                                                                  now))}],
+                    {"data": self.key.elem_match(
+                        status=ERROR, **retry_conditions(self.site.max_attempts, now))}],
         }
         for name in self.processing.required_fields:
             query[name] = {"$exists": True, "$ne": None}
@@ -187,271 +435,58 @@ class ProcessBatchQueue(Task):
     def query(self) -> dict[str, Any] | None:
         if self.processing is None:
             return None
-        return {"$or": [self._candidates(self.ctx.now()),
-                        {"data": self.key.elem_match(status=TRANSFERRING)}]}
+        now = self.ctx.now()
+        return {"$or": [self._candidates(now),
+                        {"data": self.key.elem_match(status=TRANSFERRING,
+                                                     lease_expires={"$lt": now})}]}
 
     def each_run(self, run: dict[str, Any]) -> None:
-        self._runs.append(run)  # the work happens in finish(): one batch poll for all runs
-
-    # -- the pass -------------------------------------------------------------------------
+        self._runs.append(run)  # started in finish(), newest first, as many as slots allow
 
     @property
-    def backend(self) -> BatchBackend:
-        if self.ctx.batch is None:
-            self.ctx.batch = make_backend(self.processing, self.ctx.ncpu)
-        return self.ctx.batch
+    def processor(self) -> Processor:
+        ctx = self.ctx
+        if ctx.batch is None:
+            ctx.batch = make_backend(self.processing, ctx.ncpu)
+        if ctx.watcher is None:
+            ctx.watcher = JobWatcher(ctx.batch, POLL_S.get(ctx.batch.kind, 15.0))
+        if ctx.jobs is None:
+            ctx.jobs = Background(1 if ctx.ncpu is not None else self.processing.max_jobs,
+                                  prefix="cax-job")
+        return Processor(self.site, self.processing, ctx.batch, ctx.watcher, ctx.ncpu)
 
     def finish(self) -> None:
-        if self.processing is None:
+        if self.processing is None or not self._runs:
             return
-        failures = self._pass(self._runs)
-        while self.ctx.once and not self.ctx.dry_run and self._mine_active \
-                and not self.ctx.stop.is_set():
-            time.sleep(ONCE_POLL_S)  # --once: wait for our jobs (and start the rest), as copies
-            query = {"$and": [self.query(), self.ctx.selector]} if self.ctx.selector \
-                else self.query()
-            failures += self._pass(self.db.find_runs(query))
-        if failures:
-            raise CaxError(f"{len(failures)} processing job(s) failed: {'; '.join(failures)}")
-
-    def _pass(self, runs: list[dict[str, Any]], submit: bool = True) -> list[str]:
-        """Reconcile every entry of ``runs`` with one batch poll, then submit new jobs."""
-        now = self.ctx.now()
-        work = [_Work(run, find_entry(run, self.key)) for run in runs]
-        running = [w for w in work if w.entry and w.entry.get("status") == TRANSFERRING]
-        ids = [w.entry["job_id"] for w in running
-               if w.entry.get("job_id") and w.entry.get("job_backend") == self.backend.kind]
-        self._mine_active: list[_Work] = []
-        failures: list[str] = []
-        try:
-            polled = self.backend.poll(ids)
-        except BatchError as exc:  # cannot tell what runs: decide nothing this pass
-            log.error("batch system unavailable, nothing decided this pass: %s", exc)
-            return [str(exc)]
-        by_name = {s.name: s for s in polled.values() if s.active and s.name}
-        for item in running:
-            with log_context(run_label(item.run)):
-                try:
-                    failure = self._reconcile(item, polled, by_name, now)
-                except LeaseLostError as exc:
-                    log.warning("%s", exc)
-                    failure = None
-                except (CaxError, OSError) as exc:
-                    log.error("%s", exc)
-                    failure = f"{run_label(item.run)}: {exc}"
-                if failure:
-                    failures.append(failure)
-        self._renew_active(now)
-        if submit:
-            fresh = [w for w in work if not (w.entry and w.entry.get("status") == TRANSFERRING)]
-            failures += self._submit_new(fresh, now)
-        return failures
-
-    def _renew_active(self, now: dt.datetime) -> None:
-        if self._mine_active and not self.ctx.dry_run:
-            renewed = self.db.renew_leases(self.key, self.ctx.owner,
-                                           self.ctx.config.lease_seconds)
-            log.debug("renewed %d lease(s) of queued or running jobs", renewed)
-
-    # -- one entry with a job ---------------------------------------------------------------
-
-    def _reconcile(self, item: _Work, polled: dict[str, JobStatus],
-                   by_name: dict[str, JobStatus], now: dt.datetime) -> str | None:
-        entry = item.entry
-        mine = entry.get("lease_owner") == self.ctx.owner
-        expired = not entry.get("lease_expires") or as_utc(entry["lease_expires"]) <= now
-        if not mine and not expired:
-            return None  # another daemon looks after it
-        status = self._job_status(item, polled, by_name)
-        if not mine:
-            if self.ctx.dry_run:
-                log.info("dry run: would take over %s (job %s)", self.key,
-                         status.state.value if status else "none")
-                return None
-            adopt = status is not None and status.active
-            # The attempt is the job's: adopting it, or recording how it ended, counts none;
-            # a claim whose daemon died before submitting anything is a new attempt.
-            claimed = self.db.claim(
-                item.run["_id"], self.key, owner=self.ctx.owner,
-                lease_s=self.ctx.config.lease_seconds, statuses=[TRANSFERRING],
-                fields={"job_id": status.job_id} if adopt else None,
-                count_attempt=status is None)
-            if claimed is None:
-                return None  # another daemon was faster
-            log.info("took over %s from %s (%s)", self.key, entry.get("lease_owner"),
-                     f"adopting job {status.job_id}, {status.state.value}" if adopt
-                     else "its job is gone" if status else "it never submitted a job")
-            item.claim, item.entry = claimed, claimed.entry
-            entry = claimed.entry
-        elif item.claim is None:
-            item.claim = _held(item.run, self.key, entry)
-        if status is None:  # claimed, but no job was ever submitted (a crash in between)
-            return self._start_job(item, now, takeover=True)
-        if status.active:
-            self._mine_active.append(item)
-            return None
-        return self._finished(item, status, now)
-
-    def _job_status(self, item: _Work, polled: dict[str, JobStatus],
-                    by_name: dict[str, JobStatus]) -> JobStatus | None:
-        """What the batch system says of the entry's job: by id, else by name; None: no job."""
-        entry = item.entry
-        job_id = entry.get("job_id")
-        if job_id and entry.get("job_backend") == self.backend.kind:
-            return polled.get(job_id) or JobStatus(job_id, JobState.LOST)
-        found = by_name.get(entry.get("job_name") or "")
-        if found is not None:
-            return found
-        if job_id:  # recorded under another backend (the configuration changed)
-            return JobStatus(job_id, JobState.LOST, detail=f"{entry.get('job_backend')} job")
-        return None
-
-    def _finished(self, item: _Work, status: JobStatus, now: dt.datetime) -> str | None:
-        entry, run = item.entry, item.run
-        token = entry.get("job_token") or ""
-        log_file = job_log(self.processing, entry.get("job_name") or "", token)
-        if status.state == JobState.LOST:
-            status = recorded_status(status.job_id, log_file) or status
-        final = output_path(self.site, self.processing, run)
-        scratch = scratch_output(final, token)
-        if status.state == JobState.COMPLETED:
-            if not os.path.exists(scratch):
-                return self._fail(item, f"job {status.job_id} completed but wrote no output "
-                                  f"{scratch}", now)
-            try:
-                manifest = scan_dataset(scratch)
-            except (OSError, ValueError) as exc:
-                return self._fail(item, f"output of job {status.job_id} unreadable: {exc}", now,
-                                  scratch)
-            self._register(item, manifest, scratch, final, now)
-            return None
-        return self._fail(item, status.reason(log_file), now, scratch)
-
-    # -- new jobs -------------------------------------------------------------------------
-
-    def _submit_new(self, fresh: list[_Work], now: dt.datetime) -> list[str]:
-        failures = []
-        for item in fresh:
-            if self.backend.free_slots() <= 0 or self.ctx.stop.is_set():
+        processor = self.processor
+        for run in self._runs:
+            if self.ctx.stop.is_set():
                 break
-            with log_context(run_label(item.run)):
-                try:
-                    if not self._wanted(item.run):
-                        continue
-                    if self.ctx.dry_run:
-                        self._describe(item.run)
-                        continue
-                    if not self._claim_new(item, now):
-                        continue
-                    failure = self._start_job(item, now)
-                except (CaxError, OSError) as exc:
-                    log.error("%s", exc)
-                    failure = f"{run_label(item.run)}: {exc}"
-                if failure:
-                    failures.append(failure)
-        return failures
+            with_label = run_label(run)
+            entry = find_entry(run, self.key)
+            if not self._wanted(run, entry):
+                continue
+            if self.ctx.dry_run:
+                self._describe(processor, run)
+                continue
+            job = ProcessJob(self.ctx, processor, run, entry)
+            what = f"processing of {with_label}"
+            if not schedule(self.ctx, f"process/{run['_id']}", job, what, pool=self.ctx.jobs):
+                if self.ctx.jobs.full and not self.ctx.once:
+                    break  # every processing worker busy: the rest waits for the next pass
 
-    def _wanted(self, run: dict[str, Any]) -> bool:
+    def _wanted(self, run: dict[str, Any], entry: dict[str, Any] | None) -> bool:
         """The conditions the query cannot check on a run it returned for another reason."""
+        if entry and entry.get("status") == TRANSFERRING:
+            expires = entry.get("lease_expires")
+            return expires is not None and as_utc(expires) < self.ctx.now()
         raw = find_entry(run, self.raw_key)
         tags = {t.get("name") for t in run.get("tags") or () if isinstance(t, dict)}
         return bool(raw and raw.get("status") == TRANSFERRED) and DONOTPROCESS not in tags
 
-    def _claim_new(self, item: _Work, now: dt.datetime) -> bool:
-        run, lease_s = item.run, self.ctx.config.lease_seconds
-        fields = {"status": TRANSFERRING, "location": output_path(self.site, self.processing,
-                                                                  run),
-                  "creation_place": self.site.name, "pax_hash": self.processing.pax_hash,
-                  "reading": self.raw_key.match(), "transfer_start": now}
-        entry = {"checksum": None}
-        claimed = self.db.claim(run["_id"], self.key, owner=self.ctx.owner, lease_s=lease_s,
-                                statuses=[ERROR], conditions=retry_conditions(self.site, now),
-                                fields=fields, new_entry=entry,
-                                requires=[(self.raw_key, {"status": TRANSFERRED})])
-        if claimed is None:
-            return False
-        item.claim, item.entry = claimed, claimed.entry
-        return True
-
-    def _job_spec(self, run: dict[str, Any], token: str) -> JobSpec:
-        raw = find_entry(run, self.raw_key)
-        source = checked_location(self.site, "raw", raw.get("location") if raw else None)
-        final = output_path(self.site, self.processing, run)
-        name = job_name(run, self.processing)
-        values = placeholders(self.processing, run=run, site=self.site.name, input=source,
-                              output=scratch_output(final, token), ncpus=self.ctx.ncpu)
-        return JobSpec(name=name, argv=fill_command(self.processing, values),
-                       output=job_log(self.processing, name, token),
-                       resources=resources(self.processing, self.ctx.ncpu))
-
-    def _describe(self, run: dict[str, Any]) -> None:
-        spec = self._job_spec(run, "dry-run")
-        log.info("dry run: would submit %s (%s backend): %s", spec.name, self.backend.kind,
+    def _describe(self, processor: Processor, run: dict[str, Any]) -> None:
+        spec = processor.spec(run, "dry-run")
+        log.info("dry run: would submit %s (%s backend): %s", spec.name, processor.backend.kind,
                  " ".join(spec.argv))
-        if isinstance(self.backend, SlurmBackend):
-            log.info("dry run: sbatch script:\n%s", self.backend.script(spec))
-
-    def _start_job(self, item: _Work, now: dt.datetime, takeover: bool = False) -> str | None:
-        """Submit the job of a claimed entry and record its id; a refusal is a failure."""
-        run, entry = item.run, item.entry
-        token = secrets.token_hex(4)  # names the scratch output like every claim's scratch
-        spec = self._job_spec(run, token)
-        scratch = scratch_output(output_path(self.site, self.processing, run), token)
-        os.makedirs(output_dir(self.site, self.processing), exist_ok=True)
-        # Name and token first: a crash between submit and recording the id leaves a job that
-        # a taker-over finds by its name.
-        if not self.db.update_claimed(item.claim, {"job_name": spec.name, "job_token": token,
-                                                   "job_backend": self.backend.kind,
-                                                   "job_id": None, "partial": scratch}):
-            raise LeaseLostError(f"{self.key}: claim lost before submitting")
-        try:
-            job_id = self.backend.submit(spec)
-        except BatchError as exc:
-            return self._fail(item, f"not submitted: {exc}", now)
-        if not self.db.update_claimed(item.claim, {"job_id": job_id}):
-            log.warning("%s: claim lost after submitting job %s; cancelling it", self.key, job_id)
-            self.backend.cancel(job_id)
-            return None
-        item.entry = {**entry, "job_id": job_id, "job_token": token, "job_name": spec.name,
-                      "job_backend": self.backend.kind}
-        self._mine_active.append(item)
-        log.info("%s job %s for %s (attempt %d)", "resubmitted" if takeover else "submitted",
-                 job_id, self.key, entry.get("attempts", 1))
-        return None
-
-    # -- outcomes -------------------------------------------------------------------------
-
-    def _register(self, item: _Work, manifest: dict, scratch: str, final: str,
-                  now: dt.datetime) -> None:
-        """Move the checksummed output into place, then register it ``transferred``."""
-        run = item.run
-        checksum = dataset_checksum(manifest)
-        size = sum(size for size, _ in manifest.values())
-        os.replace(scratch, final)
-        self.db.save_manifest(run["_id"], self.key, manifest, checksum, now)
-        fields = {"location": final, "checksum": checksum, "size": size,
-                  "file_count": len(manifest), "pax_version": self.processing.version,
-                  "pax_hash": self.processing.pax_hash, "creation_place": self.site.name,
-                  "transfer_end": now}
-        if not self.db.register_verified(item.claim, fields, unset=["reading", "partial"]):
-            raise LeaseLostError(f"{self.key}: changed hands before registration")
-        log.info("processed %s: %s (%d bytes, %s)", self.key, final, size, checksum[:20])
-
-    def _fail(self, item: _Work, reason: str, now: dt.datetime, scratch: str | None = None) -> str:
-        """Record a failed attempt: retry later, or stuck after ``max_attempts``; remove what
-        the attempt left under its scratch name."""
-        if scratch:
-            _remove(scratch)
-        attempts = item.entry.get("attempts", 1)
-        stuck = attempts >= self.site.max_attempts
-        reason = short_reason(Exception(reason), limit=600)
-        retry_at = None if stuck else now + dt.timedelta(
-            seconds=backoff_s(self.site.retry_backoff, attempts))
-        if stuck:
-            log.error("%s: failed, stuck after %d attempt(s): %s", self.key, attempts, reason)
-        else:
-            log.warning("%s: attempt %d failed, retry after %s: %s", self.key, attempts,
-                        when(retry_at), reason)
-        self.db.record_failure(item.claim, reason, kind="transient", retry_at=retry_at,
-                               fields={"transfer_end": now}, unset=["reading", "partial"])
-        return f"{run_label(item.run)}: {reason}"
+        if isinstance(processor.backend, SlurmBackend):
+            log.info("dry run: sbatch script:\n%s", processor.backend.script(spec))

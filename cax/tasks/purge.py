@@ -32,6 +32,8 @@ from cax.errors import CaxError, LeaseLostError
 from cax.logcontext import log_context
 from cax.paths import entry_location
 from cax.runsdb import PURGING, TRANSFERRED, EntryKey, find_entry, run_label
+from cax.runsdb.judgement import is_good
+from cax.runsdb.origins import Judgement, dataset_match, judge
 from cax.runsdb.runs import Claim
 from cax.tasks.base import Context, Task
 from cax.transport import siteops
@@ -65,6 +67,8 @@ class PurgeDecision:
     purge: bool
     reason: str
     keep: Keep = ()
+    #: Run conditions the claim re-checks: the origin judged by is still the one.
+    where: tuple[dict[str, Any], ...] = ()
 
 
 def _no(reason: str) -> PurgeDecision:
@@ -81,37 +85,41 @@ def _keep(entry: dict[str, Any]) -> tuple[EntryKey, dict[str, Any]]:
 verifiable = verifiable_kind
 
 
-def _same_data(ours: dict[str, Any], other: dict[str, Any]) -> bool:
-    """False if both copies carry checksums of one kind that differ: that copy is not ours."""
-    a, b = ours.get("checksum"), other.get("checksum")
-    return not (verifiable(a) and verifiable(a) == verifiable(b) and a != b)
-
-
-def verified_others(run: dict[str, Any], policy: PurgePolicy) -> list[dict[str, Any]]:
-    """Return one verified raw copy per other configured site holding the same data."""
-    ours = find_entry(run, EntryKey(policy.site, "raw")) or {}
+def verified_others(run: dict[str, Any], policy: PurgePolicy,
+                    judgement: Judgement | None = None) -> list[dict[str, Any]]:
+    """Return one good raw copy (its bytes the dataset's origin) per other configured site."""
+    judgement = judgement or judge(run, "raw", None)
     found: dict[str, dict[str, Any]] = {}
     for entry in run.get("data") or ():
         host = entry.get("host")
-        if (entry.get("type") == "raw" and entry.get("status") == TRANSFERRED
-                and host != policy.site and host in policy.known_sites
-                and host not in found and _same_data(ours, entry)):
-            if verifiable(entry.get("checksum")):
-                found[host] = entry
-            else:
-                log.info("%s: the raw copy at %s has no checksum cax can verify (%r); it "
-                         "does not count as a copy", run_label(run), host,
-                         str(entry.get("checksum"))[:40])
+        if entry.get("type") != "raw" or host == policy.site or host not in \
+                policy.known_sites or host in found or entry.get("status") != TRANSFERRED:
+            continue
+        if is_good(judgement, entry):
+            found[host] = entry
+        else:
+            log.info("%s: the raw copy at %s is not known to be its dataset's origin (%s); it "
+                     "does not count as a copy", run_label(run), host, judgement.describe())
     return [found[host] for host in sorted(found)]
+
+
+def origin_unchanged(judgement: Judgement, data_type: str,
+                     version: str | None) -> tuple[dict[str, Any], ...]:
+    """Run conditions of a purge claim: the origin the decision judged by is still the one."""
+    if not judgement.stored:
+        return ({"origins": {"$not": {"$elemMatch": dataset_match(data_type, version)}}},)
+    return ({"origins": {"$elemMatch": {**dataset_match(data_type, version),
+                                        "checksum": judgement.origin["checksum"]}}},)
 
 
 def decide_raw_purge(run: dict[str, Any], policy: PurgePolicy,
                      now: dt.datetime) -> PurgeDecision:
     """Decide whether this site may delete its raw copy of ``run``.
 
-    All must hold: our copy is ``transferred``; the run started more than ``purge_days`` ago;
-    at least ``min_copies`` other configured sites hold a verified copy; and if this site is a
-    reference site, one of those is another reference site.
+    All must hold: our copy is a good copy (its dataset's origin); the run started more than
+    ``purge_days`` ago; at least ``min_copies`` other configured sites hold a good copy; and
+    if this site is a reference site, one of those is another reference site.  A disputed or
+    unsettled dataset is never purged.
     """
     here = find_entry(run, EntryKey(policy.site, "raw"))
     if not here or here.get("status") != TRANSFERRED:
@@ -123,7 +131,11 @@ def decide_raw_purge(run: dict[str, Any], policy: PurgePolicy,
         return _no("the run has no start time")
     if as_utc(start) > now - dt.timedelta(days=policy.purge_days):
         return _no(f"younger than {policy.purge_days:g} days")
-    others = verified_others(run, policy)
+    judgement = judge(run, "raw", None)
+    if not is_good(judgement, here):
+        return _no(f"the copy here is not known to be its dataset's origin "
+                   f"({judgement.describe()})")
+    others = verified_others(run, policy, judgement)
     if len(others) < policy.min_copies:
         return _no(f"{len(others)} verified copies elsewhere, {policy.min_copies} needed")
     if policy.site in policy.reference_sites:
@@ -133,7 +145,8 @@ def decide_raw_purge(run: dict[str, Any], policy: PurgePolicy,
         others = [refs[0]] + [e for e in others if e is not refs[0]]
     chosen = others[:policy.min_copies]
     hosts = ", ".join(e["host"] for e in chosen)
-    return PurgeDecision(True, f"verified copies at {hosts}", tuple(map(_keep, chosen)))
+    return PurgeDecision(True, f"verified copies at {hosts}", tuple(map(_keep, chosen)),
+                         origin_unchanged(judgement, "raw", None))
 
 
 def parse_version(version: Any) -> tuple[int, ...] | None:
@@ -143,19 +156,22 @@ def parse_version(version: Any) -> tuple[int, ...] | None:
 
 
 def decide_processed_purge(run: dict[str, Any], site: str, version: str) -> PurgeDecision:
-    """Decide whether to drop our processed ``version``: only if a newer one is verified here."""
+    """Decide whether to drop our processed ``version``: only if a newer one is here and good
+    (its bytes that version's origin)."""
     here = find_entry(run, EntryKey(site, "processed", version))
     old = parse_version(version)
     if not here or here.get("status") != TRANSFERRED or old is None:
         return _no("no verified copy of that version here")
     newer = [e for e in run.get("data") or ()
              if e.get("host") == site and e.get("type") == "processed"
-             and e.get("status") == TRANSFERRED and verifiable(e.get("checksum"))
-             and (parse_version(e.get("pax_version")) or ()) > old]
+             and (parse_version(e.get("pax_version")) or ()) > old
+             and is_good(judge(run, "processed", e.get("pax_version")), e)]
     if not newer:
         return _no("no newer version here")
     best = max(newer, key=lambda e: parse_version(e["pax_version"]))
-    return PurgeDecision(True, f"{best['pax_version']} is here", (_keep(best),))
+    return PurgeDecision(True, f"{best['pax_version']} is here", (_keep(best),),
+                         origin_unchanged(judge(run, "processed", best["pax_version"]),
+                                          "processed", best["pax_version"]))
 
 
 class Purger:
@@ -178,7 +194,7 @@ class Purger:
             return False
         granted = time.monotonic()
         claim = self.db.claim_purge(run["_id"], key, keep=decision.keep, owner=self.ctx.owner,
-                                    lease_s=self.ctx.config.lease_seconds)
+                                    lease_s=self.ctx.config.lease_seconds, where=decision.where)
         if not claim:
             log.info("not purged: the copies changed since the decision, or a transfer is "
                      "reading it; the next pass decides again")

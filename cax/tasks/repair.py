@@ -1,18 +1,23 @@
-"""Reference copies, good copies, and the per-file repair of a copy whose checksum is wrong.
+"""Good copies, and the per-file repair of a copy whose bytes are not its dataset's origin.
 
-A copy is compared with the *reference* copy of its data type and version: the first site, in
-the order of ``Config.reference_sites`` (explicit ``reference_for`` by ``reference_priority``,
-else the documented defaults), that holds a ``transferred`` entry.
-A copy found to differ (by CompareChecksums or Scrub) leaves ``transferred`` at once, so the
-runs DB never claims a good copy that is bad:
+A copy is judged against its dataset's origin (``runsdb.origins``), never against another site's
+copy.  A copy found to differ (AddChecksum, CompareChecksums, Scrub) leaves ``transferred`` at
+once, so the runs DB never calls a bad copy good -- Rucio's SUSPICIOUS -> BAD -> RECOVERED or
+LOST:
 
-* if a *good* copy (transferred and known to match the reference) exists at a site this site
-  can fetch from, the entry becomes ``error`` with ``checksum_problem`` (the reference site)
-  and ``expected_checksum``, due for repair.  RetryBadChecksumTransfer then moves the copy to
-  its partial name, deletes and re-fetches only the files that differ, verifies every file,
-  renames it back and registers it again;
-* otherwise it is flagged and kept: ``error``, stuck (``attempts`` = ``max_attempts``), nothing
-  deleted, because it may be the last copy of those bytes.  It is reported as stuck each pass.
+* if a *good* copy (one that agrees with the origin) exists at a site this site can fetch from,
+  or at a site that pushes here, the entry becomes ``error`` with ``checksum_problem`` (the
+  origin's site) and ``expected_checksum`` (the origin's checksum), due for repair.
+  RetryBadChecksumTransfer (or, for a pushed copy, the pushing site's CopyPush) then moves the
+  copy to its scratch name, replaces only the files that differ, verifies every file against
+  the origin, renames it back and registers it again;
+* otherwise it is flagged and kept: ``error``, no retry, nothing deleted, because it may be the
+  last copy of those bytes.  It is reported as stuck each pass; ``cax retry`` retries it once a
+  good copy exists.
+
+A repair never overwrites a copy whose own recorded checksum verifies on its disk: those bytes
+were vouched for by whoever recorded them, so a disagreement with the origin is a dispute for a
+person, not a repair.
 """
 
 from __future__ import annotations
@@ -24,121 +29,107 @@ from pathlib import Path
 from typing import Any
 
 from cax.checksum import Manifest, dataset_checksum, diff_manifests, legacy_dirhash
-from cax.claimed import Keeper, schedule, short_reason
-from cax.clock import as_utc
+from cax.claimed import Keeper, backoff_s, schedule, short_reason
 from cax.config import Config, Site
 from cax.errors import CaxError, ChecksumMismatchError, LeaseLostError, UnsafeNameError
 from cax.paths import entry_location, scratch_path
 from cax.progress import ProgressBoard
-from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
+from cax.runsdb import ERROR, TRANSFERRING, EntryKey, find_entry, run_label
+from cax.runsdb.judgement import (
+    PROBLEM_FIELDS,
+    REPAIRABLE,
+    is_good,
+    repair_conditions,
+    repair_due,
+    retry_conditions,
+)
+from cax.runsdb.origins import DISK, Judgement, checksums, copies_of, judge, preferred
 from cax.runsdb.runs import Claim
 from cax.schema import TRANSFER_METHODS
 from cax.tasks.base import Context, Task
-from cax.tasks.copyjob import (
-    CopyJob,
-    CopyPlan,
-    _kind,
-    is_retry_due,
-    make_plan,
-    retry_conditions,
-    retry_due,
-)
+from cax.tasks.copyjob import CopyJob, CopyPlan, _kind, make_plan
 from cax.transport.base import Transport
 from cax.transport.pool import TransportPool
 
 log = logging.getLogger(__name__)
 
-#: Entry fields that mark a copy as differing from its reference and waiting for repair.
-PROBLEM_FIELDS = ("checksum_problem", "expected_checksum")
-#: Statuses of an entry a repair may claim (``transferring``: its repairer died).
-REPAIRABLE = [ERROR, TRANSFERRING]
 #: Suffix of a good file fetched beside the bad one it replaces.
 FETCH_SUFFIX = ".cax-fetch"
 #: File names a log line lists at most.
 FILES_SHOWN = 20
+__all__ = ["PROBLEM_FIELDS", "RetryBadChecksumTransfer", "good_copies", "mark_bad_copy"]
 
 
-def compare_token(ours: Any, reference: str) -> str:
+def compare_token(ours: Any, origin: str) -> str:
     """Return what ``compared_checksum`` records: the pair of checksums that were compared."""
-    return f"{ours if isinstance(ours, str) else ''}|{reference}"
-
-
-def reference_sites(config: Config, data_type: str) -> list[Site]:
-    """Return the sites holding reference copies of ``data_type``, best first (see Config)."""
-    return config.reference_sites(data_type)
-
-
-def find_reference(config: Config, run: dict[str, Any], key: EntryKey) -> dict[str, Any] | None:
-    """Return the reference entry for copies like ``key``, or None if no reference has one."""
-    for site in reference_sites(config, key.type):
-        entry = find_entry(run, EntryKey(site.name, key.type, key.version))
-        if entry and entry.get("status") == TRANSFERRED:
-            return entry
-    return None
-
-
-def is_good(entry: dict[str, Any], expected: str) -> bool:
-    """Tell whether ``entry`` is a transferred copy known to have the checksum ``expected``."""
-    checksum = entry.get("checksum")
-    return entry.get("status") == TRANSFERRED and isinstance(checksum, str) and (
-        checksum == expected or entry.get("compared_checksum") == compare_token(checksum,
-                                                                                expected))
+    return f"{ours if isinstance(ours, str) else ''}|{origin}"
 
 
 def good_copies(config: Config, run: dict[str, Any], key: EntryKey,
-                expected: str | None) -> list[tuple[Site, dict[str, Any]]]:
+                judgement: Judgement | None = None) -> list[tuple[Site, dict[str, Any]]]:
     """Return the good copies of ``key``'s data that this site can fetch, best first.
 
-    Fetchable: another site reached by a transfer method; ``download_options`` come first.
+    Good: agreeing with the dataset's origin.  Fetchable: another site reached by a transfer
+    method; ``download_options`` come first, then the reference sites (a reference site is a
+    preferred *source*, never the judge), then the others.
     """
     here = config.site
-    if not expected:
+    judgement = judgement or judge(run, key.type, key.version)
+    if not judgement.settled:
         return []
-    order = [config.get_site(name) for name in here.download_options] + list(config.sites)
+    order = [config.get_site(name) for name in here.download_options] + \
+        config.reference_sites(key.type) + list(config.sites)
     found, seen = [], {here.name}
     for site in order:
         if site.name in seen or site.method not in TRANSFER_METHODS:
             continue
         seen.add(site.name)
         entry = find_entry(run, EntryKey(site.name, key.type, key.version))
-        if entry and is_good(entry, expected):
+        if is_good(judgement, entry):
             found.append((site, entry))
     return found
 
 
 def pushers_with_good_copy(config: Config, run: dict[str, Any], key: EntryKey,
-                           expected: str | None) -> list[Site]:
+                           judgement: Judgement) -> list[Site]:
     """Sites that push to ``key``'s site and hold a good copy: they repair it by pushing."""
-    if not expected:
-        return []
     return [site for site in config.sites if key.host in site.upload_options
             and site.method in TRANSFER_METHODS and site.name != key.host
-            and (entry := find_entry(run, EntryKey(site.name, key.type, key.version)))
-            and is_good(entry, expected)]
+            and is_good(judgement, find_entry(run, EntryKey(site.name, key.type, key.version)))]
 
 
 def mark_bad_copy(ctx: Context, run: dict[str, Any], claim: Claim, entry: dict[str, Any],
-                  reference: dict[str, Any], reason: str) -> None:
+                  judgement: Judgement, reason: str) -> None:
     """Take our claimed copy out of ``transferred``: due for repair, or flagged and kept.
 
-    ``reference`` is the entry whose checksum the copy must have (its own, for a copy that
-    changed on disk with no other reference).  A copy that went bad more than ``max_attempts``
-    times is flagged too, so that a bad source cannot make it loop forever.
+    The repair's target is the origin's checksum.  With no settled origin yet (a dataset of the
+    original's whose copies disagree) the repair is due later, when their daemons may have
+    settled it; with no good copy to repair from, the copy is flagged and kept.  A copy that
+    went bad more than ``max_attempts`` times is flagged too, so a bad source cannot make it loop.
     """
-    key, site = EntryKey.of(entry), ctx.site
-    expected, where = reference["checksum"], reference["host"]
+    key, site, now = EntryKey.of(entry), ctx.site, ctx.now()
+    origin = judgement.origin
+    expected = preferred(origin) if origin else None
+    where = (origin or {}).get("host") or "origin"
     failures = int(entry.get("checksum_failures") or 0) + 1
-    repair = failures <= site.max_attempts and bool(good_copies(ctx.config, run, key, expected)
-                                                    or pushers_with_good_copy(ctx.config, run,
-                                                                              key, expected))
+    retry_at: dt.datetime | None = None
     if failures > site.max_attempts:
         reason = f"{reason}, again after {failures - 1} repairs; left for a human"
-    elif not repair:
-        reason = f"checksum differs from the reference {where}; no good copy to repair from"
+    elif not expected:
+        others = [e for e in copies_of(run, key.type, key.version) if e.get("host") != key.host]
+        reason = f"{reason}; its dataset has no settled origin ({judgement.describe()})"
+        if others and not judgement.disputed:  # their daemons may settle it
+            retry_at = now + dt.timedelta(seconds=backoff_s(site.retry_backoff, failures))
+    elif good_copies(ctx.config, run, key, judgement) or pushers_with_good_copy(
+            ctx.config, run, key, judgement):
+        retry_at = now
+    else:
+        reason = f"{reason}; no good copy to repair from"
     if not ctx.runsdb.flag_bad_copy(claim, reference=where, expected=expected, reason=reason,
-                                    failures=failures, repair=repair):
+                                    failures=failures, retry_at=retry_at):
         raise LeaseLostError(f"entry {key} is no longer ours")
-    what = "due for repair" if repair else "flagged and kept, not retried"
+    what = "due for repair" if retry_at == now else "repair retried later" if retry_at \
+        else "flagged and kept, not retried"
     log.error("%s: %s: %s; %s", run_label(run), key, reason, what)
 
 
@@ -154,7 +145,7 @@ def record_unreadable(ctx: Context, claim: Claim, exc: Exception) -> None:
     else:
         reason = short_reason(exc)
     if not ctx.runsdb.record_failure(claim, reason, kind="transient", retry_at=ctx.now(),
-                                     unset=("compared_checksum",)):
+                                     unset=("compared_checksum", "compared_with")):
         raise LeaseLostError(f"entry {claim.key} is no longer ours")
     log.error("%s: %s", claim.key, reason)
 
@@ -165,24 +156,6 @@ def check_relpath(rel: str) -> str:
                        or rel.split("/", 1)[0] == ".."):
         raise UnsafeNameError(f"refusing file name {rel!r} from a manifest")
     return rel
-
-
-def repair_conditions(site: Site, now: dt.datetime) -> dict[str, Any]:
-    """Conditions on an entry due for repair: marked, lease free, and either an ``error``
-    whose retry is due or a ``transferring`` whose repairer died (its lease expired; the
-    claim counts that attempt and gives up when none are left)."""
-    return {"status": {"$in": REPAIRABLE}, "checksum_problem": {"$exists": True},
-            "lease_expires": {"$not": {"$gt": now}}, **retry_due(now),
-            "$nor": [{"status": ERROR, "attempts": {"$gte": site.max_attempts}}]}
-
-
-def repair_due(entry: dict[str, Any], site: Site, now: dt.datetime) -> bool:
-    """The Python twin of ``repair_conditions``."""
-    lease = entry.get("lease_expires")
-    spent = entry.get("status") == ERROR and int(entry.get("attempts") or 0) >= site.max_attempts
-    return (entry.get("status") in REPAIRABLE and bool(entry.get("checksum_problem"))
-            and not spent and is_retry_due(entry, now)
-            and (lease is None or as_utc(lease) <= now))
 
 
 def staged_copy(entry: dict[str, Any], final: str) -> list[str]:
@@ -208,7 +181,8 @@ class RepairJob(CopyJob):
 
     A CopyJob whose destination is an existing entry marked bad: this site's own (pulling the
     good files) or, for a pushed copy, a peer's (pushing them).  The copy is moved to the
-    claim's scratch name while it is repaired, and moved back after every file verified.
+    claim's scratch name while it is repaired, and moved back after every file verified
+    against the origin.
     """
 
     done_message = "repaired and verified"
@@ -216,27 +190,36 @@ class RepairJob(CopyJob):
     def __init__(self, ctx: Context, plan: CopyPlan, transports: TransportPool,
                  board: ProgressBoard, entry: dict[str, Any]):
         super().__init__(ctx, plan, transports, board)
+        self.entry = entry
         self.dest_path = entry_location(plan.dest, entry)
-        self.reference = entry.get("checksum_problem")
-        self.expected = entry.get("expected_checksum")
+        self.expected = preferred(plan.judgement.origin) if plan.judgement.origin else None
         self.label = f"{plan.label} repair of {plan.dest_key} from {plan.source.name}"
+        self.vouched: str | None = None  # why the copy must not be overwritten, if it must not
+        self.expected_manifest: Manifest = {}
 
     def take(self) -> Claim | None:
         """Lease the entry while it is due for repair (or its repairer died)."""
         now, fields = self.ctx.now(), {**self.claim_fields(), "location": self.dest_path}
         common = {"checksum_problem": {"$exists": True}}
         kw = dict(owner=self.ctx.owner, lease_s=self.lease_s, fields=fields,
-                  requires=self.source_still_good())
+                  requires=self.source_still_good(), run=self.plan.run)
         return (self.db.claim(self.run_id, self.key, statuses=[ERROR],
-                              conditions={**common, **retry_conditions(self.ctx.site, now)}, **kw)
+                              conditions={**common, **retry_conditions(self.max_attempts, now)},
+                              **kw)
                 or self.db.claim(self.run_id, self.key, statuses=[TRANSFERRING],
                                  conditions={**common, "lease_expires": {"$lt": now}}, **kw))
 
     def work(self, keeper: Keeper) -> None:
         plan = self.plan
+        if not self.expected:
+            raise CaxError(f"{plan.describe()}: its dataset has no settled origin "
+                           f"({plan.judgement.describe()}); nothing to repair towards")
         transport, dest_ops, expected = self.prepare(keeper)
+        self.expected_manifest = expected
         self._stage(dest_ops)
-        bad = diff_manifests(expected, dest_ops.manifest(self.scratch))
+        current = dest_ops.manifest(self.scratch)
+        self._refuse_vouched(current, dest_ops)
+        bad = diff_manifests(expected, current)
         log.info("%s: re-fetching %d of %d file(s) (attempt %d of %d): %s", self.label,
                  len(bad), len(expected), self.attempts, self.max_attempts,
                  ", ".join(bad[:FILES_SHOWN]) + (" ..." if len(bad) > FILES_SHOWN else ""))
@@ -249,10 +232,39 @@ class RepairJob(CopyJob):
             raise ChecksumMismatchError(f"{plan.describe()}: {len(still)} file(s) still "
                                         f"differ after repair: {', '.join(still[:5])}", still)
         self._check_expected(self.scratch, actual, dest_ops)
+        self.legacy_hash = self._legacy_hash_of(self.scratch)
+        self._save_manifest(actual)
         keeper.check(0.15)
         dest_ops.rename(self.scratch, self.dest_path)
         self.scratch = None
         self._register(actual)
+
+    def _refuse_vouched(self, current: Manifest, ops: Transport) -> None:
+        """Never overwrite a copy whose own recorded checksum verifies on its disk: whoever
+        recorded it vouched for those bytes, so their differing from the origin is a dispute
+        for a person, not rot to repair.  (A checksum cax computed from the bytes as it found
+        them, evidence ``disk``, vouches for nothing.)"""
+        recorded = checksums(self.entry)
+        if not recorded or self.entry.get("evidence") == DISK or not diff_manifests(
+                self.expected_manifest, current):
+            return
+        if "adler32" in recorded:
+            vouched = dataset_checksum(current) == recorded["adler32"]
+        elif self.plan.push:
+            vouched = True  # cannot be read from here: never overwrite what may be vouched for
+        else:
+            vouched = legacy_dirhash(self.scratch) == recorded["sha512-dirhash"]
+        if vouched:
+            self.vouched = (f"its own recorded checksum verifies on disk but differs from the "
+                            f"dataset's origin ({self.plan.judgement.describe()}): disputed, "
+                            "not repaired")
+            raise CaxError(f"{self.plan.describe()}: {self.vouched}")
+
+    def fail(self, exc: BaseException) -> None:
+        if self.vouched:
+            self._record(self.vouched, "permanent")
+        else:
+            super().fail(exc)
 
     def _stage(self, ops: Transport) -> None:
         """Move the copy to our scratch name (an earlier attempt may have staged it)."""
@@ -292,7 +304,10 @@ class RepairJob(CopyJob):
         """Keep the staged copy for the next attempt: it is the only copy of those bytes."""
 
     def failure_fields(self) -> dict[str, Any]:
-        return {"partial": self.scratch} if self.scratch else {}
+        fields: dict[str, Any] = {"partial": self.scratch} if self.scratch else {}
+        if self.vouched:
+            fields["disputed"] = self.vouched
+        return fields
 
     def on_stuck(self) -> None:
         """A repair that will not be retried puts the data back in place first."""
@@ -302,9 +317,8 @@ class RepairJob(CopyJob):
         unstage(ops, self.dest_path, staged)
 
     def _check_expected(self, temp: str, actual: Manifest, ops: Transport) -> None:
-        """Verify the whole repaired copy against the checksum it must have."""
-        if not self.expected:
-            return
+        """Verify the whole repaired copy against the origin's checksum."""
+        assert self.expected
         if _kind(self.expected) == "sha512-dirhash":
             if self.plan.push:
                 return  # the remote copy's files all match the good copy's manifest
@@ -313,13 +327,7 @@ class RepairJob(CopyJob):
             good = dataset_checksum(actual) == self.expected
         if not good:
             raise ChecksumMismatchError(f"{self.plan.describe()}: the repaired copy does not "
-                                        f"match the reference {self.reference}")
-
-    def _registration_extras(self, checksum: str) -> tuple[dict[str, Any], list[str]]:
-        """Record the comparison the repair settled, so CompareChecksums need not redo it."""
-        if self.expected and self.reference != self.plan.dest.name:
-            return {"compared_checksum": compare_token(checksum, self.expected)}, []
-        return {}, ["compared_checksum"]
+                                        "match its dataset's origin")
 
 
 def repair_plan(ctx: Context, run: dict[str, Any], entry: dict[str, Any], source: Site,
@@ -335,25 +343,26 @@ def repair_plan(ctx: Context, run: dict[str, Any], entry: dict[str, Any], source
 
 
 class RetryBadChecksumTransfer(Task):
-    """Repair local copies that differ from their reference, file by file, from a good copy.
+    """Repair local copies that differ from their origin, file by file, from a good copy.
 
     Bad copies at peers this site pushes to are repaired by CopyPush, by pushing the good
     files, so a pushed copy is repaired the same way whichever side can reach the other.
     """
 
     def query(self) -> dict[str, Any] | None:
-        conditions = repair_conditions(self.site, self.ctx.now())
+        conditions = repair_conditions(self.site.max_attempts, self.ctx.now())
         return {"data": {"$elemMatch": {"host": self.site.name, **conditions}}}
 
     def each_run(self, run: dict[str, Any]) -> None:
         now = self.ctx.now()
         for entry in list(run.get("data") or ()):
-            if entry.get("host") == self.site.name and repair_due(entry, self.site, now):
+            if entry.get("host") == self.site.name and repair_due(entry, self.site.max_attempts,
+                                                                  now):
                 self.repair(run, entry)
 
     def repair(self, run: dict[str, Any], entry: dict[str, Any]) -> None:
         key = EntryKey.of(entry)
-        sources = good_copies(self.ctx.config, run, key, entry.get("expected_checksum"))
+        sources = good_copies(self.ctx.config, run, key)
         if self.ctx.dry_run:
             what = f"repair from {sources[0][0].name}" if sources else "flag as unrepairable"
             log.info("dry run: would %s %s", what, key)
@@ -369,7 +378,7 @@ class RetryBadChecksumTransfer(Task):
         """No good copy can be fetched (any more): keep the data, stop retrying, report it."""
         key = EntryKey.of(entry)
         claim = self.db.claim(run["_id"], key, owner=self.ctx.owner,
-                              lease_s=self.ctx.config.lease_seconds, statuses=REPAIRABLE,
+                              lease_s=self.ctx.config.lease_seconds, statuses=list(REPAIRABLE),
                               conditions={"checksum_problem": {"$exists": True}},
                               count_attempt=False)
         if not claim:
@@ -378,8 +387,7 @@ class RetryBadChecksumTransfer(Task):
             self.ctx.transports = TransportPool(self.site.stall_timeout)
         path = entry_location(self.site, entry)
         unstage(self.ctx.transports.local(self.site), path, staged_copy(entry, path))
-        reason = (f"checksum differs from the reference {entry.get('checksum_problem')}; "
-                  "no good copy to repair from")
+        reason = "differs from its dataset's origin; no good copy to repair from"
         self.db.record_failure(claim, reason, kind="permanent", retry_at=None)
         log.error("%s: %s: %s; flagged and kept (`cax retry` once a good copy exists)",
                   run_label(run), key, reason)

@@ -21,8 +21,8 @@ from cax.clock import UTC, as_utc
 from cax.errors import CaxError
 from cax.runsdb import TRANSFERRED, EntryKey, run_label
 from cax.schema import DATA_TYPES
+from cax.runsdb.origins import SELF, judge, rank
 from cax.tasks.checksum import UNREADABLE, ChecksumTask, describe_files, kind_of
-from cax.tasks.repair import find_reference
 from cax.transport import siteops
 
 log = logging.getLogger(__name__)
@@ -85,33 +85,32 @@ class Scrub(ChecksumTask):
             return
         if not self.claim(run, entry, TRANSFERRED):
             return
-        result = self.checksum(run, entry)
-        if result is None:
+        reading = self.read(run, entry, kind_of(recorded))
+        if reading is None:
             return
-        value, manifest = result
-        if not recorded:  # a legacy copy registered without a checksum
-            self.write(run, entry, self.good_fields(run, entry, value, manifest))
+        now = self.ctx.now()
+        if not recorded:  # a legacy copy registered without a checksum: what is there now
+            fields = self.good_fields(run, entry, reading, DISK)
+            self.release(run, entry, {**fields, "verified_time": now})
         elif not kind_of(recorded):
             log.error("%s: %s has a checksum cax cannot verify (%r); left as it is",
                       run_label(run), key, str(recorded)[:40])
-            self.write(run, entry, {"verified_time": self.ctx.now()})
-        elif value == recorded:
-            self.write(run, entry, {"verified_time": self.ctx.now()})
+            self.release(run, entry, {"verified_time": now})
+        elif reading.value(kind_of(recorded)) == recorded:
+            fields: dict[str, Any] = {"verified_time": now}
+            if rank(entry) == 1:  # the original's checksum, now verified by cax
+                fields["evidence"] = SELF
+            self.release(run, entry, fields)
             log.info("%s: %s re-verified from disk", run_label(run), key)
         else:
-            self.changed(run, entry, manifest)
+            self.changed(run, entry, reading.manifest)
 
-    def changed(self, run: dict[str, Any], entry: dict[str, Any],
-                manifest: Manifest | None) -> None:
+    def changed(self, run: dict[str, Any], entry: dict[str, Any], manifest: Manifest) -> None:
         """Our copy no longer matches its own checksum: report and send it to repair."""
         key = EntryKey.of(entry)
         recorded = self.db.find_manifest(run["_id"], key)
-        files = diff_manifests(recorded, manifest) if recorded and manifest else None
+        files = diff_manifests(recorded, manifest) if recorded else None
         log.error("%s: %s changed on disk since it was verified: %s", run_label(run), key,
                   describe_files(files))
-        reference = find_reference(self.ctx.config, run, key)
-        if reference is None or reference.get("host") == self.site.name \
-                or not kind_of(reference.get("checksum")):
-            reference = entry  # no other reference: the copy's own recorded checksums
-        self.mark_bad(run, entry, reference,
+        self.mark_bad(run, entry, judge(run, key.type, key.version),
                       f"data changed on disk since verified ({describe_files(files)})")

@@ -3,12 +3,15 @@
 * TapeUpload (``tsm`` sites in ``upload_options``): for each run with a verified local raw copy
   and a tape entry that needs work (none, a retry due, a dead lease), claim the tape entry,
   stage, back up, restore to a scratch place and compare every file; register ``transferred``
-  with the tape path and checksum, or ``error`` with the reason.  The tape entry's checksum is the
-  local copy's (names as in the dataset), so purge sees the two as the same data.
+  with the tape path and the local copy's checksums (the original's sha512 too, where the local
+  copy records one, so old daemons and the original's restore count it), or ``error`` with the
+  reason.  Only a good local copy (its dataset's origin) is backed up.
 * TapeRestore (``tsm`` sites in ``download_options``): for each run whose tape entry is
   ``transferred`` and whose local raw copy is missing, claim the local entry, restore into a
-  scratch place beside ``dir_raw/<name>``, undo the tape names, verify against the tape entry's
-  checksum (adler32, or the original's sha512 dirhash) and register the local copy.
+  scratch place beside ``dir_raw/<name>``, undo the tape names, verify against the dataset's
+  origin (adler32, or the original's sha512 dirhash) and register the local copy.
+* A tape entry the original cax left ``transferring`` without a lease for over a day is taken
+  over and redone (the original's tape configurations run no RetryStalledTransfer).
 
 The original's ``task_list`` names these steps ``CopyPush`` and ``CopyPull`` (its tape configs
 list only those), so each task answers to that name too.  The daemon runs tape work in its
@@ -25,20 +28,21 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from cax.checksum import dataset_checksum
+from cax.checksum import dataset_checksum, scan_dataset
 from cax.claimed import ClaimedJob, Keeper, schedule, short_reason
-from cax.clock import as_utc
 from cax.config import Site
-from cax.errors import CaxError, ConfigError
+from cax.errors import CaxError, ChecksumMismatchError, ConfigError
 from cax.paths import checked_location, scratch_path
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
+from cax.runsdb.judgement import is_good, needs_copy, needs_copy_query, retry_conditions
+from cax.runsdb.origins import ORIGIN, Proof, checksums, differs, judge, preferred
 from cax.runsdb.runs import Claim
 from cax.schema import TAPE_METHODS
 from cax.tape.dsmc import Dsmc, TsmSetup
 from cax.tape.roundtrip import backup_and_verify, restore_and_verify
 from cax.tape.staging import DatasetRefused, remove_tree
 from cax.tasks.base import Context, Task
-from cax.tasks.copyjob import is_retry_due, retry_conditions
+from cax.tasks.stalled import creation_time
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +58,39 @@ def client_of(site: Site) -> Dsmc:
     return Dsmc(TsmSetup.of(site.tsm))
 
 
+#: A lease-less ``transferring`` entry of the original older than this is stalled.
+STALL_AFTER = dt.timedelta(hours=24)
+
+
+def stalled_legacy(now: dt.datetime) -> dict[str, Any]:
+    """Conditions on a ``transferring`` entry of the original cax (no lease) that has not moved
+    for a day: nobody will finish it."""
+    return {"status": TRANSFERRING, "lease_owner": {"$exists": False},
+            "lease_expires": {"$exists": False},
+            "$or": [{"creation_time": {"$exists": False}},
+                    {"creation_time": {"$lt": now - STALL_AFTER}}]}
+
+
+def is_stalled_legacy(entry: dict[str, Any], now: dt.datetime) -> bool:
+    """The Python twin of ``stalled_legacy``."""
+    if entry.get("status") != TRANSFERRING or "lease_owner" in entry \
+            or "lease_expires" in entry:
+        return False
+    created = creation_time(entry)
+    return created is None or created < now - STALL_AFTER
+
+
 def needs_work(entry: dict[str, Any] | None, site: Site, now: dt.datetime) -> bool:
-    """Whether an entry is absent, in ``error`` with a retry due, or leased by a dead owner."""
-    if entry is None:
-        return True
-    status = entry.get("status")
-    if status == ERROR:
-        return entry.get("attempts", 0) < site.max_attempts and is_retry_due(entry, now)
-    expires = entry.get("lease_expires")
-    return status == TRANSFERRING and expires is not None and as_utc(expires) < now
+    """Whether an entry is absent, in ``error`` with a retry due, leased by a dead owner, or a
+    stalled transfer of the original."""
+    return needs_copy(entry, site.max_attempts, now) or bool(
+        entry and is_stalled_legacy(entry, now))
 
 
 def needs_work_query(key: EntryKey, site: Site, now: dt.datetime) -> list[dict[str, Any]]:
     """``needs_work`` as runs-DB query parts."""
-    return [{"data": {"$not": key.elem_match()}},
-            {"data": key.elem_match(status=ERROR, **retry_conditions(site, now))},
-            {"data": key.elem_match(status=TRANSFERRING, lease_expires={"$lt": now})}]
+    return needs_copy_query(key, site.max_attempts, now) + [
+        {"data": key.elem_match(**stalled_legacy(now))}]
 
 
 @dataclass
@@ -105,6 +126,7 @@ class TapeJob(ClaimedJob):
     def __init__(self, ctx: Context, run: dict[str, Any], tape: Site):
         super().__init__(ctx)
         self.run_doc, self.tape = run, tape
+        self.judgement = judge(run, "raw", None)
         self.run_id = run["_id"]
         self.label = run_label(run)
         self.client = client_of(ctx.site)
@@ -129,16 +151,21 @@ class TapeJob(ClaimedJob):
         fields = {"status": TRANSFERRING, **self.claim_fields(), "transfer_start": now,
                   "reading": self.reads.match()}
         common = {"owner": self.ctx.owner, "lease_s": self.lease_s, "fields": fields,
-                  "requires": self.requires()}
+                  "requires": self.requires(), "run": self.run_doc}
         return self.db.claim(self.run_id, self.key, new_entry={"checksum": None},
-                             statuses=[ERROR], conditions=retry_conditions(self.ctx.site, now),
+                             statuses=[ERROR],
+                             conditions=retry_conditions(self.max_attempts, now),
                              **common) or \
             self.db.claim(self.run_id, self.key, statuses=[TRANSFERRING],
-                          conditions={"lease_expires": {"$lt": now}}, **common)
+                          conditions={"lease_expires": {"$lt": now}}, **common) or \
+            self.db.claim(self.run_id, self.key, statuses=[TRANSFERRING],
+                          conditions={k: v for k, v in stalled_legacy(now).items()
+                                      if k != "status"}, **common)
 
     def work(self, keeper: Keeper) -> None:
         fields = self.produce(keeper)
-        self.register({"transfer_end": self.ctx.now(), **fields}, ("reading",))
+        self.register({"transfer_end": self.ctx.now(), "evidence": ORIGIN, **fields},
+                      ("reading", "adler32_checksum", "partial"), proof=Proof.against(self.judgement))
 
     def run(self) -> bool:
         """Do the claimed work and record its outcome; time it for the summary line."""
@@ -191,11 +218,18 @@ class UploadJob(TapeJob):
                                  checksum=self.local.get("checksum"), keeper=keeper)
         self.result.files, self.result.size = copy.files, copy.size
         keeper.check()
+        if not self.judgement.agrees({"checksum": copy.checksum}):
+            raise ChecksumMismatchError(f"{self.label}: the staged files are not the dataset's "
+                                        "origin; not registered")
         self.db.save_manifest(self.run_id, self.key, copy.manifest, copy.checksum,
                               self.ctx.now())
         log.info("Upload to tape: [succcessful] %s (%s)", copy.location, copy.checksum[:20])
-        return {"location": copy.location, "checksum": copy.checksum, "size": copy.size,
-                "file_count": copy.files, "tsm_prefix": copy.prefix, "tsm_mode": copy.mode}
+        fields = {"location": copy.location, "checksum": copy.checksum, "size": copy.size,
+                  "file_count": copy.files, "tsm_prefix": copy.prefix, "tsm_mode": copy.mode}
+        legacy = checksums(self.local).get("sha512-dirhash")
+        if legacy:  # what the local copy is known by to the original's daemons and restore
+            fields.update(checksum=legacy, adler32_checksum=copy.checksum)
+        return fields
 
     def fail(self, exc: BaseException) -> None:
         log.info("Upload to tape: [failed] %s", self.source)
@@ -238,20 +272,47 @@ class RestoreJob(TapeJob):
         return scratch_path(self.final, self.token)
 
     def produce(self, keeper: Keeper) -> dict[str, Any]:
-        reference = self.there.get("checksum")
-        if not reference:
-            raise DatasetRefused(f"{self.tape_location}: the tape entry has no checksum")
-        tape_manifest = self.db.find_manifest(self.run_id, self.reads)
+        origin = self.judgement.origin
+        if origin is None:
+            raise DatasetRefused(f"{self.tape_location}: the dataset has no settled origin to "
+                                 f"verify a restore against ({self.judgement.describe()})")
+        origin_manifest = self.db.find_origin_manifest(self.run_id, self.key, origin) \
+            if self.judgement.stored else None
+        reference = preferred(origin)
+        adopted = self.adopt_final(origin)
+        if adopted is not None:
+            return adopted
+        tape_manifest = origin_manifest or self.db.find_manifest(self.run_id, self.reads)
         log.info("%s: tape restore of %s into %s (attempt %d)", self.result.label,
                  self.tape_location, self.final, self.attempts)
         manifest = restore_and_verify(self.client, self.tape_location, self.prefix, self.final,
                                       self.scratch, reference, tape_manifest, keeper=keeper)
         checksum = dataset_checksum(manifest)
+        if differs({"checksum": checksum}, origin):
+            raise ChecksumMismatchError(f"{self.label}: the restored data are not the "
+                                        "dataset's origin; not registered")
         self.result.files = len(manifest)
         self.result.size = sum(size for size, _ in manifest.values())
         self.db.save_manifest(self.run_id, self.key, manifest, checksum, self.ctx.now())
         return {"location": self.final, "checksum": checksum, "size": self.result.size,
                 "file_count": self.result.files}
+
+    def adopt_final(self, origin: dict[str, Any]) -> dict[str, Any] | None:
+        """The fields of the restored copy already in place, if an earlier attempt renamed it
+        there but could not register it (the runs DB away); None if nothing is there."""
+        if not os.path.lexists(self.final):
+            return None
+        self.db.check_place_free(self.ctx.site.name, self.final, self.run_id, self.key)
+        manifest = scan_dataset(self.final)
+        checksum = dataset_checksum(manifest)
+        if differs({"checksum": checksum}, origin) is not False:
+            raise FileExistsError(f"{self.final} exists and is not this dataset; not replacing "
+                                  "it with the tape copy")
+        log.info("%s: the verified restore of an earlier attempt is in place; registering it",
+                 self.label)
+        self.db.save_manifest(self.run_id, self.key, manifest, checksum, self.ctx.now())
+        return {"location": self.final, "checksum": checksum,
+                "size": sum(size for size, _ in manifest.values()), "file_count": len(manifest)}
 
     def cleanup(self) -> None:
         remove_tree(self.scratch)
@@ -321,7 +382,7 @@ class TapeUpload(TapeTask):
 
     def jobs(self, run: dict[str, Any]) -> list[TapeJob]:
         here = find_entry(run, EntryKey(self.site.name, "raw"))
-        if not here or here.get("status") != TRANSFERRED:
+        if not is_good(judge(run, "raw", None), here):
             return []
         now = self.ctx.now()
         return [UploadJob(self.ctx, run, t, here) for t in self.tapes
@@ -347,8 +408,9 @@ class TapeRestore(TapeTask):
         if not needs_work(find_entry(run, EntryKey(self.site.name, "raw")), self.site,
                           self.ctx.now()):
             return []
+        judgement = judge(run, "raw", None)
         for tape in self.tapes:
             there = find_entry(run, EntryKey(tape.name, "raw"))
-            if there and there.get("status") == TRANSFERRED:
+            if is_good(judgement, there):
                 return [RestoreJob(self.ctx, run, tape, there)]
         return []

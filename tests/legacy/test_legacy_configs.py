@@ -34,7 +34,7 @@ CASES = [(path, site["name"]) for path in CONFIGS for site in json.loads(path.re
 @pytest.fixture()
 def runs_db(tmp_path, monkeypatch):
     uri = f"embedded:{tmp_path / 'runsdb'}"
-    open_runsdb("file:" + uri[len("embedded:"):]).close()  # an existing, empty runs DB
+    open_runsdb("file:" + uri[len("embedded:"):], create=True).close()  # an existing, empty runs DB
     monkeypatch.setenv("CAX_RUNS_DB", uri)
     monkeypatch.delenv("HOSTNAME", raising=False)
     monkeypatch.delenv("CAX_HOST", raising=False)
@@ -95,7 +95,7 @@ def test_runs_db_option_wins_and_hostname_names_the_site(tmp_path, monkeypatch):
     monkeypatch.delenv("CAX_HOST", raising=False)
     monkeypatch.setenv("HOSTNAME", "midway-login1")  # the original's batch scripts
     store = tmp_path / "store"
-    open_runsdb(f"file:{store}").close()
+    open_runsdb(f"file:{store}", create=True).close()
     code, lines = run_cax("--once", "--dry-run", "--ncpu", "1", "--run", "6123", "--config",
                           str(HERE / "configs" / "v5.2.1-list.json"), "--runs-db",
                           f"embedded:{store}")

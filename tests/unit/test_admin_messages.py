@@ -21,16 +21,29 @@ def test_unreachable_runs_db_is_one_short_line_within_seconds(tmp_path):
                              "unreachable: 127.0.0.1:1: [Errno 111] Connection refused\n")
 
 
-def test_dry_run_on_a_new_embedded_store_has_nothing_to_do(tmp_path):
+def test_missing_embedded_store_is_an_outage_for_every_command(tmp_path):
+    """Issue 17.10: with the store's folder moved away, a dry run, ``status`` and ``run add``
+    each exit 3 with one line, and nothing is created at the store's path."""
     config = tmp_path / "cax.json"
-    config.write_text(json.dumps({"runs_db": "file:new-store", "sites": [
-        {"name": "daq", "method": "local", "dir_raw": str(tmp_path), "data_type": ["raw"]}]}))
-    result = subprocess.run([sys.executable, "-m", "cax", "--config", str(config), "--host",
-                             "daq", "--once", "--dry-run"], capture_output=True, text=True,
-                            timeout=120)
+    raw = tmp_path / "raw"
+    (raw / "170101_0000").mkdir(parents=True)
+    (raw / "170101_0000" / "f").write_bytes(b"x")
+    config.write_text(json.dumps({"runs_db": "file:store", "sites": [
+        {"name": "daq", "method": "local", "dir_raw": str(raw), "data_type": ["raw"]}]}))
+    cax = [sys.executable, "-m", "cax", "--config", str(config), "--host", "daq"]
+    for argv in (["--once", "--dry-run"], ["status"], ["status", "--stuck"],
+                 ["run", "add", "--number", "27", "--location", str(raw / "170101_0000")]):
+        result = subprocess.run(cax + argv, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 3, (argv, result.stderr)
+        assert "no embedded runs DB at" in result.stderr, argv
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "store").exists(), argv
+    result = subprocess.run(cax + ["run", "add", "--create-runs-db", "--number", "27",
+                                   "--location", str(raw / "170101_0000")],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "pass 1: done, 0 item(s) done, 0 failed" in result.stderr
-    assert not (tmp_path / "new-store").exists()  # a dry run creates nothing
+    assert "creating a new, empty embedded runs DB" in result.stderr
+    assert (tmp_path / "store" / "runsdb.sqlite").exists()
 
 
 def test_task_list_error_names_the_file_and_site(tmp_path):

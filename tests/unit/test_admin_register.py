@@ -8,7 +8,7 @@ import json
 from click.testing import CliRunner
 
 from cax.cli import cli
-from cax.runsdb import TRANSFERRED, VERIFYING
+from cax.runsdb import VERIFYING
 
 
 def cax(config, *args):
@@ -16,9 +16,16 @@ def cax(config, *args):
                                     *args])
 
 
+def run_dir(path, files=2):
+    """A raw run directory as the DAQ writes it: a few files."""
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (path / f"XENON1T-{i:06d}.zip").write_bytes(bytes([i]) * 100)
+    return path
+
+
 def test_add_one_run_verifying_then_duplicates_refused(two_sites, runsdb, tmp_path):
-    raw = tmp_path / "daq/raw/170131_1200"
-    raw.mkdir()
+    raw = run_dir(tmp_path / "daq/raw/170131_1200")
     result = cax(two_sites, "--number", "7", "--location", str(raw), "--tag", "blind")
     assert result.exit_code == 0, result.output
     run = runsdb.find_runs({"number": 7})[0]
@@ -26,29 +33,29 @@ def test_add_one_run_verifying_then_duplicates_refused(two_sites, runsdb, tmp_pa
     assert run["start"] == dt.datetime(2017, 1, 31, 12, tzinfo=dt.timezone.utc)
     assert run["tags"] == [{"name": "blind"}]
     assert run["data"][0]["status"] == VERIFYING and run["data"][0]["host"] == "daq"
-    other = tmp_path / "daq/raw/170131_1300"
-    other.mkdir()
+    other = run_dir(tmp_path / "daq/raw/170131_1300")
     same_number = cax(two_sites, "--number", "7", "--location", str(other))
     assert same_number.exit_code == 1
     assert same_number.stderr == ("cax: run 7 (170131_1300, tpc) not registered: the runs DB "
                                   "already has run 7 (170131_1200, tpc), started 2017-01-31 "
                                   "12:00:00 UTC\n")
-    same_name = cax(two_sites, "--number", "8", "--location", str(raw))
-    assert same_name.exit_code == 1 and "already has run 7 (170131_1200, tpc)" in same_name.stderr
-    muon_veto = cax(two_sites, "--number", "7", "--location", str(other), "--detector",
-                    "muon_veto")
-    assert muon_veto.exit_code == 0, muon_veto.output  # numbers are per detector
+    same_place = cax(two_sites, "--number", "8", "--location", str(raw))
+    assert same_place.exit_code == 2
+    assert "is already the location of run 7 (170131_1200)" in same_place.stderr
+    muon_veto = run_dir(tmp_path / "daq/raw/170131_1300_MV")
+    veto = cax(two_sites, "--number", "7", "--location", str(muon_veto), "--name",
+               "170131_1300", "--detector", "muon_veto")
+    assert veto.exit_code == 0, veto.output  # numbers are per detector
     assert runsdb.count_runs({}) == 2
 
 
-def test_add_transferred_with_checksum_and_refusals(two_sites, runsdb, tmp_path):
-    raw = tmp_path / "daq/raw/170131_1400"
-    raw.mkdir()
+def test_add_with_the_daqs_checksum_is_verified_first_and_refusals(two_sites, runsdb, tmp_path):
+    raw = run_dir(tmp_path / "daq/raw/170131_1400")
     checksum = "adler32:" + "0" * 64
     result = cax(two_sites, "--number", "1", "--location", str(raw), "--checksum", checksum)
     assert result.exit_code == 0, result.output
     entry = runsdb.find_runs({"number": 1})[0]["data"][0]
-    assert entry["status"] == TRANSFERRED and entry["checksum"] == checksum
+    assert entry["status"] == VERIFYING and entry["checksum"] == checksum  # nothing taken on trust
     bad = cax(two_sites, "--number", "2", "--location", str(raw), "--checksum", "abc")
     assert bad.exit_code == 2 and "is not a cax checksum" in bad.stderr
     outside = cax(two_sites, "--number", "2", "--location", str(tmp_path))
@@ -57,11 +64,11 @@ def test_add_transferred_with_checksum_and_refusals(two_sites, runsdb, tmp_path)
 
 def test_from_dir_registers_new_run_directories_once(two_sites, runsdb, tmp_path):
     for name in ("170201_0000", "170202_0000", "170203_0000_MV"):
-        (tmp_path / "daq/raw" / name).mkdir()
+        run_dir(tmp_path / "daq/raw" / name)
     result = cax(two_sites, "--from-dir", str(tmp_path / "daq/raw"))
     assert result.exit_code == 0, result.output
     assert sorted(r["number"] for r in runsdb.find_runs({})) == [0, 1, 2]
-    (tmp_path / "daq/raw/170204_0000").mkdir()
+    run_dir(tmp_path / "daq/raw/170204_0000")
     again = cax(two_sites, "--from-dir", str(tmp_path / "daq/raw"))
     assert again.exit_code == 0, again.output
     assert again.stdout.count("skipped") == 3

@@ -260,7 +260,7 @@ def test_bad_pushed_copy_repaired_by_the_pushing_site_file_by_file(sites, runsdb
     expected = dataset_checksum(scan_dataset(daq))
     run_id = insert(runsdb, make_run(15, data=[copy_entry("daq", daq), copy_entry(
         "lab", lab, status=ERROR, checksum_problem="daq", expected_checksum=expected,
-        attempts=0, next_attempt=utcnow() - dt.timedelta(minutes=1))]))
+        checksum=expected, attempts=0, next_attempt=utcnow() - dt.timedelta(minutes=1))]))
     untouched = {p: p.stat().st_ino for p in lab.rglob("*") if p.is_file() and p != bad}
     sent = []
     from cax.transport.local import LocalTransport
@@ -287,9 +287,10 @@ def test_advance_clock_helper_moves_the_db_clock(runsdb):
 def test_once_fails_after_any_error_line(sites, runsdb, tmp_path):
     """Issue 7 item 12: an ERROR line that no task counted still makes ``--once`` exit 1."""
     here = make_dataset(tmp_path / "lab/raw/170101_1201")
-    insert(runsdb, make_run(12, name="170101_1201", data=[
-        copy_entry("lab", here), {"host": "daq", "type": "raw", "status": TRANSFERRED,
-                                  "checksum": "n/a", "location": "/x/170101_1201"}]))
+    insert(runsdb, make_run(12, name="170101_1201", data=[  # a dispute: logged, not a failure
+        copy_entry("lab", here, evidence="self"),
+        {"host": "daq", "type": "raw", "status": TRANSFERRED, "evidence": "self",
+         "checksum": "adler32:" + "0" * 64, "location": "/x/170101_1201"}]))
     ctx = make_context(sites, "lab", runsdb)
     assert Daemon(ctx, [CompareChecksums]).run(once=True) == 1
 
@@ -336,7 +337,7 @@ def test_attempt_counts_in_messages_are_the_runs_dbs(sites, runsdb, tmp_path, ca
 
     sites = edit_site(sites, "daq", max_attempts=2)
     source = tmp_path / "daq/raw/170101_1400"  # registered, but gone: a transient failure
-    run_id = insert(runsdb, make_run(14, data=[copy_entry("daq", source, checksum="adler32:1")]))
+    run_id = insert(runsdb, make_run(14, data=[copy_entry("daq", source, checksum="adler32:" + "1" * 64)]))
     for expected in (1, 2):
         caplog.clear()
         with caplog.at_level(logging.WARNING):

@@ -75,8 +75,8 @@ def test_cax_mv_moves_data_and_records_location(config, runsdb, raw, tmp_path):
 
 def test_cax_mv_db_update_failure_moves_data_back(config, runsdb, raw, tmp_path, monkeypatch):
     path, run_id = raw
-    target = tmp_path / "a/raw/run1b"
-    def failing(self, claim, location):
+    target = tmp_path / "a/raw/elsewhere/run1"
+    def failing(self, claim, run, location):
         raise RunsDBError("runs DB: relocate: connection reset")
 
     monkeypatch.setattr(RunsDB, "relocate", failing)
@@ -96,7 +96,7 @@ def test_cax_mv_failing_rename_changes_nothing(config, runsdb, raw, tmp_path, mo
 
     monkeypatch.setattr(oneshot, "_rename", refuse)
     code, _, err = run_cmd(cax_mv, config, "--input", str(path), "--output",
-                           str(tmp_path / "a/raw/run1b"))
+                           str(tmp_path / "a/raw/elsewhere/run1"))
     assert code == 1 and "Permission denied" in err
     assert path.is_dir()
     entry = entry_at(runsdb, run_id)
@@ -145,11 +145,12 @@ def test_cax_mv_target_outside_data_dir_refused(config, runsdb, raw, tmp_path, o
 
 def test_cax_mv_bad_input_exit_2(config, runsdb, raw, tmp_path):
     path, _ = raw
-    (tmp_path / "a/raw/taken").mkdir()
+    (tmp_path / "a/raw/taken/run1").mkdir(parents=True)
     unknown = make_dataset(tmp_path / "a/raw/unregistered")
-    cases = [(path, tmp_path / "a/raw/taken", "exists"),
+    cases = [(path, tmp_path / "a/raw/taken/run1", "exists"),
              (unknown, tmp_path / "a/raw/x", "no raw entry of site a"),
-             (path, path, "the same")]
+             (path, path, "the same"),
+             (path, tmp_path / "a/raw/run2", "does not belong to run 1")]
     for source, target, message in cases:
         code, _, err = run_cmd(cax_mv, config, "--input", str(source), "--output", str(target))
         assert (code, message in err) == (2, True), err

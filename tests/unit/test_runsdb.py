@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
 from cax.clock import utcnow
+from cax.errors import RunsDBError
 from cax.runsdb import (
     ERROR,
     TRANSFERRED,
@@ -14,6 +17,7 @@ from cax.runsdb import (
     open_runsdb,
 )
 from cax.runsdb.dbclock import DBClock
+from cax.runsdb.origins import Proof
 from tests.conftest import advance_clock, make_run
 
 RAW_AT_B = EntryKey("b", "raw")
@@ -54,9 +58,9 @@ def test_claim_held_lease_refused_expired_lease_taken_over(runsdb):
     assert taken.previous["lease_owner"] == "A" and taken.token != first.token
     # The loser can neither renew nor register nor record a failure any more.
     assert not runsdb.renew(first, 60)
-    assert not runsdb.register_verified(first, {"checksum": "adler32:x"})
+    assert not runsdb.register_verified(first, {"checksum": "adler32:x"}, proof=Proof())
     assert not runsdb.record_failure(first, "late", kind="transient", retry_at=None)
-    assert runsdb.register_verified(taken, {"checksum": "adler32:y"})
+    assert runsdb.register_verified(taken, {"checksum": "adler32:y"}, proof=Proof())
     entry = find_entry(runsdb.find_run(run_id), RAW_AT_B)
     assert entry["status"] == TRANSFERRED and entry["checksum"] == "adler32:y"
     assert not {"lease_owner", "lease_token", "lease_expires"} & set(entry)
@@ -68,7 +72,7 @@ def test_same_owner_other_attempt_cannot_write(runsdb):
     old = runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=1)
     advance_clock(runsdb, 2)
     new = runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=60)
-    assert new and not runsdb.register_verified(old, {})
+    assert new and not runsdb.register_verified(old, {}, proof=Proof())
     assert runsdb.renew(new, 60)
 
 
@@ -94,12 +98,14 @@ def test_claim_requires_other_entries_atomically(runsdb):
 def test_claim_updates_the_right_element(runsdb):
     """A positional update must touch the claimed entry, not the first one in the array."""
     run_id = fresh(runsdb, status=TRANSFERRING)
-    runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=60,
-                 fields={"location": "/x"})
+    run = runsdb.find_run(run_id)
+    place = f"/data/{run['name']}"
+    assert runsdb.claim(run_id, RAW_AT_B, statuses=[TRANSFERRING], owner="A", lease_s=60,
+                        fields={"location": place}, run=run)
     run = runsdb.find_run(run_id)
     assert find_entry(run, EntryKey("a", "raw")) == {"host": "a", "type": "raw",
                                                      "status": TRANSFERRED}
-    assert find_entry(run, RAW_AT_B)["location"] == "/x"
+    assert find_entry(run, RAW_AT_B)["location"] == place
 
 
 def test_failure_and_reset_recorded_in_history(runsdb):
@@ -182,7 +188,7 @@ def test_read_only_mode_writes_nothing(runsdb_uri):
 
 def test_embedded_store_persists_across_clients(tmp_path):
     uri = f"file:{tmp_path / 'db'}"
-    first = open_runsdb(uri)
+    first = open_runsdb(uri, create=True)
     first.insert_runs([make_run(7)])
     second = open_runsdb(uri)
     assert [r["number"] for r in second.find_runs({})] == [7]
@@ -191,9 +197,17 @@ def test_embedded_store_persists_across_clients(tmp_path):
     assert len(first.find_run(run_id)["data"]) == 1  # first sees the second's write
 
 
-def test_dry_run_on_missing_embedded_db_creates_nothing(tmp_path):
-    """A dry run on a store not created yet sees an empty runs DB (issue 8: nothing to do)."""
-    db = open_runsdb(f"file:{tmp_path / 'nothing'}", read_only=True)
-    assert db.find_runs({}) == [] and db.find_heartbeats() == []
-    db.close()
-    assert not (tmp_path / "nothing").exists()
+def test_missing_embedded_db_is_an_outage_and_nothing_is_created(tmp_path):
+    """Issue 17.10: a store that is not there (moved, unmounted) is an outage for every kind of
+    opening -- a dry run, a status view, a registration -- and nothing is created at its path;
+    only an explicit ``create`` makes one."""
+    for read_only in (True, False):
+        with pytest.raises(RunsDBError, match="no embedded runs DB"):
+            open_runsdb(f"file:{tmp_path / 'nothing'}", read_only=read_only)
+        assert not (tmp_path / "nothing").exists()
+    (tmp_path / "mountpoint").mkdir()  # an empty directory is no store either
+    with pytest.raises(RunsDBError):
+        open_runsdb(f"file:{tmp_path / 'mountpoint'}")
+    assert list((tmp_path / "mountpoint").iterdir()) == []
+    open_runsdb(f"file:{tmp_path / 'new'}", create=True).close()
+    open_runsdb(f"file:{tmp_path / 'new'}", read_only=True).close()

@@ -29,7 +29,9 @@ RAW_AT_B = EntryKey("b", "raw")
 
 @pytest.fixture
 def store(tmp_path: Path) -> str:
-    return f"file:{tmp_path / 'runsdb'}"
+    uri = f"file:{tmp_path / 'runsdb'}"
+    open_runsdb(uri, create=True).close()
+    return uri
 
 
 def _files(path: Path) -> set[str]:
@@ -84,7 +86,7 @@ def test_full_disk_leaves_memory_equal_to_disk(tmp_path):
     """On a real full disk (a tiny tmpfs) a failed write changes nothing, leaves no temp file."""
     with tiny_disk(tmp_path / "small", "400k") as mount:
         uri = f"file:{mount / 'runsdb'}"
-        db = open_runsdb(uri)
+        db = open_runsdb(uri, create=True)
         db.insert_runs([make_run(1, data=[{"host": "b", "type": "raw", "status": "x"}])])
         run_id = db.find_runs({})[0]["_id"]
         before = db.find_run(run_id)
@@ -145,7 +147,6 @@ def test_vanished_store_directory_is_an_outage_not_an_empty_db(store, tmp_path):
         db.find_runs({})
     with pytest.raises(RunsDBError):
         db.add_entry(run_id, {"host": "b", "type": "raw"})
-    # (a dry run opening a store that does not exist sees an empty runs DB: nothing to do)
 
 
 def test_corrupt_store_file_is_a_runs_db_error(tmp_path):

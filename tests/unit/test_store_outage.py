@@ -12,7 +12,7 @@ from tests.conftest import make_run
 
 
 def test_vanished_store_is_an_outage(tmp_path):
-    db = open_runsdb(f"file:{tmp_path / 'store'}")
+    db = open_runsdb(f"file:{tmp_path / 'store'}", create=True)
     db.insert_runs([make_run(1)])
     assert db.count_runs({}) == 1
     shutil.rmtree(tmp_path / "store")

@@ -67,7 +67,10 @@ def test_cax_web_with_a_secret_asks_for_it(world):
 
 
 def test_cax_web_takes_the_runs_db_option(world, tmp_path):
+    from cax.runsdb import open_runsdb
+
     other = tmp_path / "other-store"
+    open_runsdb(f"file:{other}", create=True).close()
     server = start(world, "--port", "0", options=("--runs-db", f"file:{other}"))
     try:
         assert f"serving the runs DB file:{other} " in server.stdout.readline()
@@ -112,3 +115,11 @@ def test_the_throughput_query_is_warmed_again_after_midnight(monkeypatch):
     late.stopped.set()
     late.join(10)
     assert not late.is_alive()
+
+
+def test_a_missing_runs_db_is_an_outage_not_an_empty_world(world, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "cax", "--config", str(world), "--host", "daq",
+                           "--runs-db", f"file:{tmp_path / 'nowhere'}", "web", "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and "Traceback" not in done.stderr
+    assert not (tmp_path / "nowhere").exists()
