@@ -28,26 +28,35 @@ from cax.runsdb import open_runsdb
 CHECKSUM = "adler32:" + "ab" * 32
 
 
-def seed(db, runs: int) -> None:
-    """Insert the run documents (the store's streamed bulk insert)."""
-    start = dt.datetime(2017, 1, 1, tzinfo=dt.timezone.utc)
+START = dt.datetime(2017, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def seed(db, runs: int, start: dt.datetime = START, tape: str | None = None) -> None:
+    """Insert the run documents (the store's streamed bulk insert), one every 10 minutes from
+    ``start``; with ``tape``, each run also has a copy at that tape site."""
     docs = []
     for n in range(runs):
         when = start + dt.timedelta(minutes=10 * n)
         name = when.strftime("%y%m%d_%H%M")
         lab = {"host": "lab", "type": "raw", "status": "transferred", "checksum": CHECKSUM,
                "location": f"/lab/raw/{name}", "source": "daq", "size": 3_000_000,
-               "file_count": 3}
+               "file_count": 3, "transfer_end": when + dt.timedelta(minutes=50)}
         if n % 1000 == 7:
             lab = {**lab, "status": "error", "attempts": 5, "next_attempt": None,
                    "error": "rsync: No space left on device"}
         elif n % 500 == 3:
             lab = {**lab, "status": "error", "attempts": 1, "next_attempt": when,
                    "error": "ssh: timeout"}
+        data = [{"host": "daq", "type": "raw", "status": "transferred", "checksum": CHECKSUM,
+                 "location": f"/daq/raw/{name}", "size": 3_000_000, "file_count": 3,
+                 "creation_time": when + dt.timedelta(minutes=5)}, lab]
+        if tape:
+            data.append({"host": tape, "type": "raw", "status": "transferred",
+                         "checksum": CHECKSUM, "location": name, "size": 3_000_000,
+                         "file_count": 3, "source": "daq",
+                         "transfer_end": when + dt.timedelta(minutes=70)})
         docs.append({"number": n, "name": name, "detector": "tpc", "start": when, "tags": [],
-                     "data": [{"host": "daq", "type": "raw", "status": "transferred",
-                               "checksum": CHECKSUM, "location": f"/daq/raw/{name}",
-                               "size": 3_000_000, "file_count": 3}, lab]})
+                     "data": data})
     db.insert_runs(docs)
 
 

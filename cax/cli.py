@@ -179,7 +179,7 @@ def cli(click_ctx: click.Context, once: bool, config_path: str | None, run_numbe
     """Keep this site's data where it must be, and tell the runs DB the truth about it."""
     if click_ctx.invoked_subcommand:
         click_ctx.obj = {"config_path": config_path or default_config_path(), "host": host,
-                         "log_level": log_level, "log_file": log_file}
+                         "log_level": log_level, "log_file": log_file, "runs_db": runs_db}
         return
     if run_number is not None and name is not None:
         raise click.UsageError("give --run or --name, not both")
@@ -768,6 +768,23 @@ def retry(obj: dict[str, Any], run_number: int | None, name: str | None, site: s
     if not targets:
         click.echo("nothing to retry")
     return 0
+
+
+@cli.command()
+@click.option("--bind", default="127.0.0.1", show_default=True, metavar="ADDRESS",
+              help="Listen on ADDRESS; any but loopback needs $CAX_WEB_TOKEN, or "
+              "$CAX_WEB_USER and $CAX_WEB_PASSWORD.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Listen on PORT (0: any free port, printed at start).")
+@click.pass_obj
+@guarded
+def web(obj: dict[str, Any], bind: str, port: int) -> int:
+    """Serve a read-only website over the runs DB: runs, daemons, stuck, tape, throughput."""
+    from cax.web.server import serve
+
+    config = load_config(obj["config_path"], obj["host"], obj["runs_db"])
+    setup_logging(obj["log_level"], obj["log_file"])
+    return serve(config, bind=bind, port=port, announce=click.echo)
 
 
 @cli.group("config")

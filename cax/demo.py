@@ -139,3 +139,7 @@ def run_demo(root: Path, runs: int = 4) -> Iterator[str]:
     yield f"  {cax} --host lab --once --log debug"
     yield f"  {cax} --host daq status --summary"
     yield f"  {cax} --host daq status"
+    yield ""
+    yield "See every run, copy and daemon in a browser (read-only, this machine only):"
+    yield f"  {cax} --host daq web"
+    yield "  and open http://127.0.0.1:8080/"

@@ -25,6 +25,7 @@ import bson
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
+from cax.clock import as_utc
 from cax.errors import RunsDBError, UnsafeNameError
 from cax.runsdb.dbclock import DBClock, ServerTime
 from cax.runsdb.entries import (
@@ -218,6 +219,8 @@ class RunsDB:
             [("start", DESCENDING)], [("tags.name", ASCENDING)],
             [("data.host", ASCENDING), ("data.type", ASCENDING), ("data.status", ASCENDING)],
             [("data.status", ASCENDING)],  # cax status --stuck, over every site
+            # cax web's throughput: copies registered in the last days (find_registered_since)
+            [("data.transfer_end", DESCENDING)], [("data.creation_time", DESCENDING)],
         ):
             self.runs.create_index(keys)
         try:  # invariant (a): one place, one entry, over all runs
@@ -239,6 +242,64 @@ class RunsDB:
         """Return the runs matching ``query``, newest first, with the fields tasks need."""
         return list(self.runs.find(query, projection or RUN_FIELDS, sort=NEWEST_FIRST,
                                    limit=limit))
+
+    @_db_call
+    def find_runs_older(self, query: dict[str, Any], older_than: tuple[Any, Any] | None, *,
+                        projection: dict[str, int], limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` runs matching ``query`` that sort after ``older_than``.
+
+        ``older_than`` is the (start, number) of the last run of the page before (None: the
+        first page): a keyset page, so a page deep in the runs DB is one sorted, limited find
+        like the first, never a skip over every newer run.  Runs without a start sort last,
+        as the server sorts them.  Two runs with the same start *and* number (two detectors
+        started in the same millisecond) may be split across a page boundary and one left out.
+        """
+        if older_than is not None:
+            start, number = older_than
+            if start is None:
+                after: dict[str, Any] = {"start": None, "number": {"$lt": number}}
+            else:
+                after = {"$or": [{"start": {"$lt": start}},
+                                 {"start": start, "number": {"$lt": number}},
+                                 {"start": None}]}
+            query = {"$and": [query, after]} if query else after
+        return self.find_runs(query, projection=projection, limit=limit)
+
+    @_db_call
+    def find_registered_since(self, since: dt.datetime) -> list[dict[str, Any]]:
+        """Every ``transferred`` copy registered at or after ``since``: host, type, size, time.
+
+        A copy's registration time is its ``transfer_end`` (copies, processing output, tape),
+        else its ``creation_time`` (data registered where it was written, e.g. the DAQ's).
+        Not ``verified_time``: Scrub moves that forward whenever it re-reads a copy.
+
+        Cost: on a MongoDB server, the indexes on ``data.transfer_end`` and
+        ``data.creation_time`` (``ensure_indexes``) bound it to the runs with a copy in the
+        window.  The embedded store holds no times in its index, so it evaluates every run
+        the first time; it remembers the runs a query did not match, so the same query
+        (pass the same ``since``, e.g. a midnight) later decodes only the window's runs and
+        those written since: at 100,000 runs about 5 s the first time, then 0.6 s with
+        4,300 runs in the window (``bench/web.py``: a run every 10 minutes).
+        """
+        window = {"$gte": since}
+        # No condition on the status here: every copy is transferred, so on the embedded store
+        # it would only make the index list every run; it is checked below.
+        query = {"$or": [{"data": {"$elemMatch": {"transfer_end": window}}},
+                         {"data": {"$elemMatch": {"transfer_end": None,
+                                                  "creation_time": window}}}]}
+        projection = {"_id": 0, "data.host": 1, "data.type": 1, "data.status": 1,
+                      "data.size": 1, "data.transfer_end": 1, "data.creation_time": 1}
+        found = []
+        for run in self.runs.find(query, projection):
+            for e in run.get("data") or ():
+                if not isinstance(e, dict) or e.get("status") != TRANSFERRED:
+                    continue
+                when = e.get("transfer_end") if e.get("transfer_end") is not None \
+                    else e.get("creation_time")
+                if isinstance(when, dt.datetime) and as_utc(when) >= as_utc(since):
+                    found.append({"host": e.get("host"), "type": e.get("type"),
+                                  "size": e.get("size"), "time": when})
+        return found
 
     @_db_call
     def find_run(self, run_id: Any) -> dict[str, Any] | None:

@@ -257,7 +257,7 @@ class StoreFile:
                 sql = f"SELECT doc FROM entries WHERE coll = ? AND {where}"
             return [r for (r,) in self.conn.execute(sql, [coll, *params])]
 
-        found = Planner(lookup).plan(query)
+        found = Planner(lookup, start_column=self.sortable).plan(query)
         if found.everything:
             return EVERYTHING
         irregular = self.irregular_rows(coll)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,16 +145,46 @@ def _id_values(condition: Any) -> list[Any] | None:
     return None if isinstance(condition, (list, type(None))) else [condition]
 
 
+#: Comparisons on ``start`` the index answers, as SQL operators on ``docs.start``.
+START_OPERATORS = {"$lt": "<", "$lte": "<=", "$gt": ">", "$gte": ">=", "$eq": "="}
+
+
+@dataclass(frozen=True)
+class Compare:
+    """Conditions on ``docs.start`` (epoch ms), all to hold: ``(SQL operator, value)`` pairs;
+    none at all means the column is NULL (``start`` null or missing)."""
+
+    terms: tuple[tuple[str, int], ...]
+
+
+def _start_compare(condition: Any) -> Compare | None:
+    """``start``'s condition as a Compare, if it is one the index answers exactly for regular
+    documents (whose ``start`` is a date or null): a date, null, or date comparisons."""
+    if condition is None:
+        return Compare(())
+    if isinstance(condition, dt.datetime):
+        return Compare((("=", _epoch_ms(condition)),))
+    if isinstance(condition, dict) and condition and all(
+            op in START_OPERATORS and isinstance(value, dt.datetime)
+            for op, value in condition.items()):
+        return Compare(tuple((START_OPERATORS[op], _epoch_ms(value))
+                             for op, value in condition.items()))
+    return None
+
+
 class Planner:
     """Turns one query into candidates, asking ``lookup`` for the row ids of index matches.
 
     ``lookup(table_conditions)`` gets ``("doc", {column: values})`` or ``("entry", {column:
     values})`` and returns the row ids of regular documents matching all of them (the
-    irregular ones are added once, at the end, by the caller).
+    irregular ones are added once, at the end, by the caller).  Values are a list (equal to
+    one of them) or, for ``start`` when the store has that column (``start_column``), a
+    Compare: the keyset pages of ``cax web`` ask for the runs that started before a time.
     """
 
-    def __init__(self, lookup: Any):
+    def __init__(self, lookup: Any, start_column: bool = True):
         self.lookup = lookup
+        self.start_column = start_column
 
     def plan(self, query: dict[str, Any]) -> Candidates:
         result = EVERYTHING
@@ -177,6 +206,9 @@ class Planner:
         if key in DOC_COLUMNS:
             values = _values(condition)
             return EVERYTHING if values is None else self._rows("doc", {key: values})
+        if key == "start" and self.start_column:
+            compare = _start_compare(condition)
+            return EVERYTHING if compare is None else self._rows("doc", {"start": compare})
         if key.startswith("data.") and key[5:] in ENTRY_COLUMNS:
             values = _values(condition)
             return EVERYTHING if values is None else self._rows(
@@ -212,14 +244,19 @@ class Planner:
                 columns[ENTRY_COLUMNS[field]] = values
         return columns, exact
 
-    def _rows(self, table: str, columns: dict[str, list[Any]]) -> Candidates:
+    def _rows(self, table: str, columns: dict[str, Any]) -> Candidates:
         return Candidates(frozenset(self.lookup(table, columns)), False)
 
 
-def sql_conditions(columns: dict[str, Iterable[Any]]) -> tuple[str, list[Any]]:
-    """Return ``col IN (?, ...) AND ...`` and its parameters."""
+def sql_conditions(columns: dict[str, Any]) -> tuple[str, list[Any]]:
+    """Return ``col IN (?, ...) AND ...`` (``col < ?``, ``col IS NULL`` for a Compare) and its
+    parameters."""
     parts, params = [], []
     for column, values in columns.items():
+        if isinstance(values, Compare):
+            parts += [f"{column} {op} ?" for op, _ in values.terms] or [f"{column} IS NULL"]
+            params += [value for _, value in values.terms]
+            continue
         values = list(values)
         parts.append(f"{column} IN ({', '.join('?' * len(values))})")
         params.extend(values)

@@ -16,8 +16,11 @@ def test_demo_next_commands_work_as_printed(tmp_path):
                           cwd=tmp_path)
     assert demo.returncode == 0, demo.stderr
     lines = demo.stdout.splitlines()
-    commands = [line.strip() for line in lines[lines.index("Try it yourself:") + 1:]]
+    first = lines.index("Try it yourself:") + 1
+    commands = [line.strip() for line in lines[first:lines.index("", first)]]
     assert len(commands) == 6
+    web = lines[lines.index("", first) + 2].strip()  # a server: tests/web/test_browser.py runs it
+    assert web == commands[-1].replace(" status", " web")
     outputs = []
     for command in commands:
         argv = shlex.split(command)

@@ -44,6 +44,22 @@ document = st.fixed_dictionaries(
                                                                  st.none(), st.just("x"))})
 
 
+T1, T2 = dt.datetime(2016, 1, 1, 12), dt.datetime(2016, 1, 2)
+#: Mostly regular documents, as the runs DB holds: a number, and a start that is a date or null.
+dated = st.fixed_dictionaries({"number": st.integers(0, 5)}, optional={
+    "start": st.one_of(st.none(), st.sampled_from([T1, T2]),
+                       st.datetimes(dt.datetime(2016, 1, 1), dt.datetime(2016, 1, 3))),
+    "data": st.lists(st.fixed_dictionaries({"host": st.sampled_from(["a", "b"])}), max_size=2)})
+#: Conditions on ``start`` the index answers: cax web's keyset pages (tests/web) and ranges.
+START_QUERIES = [
+    {"start": {"$lt": T2}}, {"start": {"$gte": T1, "$lt": T2}}, {"start": None},
+    {"start": T2}, {"start": {"$lte": T1}}, {"start": {"$gt": T1}},
+    {"$or": [{"start": {"$lt": T2}}, {"start": T2, "number": {"$lt": 2}}, {"start": None}]},
+    {"start": None, "number": {"$lt": 3}},
+    {"$and": [{"data.host": "a"}, {"$or": [{"start": {"$lt": T1}}, {"start": None}]}]},
+    {"start": {"$lt": "2016-01-02"}}, {"start": {"$ne": None}}]
+
+
 def _both(tmp_path_factory, docs):
     directory = tmp_path_factory.mktemp("store")
     store = EmbeddedClient(directory)["run"]["runs"]
@@ -88,7 +104,8 @@ def _is_nan(value):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(docs=st.lists(document, max_size=12), limit=st.integers(1, 5),
        query=st.sampled_from([{}, {"data.host": "a"}, {"number": {"$gte": 2}},
-                              {"data": {"$not": {"$elemMatch": {"host": "b"}}}}]))
+                              {"data": {"$not": {"$elemMatch": {"host": "b"}}}},
+                              *START_QUERIES]))
 def test_sorted_limited_find_from_the_index_equals_mongomock(tmp_path_factory, docs, limit,
                                                              query):
     # mongomock compares NaN as Python does (never less, never greater), so where a NaN
@@ -100,6 +117,16 @@ def test_sorted_limited_find_from_the_index_equals_mongomock(tmp_path_factory, d
     want = list(reference.find(query).sort(NEWEST_FIRST).limit(limit))
     # the same sort keys in the same order (which of several tied documents comes is free)
     assert [_sort_values(d) for d in got] == [_sort_values(d) for d in want]
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(docs=st.lists(st.one_of(dated, dated, document), max_size=12),
+       query=st.sampled_from(START_QUERIES))
+def test_conditions_on_start_from_the_index_equal_mongomock(tmp_path_factory, docs, query):
+    store, reference = _both(tmp_path_factory, docs)
+    assert sorted(d["_id"] for d in store.find(query)) == \
+        sorted(d["_id"] for d in reference.find(query))
 
 
 def test_sorted_limited_find_decodes_only_what_it_returns(tmp_path, monkeypatch):
@@ -135,6 +162,9 @@ def test_format_1_store_is_upgraded_with_its_start_column(tmp_path):
     conn.close()
     read_only = EmbeddedClient(tmp_path, read_only=True)["run"]["runs"]
     assert [d["number"] for d in read_only.find({}, sort=NEWEST_FIRST, limit=2)] == [0, 1]
+    # no start column to ask: a condition on start is evaluated on every document
+    assert [d["number"] for d in read_only.find({"start": {"$lt": t0 - dt.timedelta(days=2)}},
+                                                sort=NEWEST_FIRST, limit=2)] == [3, 4]
     again = EmbeddedClient(tmp_path)["run"]["runs"]
     assert again.file.sortable
     assert [d["number"] for d in again.find({}, sort=NEWEST_FIRST, limit=2)] == [0, 1]
