@@ -94,9 +94,9 @@ def test_no_new_file_is_started_once_the_sender_is_gone(tmp_path, monkeypatch):
         thread, outcome = _receive_in_thread(dest, pipes)
         listing = streamproto.list_tree(str(src).encode())
         streamproto.send_line(pipes.to_receiver, listing)
-        assert streamproto.read_line(pipes.from_receiver) == {"have": {}}
+        assert streamproto.read_line(pipes.from_receiver) == {"have": {}, "partial": {}}
         for index, (rel, size, _mode, _mtime) in enumerate(listing["files"]):
-            pipes.to_receiver.write(streamproto.HEADER.pack(index, size))
+            pipes.to_receiver.write(streamproto.HEADER.pack(index, -1, size))
             pipes.to_receiver.write((src / rel).read_bytes())
         pipes.to_receiver.flush()  # all 30 files are in the pipe or read by the receiver
         pipes.from_receiver.close()  # the sender is gone
