@@ -15,6 +15,8 @@ from __future__ import annotations
 import heapq
 import math
 
+from cax.transport.streamproto import RESUME_BLOCK
+
 SSH_WINDOW = 2 << 20
 """OpenSSH's channel window (CHAN_SES_WINDOW_DEFAULT): the bytes one stream has in flight."""
 PEAK_RATE = 500e6
@@ -48,19 +50,22 @@ def streams_for_size(wanted: int, nbytes: int) -> int:
 def split(items: list[list], streams: int) -> list[list]:
     """Cut the splittable items ([index, offset, length, splittable]; offset -1: the whole
     file) into ranges of at most a chunk so that each of ``streams`` gets several pieces;
-    return all pieces, largest first (the order in which streams take them)."""
+    return all pieces, largest first (the order in which streams take them).
+
+    Items start on a resume block (whole files, and the spans ``streamproto.plan`` sends of a
+    half-copied one), and large chunks are whole blocks, so every range starts on one."""
     total = sum(item[2] for item in items)
     chunk = max(MIN_RANGE, math.ceil(total / max(1, streams * PIECES_PER_STREAM)))
+    if chunk >= RESUME_BLOCK:  # whole blocks: a copy cut off keeps every range it finished
+        chunk = math.ceil(chunk / RESUME_BLOCK) * RESUME_BLOCK
     pieces = []
     for index, offset, length, splittable in items:
         if streams < 2 or not splittable or length <= chunk:
             pieces.append([index, offset, length, splittable])
             continue
         start, end = max(offset, 0), max(offset, 0) + length
-        count = math.ceil(length / chunk)
-        step = math.ceil(length / count)
-        for lo in range(start, end, step):
-            pieces.append([index, lo, min(step, end - lo), True])
+        for lo in range(start, end, chunk):
+            pieces.append([index, lo, min(chunk, end - lo), True])
     pieces.sort(key=lambda p: -p[2])
     return pieces
 

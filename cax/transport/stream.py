@@ -449,8 +449,9 @@ class StreamTransport(RsyncTransport):
                 if fatal:
                     if not stop.is_set():
                         stop.set()
-                        for other in conns:  # the others stop now, not at their end
-                            other._abort_now()  # noqa: SLF001
+                        for other in conns:  # the others stop now, not at their end;
+                            # (no abort flag: the transport stays usable for the next copy)
+                            RsyncTransport._abort_now(other)  # noqa: SLF001
                     return
 
         threads = [threading.Thread(target=stream, args=(k,), daemon=True,
