@@ -62,6 +62,9 @@ STREAM_RETRIES = 2
 ROUND_TRIP_TTL_S = 3600.0
 """How long a measured round trip is trusted (routes change)."""
 PINGS = 3
+LOGINS_AT_ONCE = 8
+"""Logins started at once: sshd's MaxStartups (10 by default) drops some beyond 10
+unauthenticated connections at a time."""
 
 
 class _Shared:
@@ -222,7 +225,10 @@ class StreamTransport(RsyncTransport):
         Kills it when ``watch`` saw no progress for the stall timeout or the size-based limit
         passed; raises _SiteEndFailed with the TransferError to report.
         """
-        conn._ensure_master()  # noqa: SLF001 - the connections are this module's
+        try:
+            conn._ensure_master()  # noqa: SLF001 - the connections are this module's
+        except TransferError as exc:  # a login refused by a busy sshd (MaxStartups) may pass
+            raise _SiteEndFailed(exc, died=exc.retryable and not self.aborted) from exc
         argv = ["ssh", *ssh.openssh_options(self.endpoint, conn._control), self._host,  # noqa: SLF001
                 ssh.python_command(self.endpoint)]
         limit_s = transfer_timeout_s(nbytes)
@@ -314,9 +320,12 @@ class StreamTransport(RsyncTransport):
     def _log_in(conns: list[RsyncTransport]) -> list[threading.Thread]:
         """Start the extra connections' logins in the background (joined before use)."""
 
+        room = threading.Semaphore(LOGINS_AT_ONCE)
+
         def login(conn: RsyncTransport) -> None:
             try:
-                conn._ensure_master()  # noqa: SLF001
+                with room:
+                    conn._ensure_master()  # noqa: SLF001
             except TransferError as exc:  # the stream itself will try again and report
                 log.debug("%r: login failed: %s", conn, exc)
 
@@ -439,6 +448,7 @@ class StreamTransport(RsyncTransport):
                     if failed.died and retries < STREAM_RETRIES and not self.aborted \
                             and not stop.is_set():
                         retries += 1
+                        stop.wait(0.2 * retries)  # a login refused at a busy moment
                         log.warning("stream %d of %d to %s died (%s); starting it again "
                                     "alone", k + 1, len(conns), self.endpoint.site,
                                     failed.error)
