@@ -92,6 +92,7 @@ class Site:
     known_hosts: str | None
     accept_new_host_keys: bool
     remote_python: str
+    streams: int | None
     dir_raw: str | None
     dir_processed: str | None
     dir_tsm: str | None

@@ -64,6 +64,11 @@ SITE_KEYS: tuple[Key, ...] = (
         "(a changed key is always refused).", read_from="peer"),
     Key("remote_python", ("str",), "python3", "Python 3 on the site, used to checksum there.",
         read_from="peer"),
+    Key("streams", ("int", "null"), None, "Parallel SSH connections per copy to and from this "
+        "site (methods stream and auto), each moving its share of the files and ranges of the "
+        "large ones. null: automatic, from the round trip measured through the connection "
+        "(one on a LAN, up to 16 across an ocean); 1: one stream.", minimum=1, maximum=64,
+        read_from="peer"),
     Key("dir_raw", ("str", "null"), None, "Directory holding raw datasets (normalised; no "
         "`..`; must not overlap another site's directories on the same host).",
         absolute_path=True, read_from="all"),

@@ -248,6 +248,13 @@ class Sshd:
         fields.update(overrides)
         return Endpoint(**fields)
 
+    def trust_port(self, port: int) -> None:
+        """Let clients of ``port`` (a proxy in front of this server, tests/wanproxy.py) find
+        the server's host key: known_hosts entries name the port."""
+        host_pub = (self.root / "host_ed25519.pub").read_text().split()
+        with open(self.known_hosts, "a") as f:
+            f.write(f"[{self.host}]:{port} {host_pub[0]} {host_pub[1]}\n")
+
     def ssh_argv(self) -> list[str]:
         """Return an OpenSSH client argv prefix (for benchmarks and anchors)."""
         return [

@@ -73,6 +73,7 @@ class Endpoint:
     connect_timeout_s: float = 30
     remote_python: str = "python3"  # runs the site-side helper scripts
     ciphers: tuple[str, ...] = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr")
+    streams: int | None = None  # parallel SSH connections per copy; None: automatic
 
     @property
     def address(self) -> str:

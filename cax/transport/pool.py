@@ -20,7 +20,7 @@ def endpoint_for(site: Site, method: str | None = None) -> Endpoint:
     return Endpoint(site=site.name, method=method or site.method, hostname=site.hostname,
                     port=site.port, username=site.username, key_file=site.key_file,
                     known_hosts=site.known_hosts, accept_new_host_keys=site.accept_new_host_keys,
-                    remote_python=site.remote_python)
+                    remote_python=site.remote_python, streams=site.streams)
 
 
 class TransportPool:

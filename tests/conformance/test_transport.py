@@ -25,8 +25,12 @@ from tests.conftest import tiny_disk
 
 pytestmark = pytest.mark.timeout(60)
 
-METHODS = ["local", "scp", "rsync", "openssh", "stream", "auto"]
+METHODS = ["local", "scp", "rsync", "openssh", "stream", "auto", "stream-x4", "auto-x4"]
 SSH_METHODS = ["scp", "rsync", "openssh", "stream", "auto"]
+PARALLEL = "-x4"
+"""A method name ending so: the method with ``streams`` 4, and the thresholds of lanes made
+small enough that the small trees of these tests are spread over 4 streams and their larger
+files cut into ranges (tests/conformance/test_parallel.py checks that they are)."""
 # every character a shell would act on, and a command substitution spread over path components
 EVIL = "we ird 'q\" ;&|<>*?[x]`id` $HOME $(touch {marker})"
 
@@ -36,11 +40,23 @@ def method(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def parallel_endpoint(sshd, method: str, monkeypatch: pytest.MonkeyPatch, **fields) -> Endpoint:
+    """``sshd``'s endpoint for ``method``; a PARALLEL one with 4 streams even for small data."""
+    if method.endswith(PARALLEL):
+        from cax.transport import lanes
+
+        monkeypatch.setattr(lanes, "MIN_STREAM_BYTES", 1)
+        monkeypatch.setattr(lanes, "MIN_RANGE", 64 << 10)
+        return sshd.endpoint(method[:-len(PARALLEL)], streams=4, **fields)
+    return sshd.endpoint(method, **fields)
+
+
 @pytest.fixture
-def endpoint(method: str, request: pytest.FixtureRequest) -> Endpoint:
+def endpoint(method: str, request: pytest.FixtureRequest,
+             monkeypatch: pytest.MonkeyPatch) -> Endpoint:
     if method == "local":
         return Endpoint(site="testsite", method="local")
-    return request.getfixturevalue("sshd").endpoint(method)
+    return parallel_endpoint(request.getfixturevalue("sshd"), method, monkeypatch)
 
 
 @pytest.fixture
@@ -573,6 +589,7 @@ def test_transport_abort_from_another_thread_stops_copy(
     dst = tmp_path / "dst"
     dst.mkdir()
     sshd = request.getfixturevalue("sshd") if transport.endpoint.method != "local" else None
+    streams = transport.endpoint.streams or 1
     sizes: list[int] = []
     from tests.sshd import _children
 
@@ -596,7 +613,7 @@ def test_transport_abort_from_another_thread_stops_copy(
     # (pipe buffers) in the moments before it sees the connection gone; then nothing more
     time.sleep(0.5)
     settled = _dest_size(dst)
-    assert settled - sizes[0] <= (0 if sshd is None else 2**21)
+    assert settled - sizes[0] <= (0 if sshd is None else streams * 2**21)
     time.sleep(1.0)
     assert _dest_size(dst) == settled, "the destination still grows after abort returned"
     with pytest.raises(TransferError):  # aborted until closed

@@ -94,9 +94,9 @@ def test_no_new_file_is_started_once_the_sender_is_gone(tmp_path, monkeypatch):
         thread, outcome = _receive_in_thread(dest, pipes)
         listing = streamproto.list_tree(str(src).encode())
         streamproto.send_line(pipes.to_receiver, listing)
-        assert streamproto.read_line(pipes.from_receiver) == {"have": {}}
+        assert streamproto.read_line(pipes.from_receiver) == {"have": {}, "partial": {}}
         for index, (rel, size, _mode, _mtime) in enumerate(listing["files"]):
-            pipes.to_receiver.write(streamproto.HEADER.pack(index, size))
+            pipes.to_receiver.write(streamproto.HEADER.pack(index, -1, size))
             pipes.to_receiver.write((src / rel).read_bytes())
         pipes.to_receiver.flush()  # all 30 files are in the pipe or read by the receiver
         pipes.from_receiver.close()  # the sender is gone
@@ -159,3 +159,63 @@ def test_listing_is_top_down_by_name_and_refuses_links_and_special_files(tmp_pat
         assert caught.value.errno == errno.EINVAL
         assert os.fsdecode(caught.value.filename) == str(odd)
         odd.unlink()
+
+
+# ------------------------------------------------------------------ ranges and resume blocks
+
+
+def test_adler32_combine_equals_the_checksum_of_the_concatenation():
+    import random
+    import zlib
+
+    rng = random.Random(7)
+    data = os.urandom(300_000)
+    for _ in range(50):
+        cut = rng.randrange(0, len(data) + 1)
+        a, b = data[:cut], data[cut:]
+        assert streamproto.adler32_combine(zlib.adler32(a), zlib.adler32(b), len(b)) \
+            == zlib.adler32(data)
+    zeros = bytes(200_000)  # sums that wrap the modulus
+    assert streamproto.adler32_combine(zlib.adler32(zeros), zlib.adler32(data), len(data)) \
+        == zlib.adler32(zeros + data)
+
+
+def test_assemble_refuses_a_file_with_a_missing_or_doubled_range():
+    import zlib
+
+    data = os.urandom(1000)
+
+    def piece(lo, hi):
+        return [lo, hi - lo, "%08x" % zlib.adler32(data[lo:hi])]
+
+    listing = {"files": [["f", 1000, 0o644, 0]], "dirs": [[".", 0o755, 0]], "kind": "dir"}
+    manifest, rels = streamproto.assemble(listing, {}, {}, {}, {"f": [piece(400, 1000),
+                                                                      piece(0, 400)]})
+    assert manifest == {"f": [1000, "%08x" % zlib.adler32(data)]} and rels == ["f"]
+    for pieces in ([piece(0, 400)], [piece(0, 400), piece(300, 1000)],
+                   [piece(0, 400), piece(400, 1000), piece(400, 1000)]):
+        with pytest.raises(streamproto.StreamError):
+            streamproto.assemble(listing, {}, {}, {}, {"f": pieces})
+    with pytest.raises(streamproto.StreamError, match="left out"):
+        streamproto.assemble(listing, {}, {}, {}, {})
+
+
+def test_split_cuts_large_files_into_ranges_that_tile_them_and_share_evenly():
+    from cax.transport import lanes
+
+    block = streamproto.RESUME_BLOCK
+    items = [[0, -1, 50 * block + 3, True], [1, -1, 1000, True], [2, -1, 9 * block, False],
+             [3, 2 * block, 5 * block, True]]
+    pieces = lanes.split(items, 8)
+    for index, start, length in ((0, 0, 50 * block + 3), (3, 2 * block, 5 * block)):
+        ranges = sorted((p[1], p[2]) for p in pieces if p[0] == index)
+        assert len(ranges) > 1 and ranges[0][0] == start
+        assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:], strict=False))
+        assert sum(n for _, n in ranges) == length
+        assert all(lo % block == 0 for lo, _ in ranges)  # on resume blocks
+    assert [2, -1, 9 * block, False] in pieces  # an existing file's inode is never ranged
+    assert [1, -1, 1000, True] in pieces
+    shares = lanes.assign(pieces, 8)
+    loads = sorted(sum(p[2] for p in share) for share in shares)
+    assert loads[-1] - loads[0] <= 9 * block  # the largest piece at most
+    assert lanes.split(items, 1) == sorted(items, key=lambda p: -p[2])  # one stream: as is
