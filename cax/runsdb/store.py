@@ -13,6 +13,10 @@ operation is one SQLite transaction (``storefile``) that
   collection, and
 * writes back only the documents that changed, one row each, and commits (fsynced).
 
+Unique indexes declared with ``create_index(..., unique=True)`` are enforced in that same
+transaction (``storeunique``): a write that would repeat a key raises MongoDB's duplicate key
+error and writes nothing.
+
 Nothing is kept in memory between operations, so another process's write is seen by the next
 operation, a failed write leaves nothing applied anywhere, and memory does not grow with the
 number of runs.  Values pass through a BSON round trip on the way in, as they would to a real
@@ -53,6 +57,7 @@ from pymongo.results import (
 )
 
 from cax.runsdb.storefile import StoreFile, id_key
+from cax.runsdb.storeunique import make_spec
 from cax.runsdb.storeindex import (
     ENTRY_COLUMNS,
     EVERYTHING,
@@ -426,16 +431,39 @@ class EmbeddedCollection:
         self._returned(1)
         return found
 
-    def create_index(self, keys: Any, **kwargs: Any) -> str:
-        """The store keeps its own index (see ``storeindex``); only the name is returned."""
-        with self._op("createIndexes", write=False):
-            pass
-        return "_".join(f"{k}_{d}" for k, d in keys)
+    def create_index(self, keys: Any, *, unique: bool = False, name: str | None = None,
+                     **kwargs: Any) -> str:
+        """Declare an index; return its name, as pymongo does.
+
+        Queries are served by the store's own index whatever is declared (``storeindex``),
+        so a plain index is only recorded, for MongoDB's conflicts between declarations.  A
+        unique one is enforced on every later write (``storeunique``); creating it over
+        documents that already share a key fails with DuplicateKeyError, declaring nothing.
+        A read-only store records nothing (a unique index there: StoreError).
+        """
+        spec = make_spec(keys, name, unique)
+        if self.client.read_only and not unique:
+            with self._op("createIndexes", write=False):
+                return spec.name
+        with self._op("createIndexes", write=True):
+            self.file.create_index(self.coll, spec)
+        return spec.name
+
+    def index_information(self) -> dict[str, dict[str, Any]]:
+        """The declared indexes, as pymongo's ``index_information`` (``_id_`` first)."""
+        with self._op("listIndexes", write=False):
+            specs = self.file.indexes(self.coll)
+        info: dict[str, dict[str, Any]] = {"_id_": {"key": [("_id", 1)]}}
+        for spec in specs:
+            info[spec.name] = {"key": list(spec.keys), **({"unique": True} if spec.unique else {})}
+        return info
 
     def drop(self) -> None:
+        """Remove every document and every declared index, as MongoDB's drop does."""
         with self._op("drop", write=True):
             self.file.next_seq()
             self.file.delete(row for row, _, _, _ in self.file.load(self.coll, EVERYTHING))
+            self.file.drop_indexes(self.coll)
 
 
 def _entry_count(pipeline: list[dict]) -> tuple[dict[str, str], str] | None:

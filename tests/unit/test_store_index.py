@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cax.runsdb.store import EmbeddedClient
-from cax.runsdb.storefile import FILE_NAME
+from cax.runsdb.storefile import FILE_NAME, FORMAT
 
 COUNT_PIPELINE = [
     {"$project": {"_id": 0, "data.host": 1, "data.type": 1, "data.status": 1}},
@@ -130,6 +130,10 @@ def test_format_1_store_is_upgraded_with_its_start_column(tmp_path):
     conn = sqlite3.connect(tmp_path / FILE_NAME)
     conn.execute("DROP INDEX docs_start")
     conn.execute("ALTER TABLE docs DROP COLUMN start")
+    conn.execute("DROP INDEX entries_location")  # nor had it what format 3 added
+    conn.execute("ALTER TABLE entries DROP COLUMN location")
+    conn.execute("DROP TABLE index_keys")
+    conn.execute("DROP TABLE indexes")
     conn.execute("UPDATE meta SET value = 1 WHERE name = 'format'")
     conn.commit()
     conn.close()
@@ -139,5 +143,5 @@ def test_format_1_store_is_upgraded_with_its_start_column(tmp_path):
     assert again.file.sortable
     assert [d["number"] for d in again.find({}, sort=NEWEST_FIRST, limit=2)] == [0, 1]
     conn = sqlite3.connect(tmp_path / FILE_NAME)
-    assert conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone() == (2,)
+    assert conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone() == (FORMAT,)
     assert conn.execute("SELECT count(*) FROM docs WHERE start IS NULL").fetchone() == (0,)
