@@ -81,7 +81,7 @@ CREATE TABLE IF NOT EXISTS docs (
 CREATE TABLE IF NOT EXISTS entries (
     doc INTEGER NOT NULL, coll TEXT NOT NULL, host, type, status, version, location);
 CREATE TABLE IF NOT EXISTS indexes (
-    coll TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL,
+    coll TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, is_unique INTEGER NOT NULL,
     PRIMARY KEY (coll, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS index_keys (
     coll TEXT NOT NULL, name TEXT NOT NULL, key BLOB NOT NULL, doc INTEGER NOT NULL,
@@ -498,16 +498,19 @@ class StoreFile:
 
     # -- declared indexes -----------------------------------------------------------------
 
-    def indexes(self, coll: str, conn: sqlite3.Connection | None = None) -> list[IndexSpec]:
+    def indexes(self, coll: str, conn: sqlite3.Connection | None = None, *,
+                unique_only: bool = False) -> list[IndexSpec]:
         """The indexes declared on ``coll`` (by ``create_index``), in name order."""
         if not self.has_indexes:
             return []
+        only = " AND is_unique = 1" if unique_only else ""
         return [IndexSpec.from_json(name, spec) for name, spec in (conn or self.conn).execute(
-            "SELECT name, spec FROM indexes WHERE coll = ? ORDER BY name", (coll,))]
+            f"SELECT name, spec FROM indexes WHERE coll = ?{only} ORDER BY name", (coll,))]
 
     def unique_indexes(self, coll: str, conn: sqlite3.Connection | None = None
                        ) -> list[IndexSpec]:
-        return [spec for spec in self.indexes(coll, conn) if spec.unique]
+        """The unique indexes of ``coll``: looked up at every write (no cache to go stale)."""
+        return self.indexes(coll, conn, unique_only=True)
 
     def create_index(self, coll: str, spec: IndexSpec) -> None:
         """Declare ``spec``; a unique one gets the keys of every document first, and fails
@@ -519,8 +522,8 @@ class StoreFile:
                 raise problem
             if existing == spec:
                 return
-        self.conn.execute("INSERT INTO indexes (coll, name, spec) VALUES (?, ?, ?)",
-                          (coll, spec.name, spec.to_json()))
+        self.conn.execute("INSERT INTO indexes (coll, name, spec, is_unique) VALUES (?, ?, ?, ?)",
+                          (coll, spec.name, spec.to_json(), int(spec.unique)))
         if not spec.unique:
             return
         keys: list[tuple] = []

@@ -273,6 +273,8 @@ class Planner:
         size = _size(within)
         best, driver = min(size, LARGE), None
         for part in parts:
+            if best <= 1:  # nothing beats one row (an ``_id``): the rest is not even counted
+                break
             estimate = self.estimate(part, int(best))
             if estimate < best:
                 best, driver = estimate, part
