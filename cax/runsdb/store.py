@@ -174,8 +174,14 @@ class EmbeddedCollection:
         if self.client.documents_listener:
             self.client.documents_listener(count)
 
-    def _matching(self, filter: dict, memo: bool = False) -> list[tuple[int, bytes, dict]]:
-        """(row, BSON, document) of every document matching ``filter``, in natural order.
+    def _matching(self, filter: dict) -> list[tuple[int, bytes, dict]]:
+        """(row, BSON, document) of every document matching ``filter``, in natural order."""
+        return [(row, body, doc) for row, _, body, doc in self._matches(filter)]
+
+    def _matches(self, filter: dict, memo: bool = False
+                 ) -> Iterator[tuple[int, int, bytes, dict]]:
+        """Yield (row, seq, BSON, document) of every match, in natural order, one at a time
+        (a find of 100,000 runs holds each decoded run only until its caller took it).
 
         With ``memo`` (reads), the documents a query did not match are remembered with their
         generation: the next time the same query runs, only documents written since are
@@ -194,10 +200,9 @@ class EmbeddedCollection:
             misses = {row: known[row] for row in unchanged}
         else:
             misses = {}
-        matched = []
         for row, seq, body, doc in self.file.load(self.coll, found):
             if mongomock.filtering.filter_applies(naive, doc):
-                matched.append((row, body, doc))
+                yield row, seq, body, doc
             else:
                 misses[row] = seq
         if key and len(misses) >= MEMO_ABOVE and b"$$NOW" not in key[1]:
@@ -205,7 +210,6 @@ class EmbeddedCollection:
             self.client._memo.move_to_end(key)
             while len(self.client._memo) > MEMO_QUERIES:
                 self.client._memo.popitem(last=False)
-        return matched
 
     def _scratch(self, docs: list[dict]) -> Any:
         """A mongomock collection holding just ``docs`` (not copied), for evaluation."""
@@ -268,11 +272,17 @@ class EmbeddedCollection:
              limit: int = 0, skip: int = 0) -> list[dict]:
         filter = _bson_roundtrip(filter or {})
         with self._op("find", write=False):
-            order = self._index_order(sort) if limit and not skip else None
-            if order:
+            order = self._index_order(sort)
+            fields = _inclusion(projection)
+            if order and limit and not skip:
                 docs = self._first_in_order(filter, order, limit)
+            elif fields is not None and not skip and (order or not sort) \
+                    and not (sort and self.file.irregular_rows(self.coll)):
+                found = self._streamed(filter, fields, order, limit)
+                self._returned(len(found))
+                return found
             else:
-                docs = [doc for _, _, doc in self._matching(filter, memo=True)]
+                docs = [doc for _, _, _, doc in self._matches(filter, memo=True)]
             scratch = self._scratch(docs)
             cursor = scratch.find({}, projection)
             if sort:
@@ -285,6 +295,29 @@ class EmbeddedCollection:
         self._returned(len(found))
         return found
 
+    def _streamed(self, filter: dict, fields: tuple[set[str], bool],
+                  order: list[tuple[str, int]] | None, limit: int) -> list[dict]:
+        """The matches, each projected as it is decoded, ordered by the index's columns.
+
+        A find of every run (a pass's first query after 100,000 runs were imported) then
+        holds one copy of the runs, not three (decoded, mongomock's projected copy, sorted).
+        Only for plain inclusion projections and regular documents, whose sort columns
+        SQLite orders as MongoDB does (null, then numbers, then strings).
+        """
+        keep, with_id = fields
+        aware = mongomock.helpers.make_datetime_timezone_aware_in_document  # as a client's
+        found = [(row, aware({k: v for k, v in doc.items()
+                              if k in keep or (with_id and k == "_id")}))
+                 for row, _, _, doc in self._matches(filter, memo=True)]
+        if order:
+            keys = self.file.sort_keys(self.coll, [row for row, _ in found],
+                                       [column for column, _ in order])
+            for i, (_, direction) in reversed(list(enumerate(order))):  # stable: last key first
+                found.sort(key=lambda item, i=i: _sql_order(keys[item[0]][i]),
+                           reverse=direction < 0)
+        docs = [doc for _, doc in found]
+        return docs[:limit] if limit else docs
+
     def find_one(self, filter: dict | None = None, projection: Any = None, *,
                  sort: Any = None) -> dict | None:
         found = self.find(filter, projection, sort=sort, limit=1)
@@ -293,7 +326,7 @@ class EmbeddedCollection:
     def count_documents(self, filter: dict) -> int:
         filter = _bson_roundtrip(filter)
         with self._op("aggregate", write=False):
-            return len(self._matching(filter, memo=True))
+            return sum(1 for _ in self._matches(filter, memo=True))
 
     def distinct(self, key: str, filter: dict | None = None) -> list:
         filter = _bson_roundtrip(filter or {})
@@ -497,6 +530,37 @@ def _entry_count(pipeline: list[dict]) -> tuple[dict[str, str], str] | None:
             return None
         names[name] = ENTRY_COLUMNS[field]
     return names, total
+
+
+def _inclusion(projection: Any) -> tuple[set[str], bool] | None:
+    """(fields kept, whether ``_id`` is) of a plain inclusion projection of top-level
+    fields (None: all of them), or None for anything else (mongomock applies those)."""
+    if projection is None:
+        return None
+    if not isinstance(projection, dict) or not projection:
+        return None
+    keep = set()
+    with_id = True
+    for key, value in projection.items():
+        if not isinstance(key, str) or "." in key or key.startswith("$"):
+            return None
+        if key == "_id" and value in (0, False) and not isinstance(value, float):
+            with_id = False
+        elif value in (1, True) and not isinstance(value, float):
+            keep.add(key)
+        else:
+            return None
+    return (keep, with_id) if keep or with_id else None
+
+
+def _sql_order(value: Any) -> tuple[int, Any]:
+    """A regular document's sort column as SQLite (and MongoDB) orders it: null, numbers,
+    strings."""
+    if value is None:
+        return 0, 0
+    if isinstance(value, str):
+        return 2, value
+    return 1, value
 
 
 def _project(doc: dict, projection: Any) -> dict:

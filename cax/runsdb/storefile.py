@@ -361,6 +361,18 @@ class StoreFile:
                     raw = unpack(*bodies[row])
                     yield key, row, raw, bson.decode(raw, codec_options=CODEC)
 
+    def sort_keys(self, coll: str, rows: list[int], columns: list[str]
+                  ) -> dict[int, tuple[Any, ...]]:
+        """The values of ``columns`` (of ``SORT_COLUMNS``) of each of ``rows``."""
+        keys: dict[int, tuple[Any, ...]] = {}
+        selected = ", ".join(columns)
+        for start in range(0, len(rows), 500):
+            chunk = rows[start:start + 500]
+            keys.update((row, tuple(values)) for row, *values in self.conn.execute(
+                f"SELECT row, {selected} FROM docs WHERE row IN "
+                f"({', '.join('?' * len(chunk))})", chunk))
+        return keys
+
     def irregular_rows(self, coll: str) -> set[int]:
         return {r for (r,) in self.conn.execute(
             "SELECT row FROM docs WHERE coll = ? AND irregular = 1", (coll,))}
