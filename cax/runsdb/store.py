@@ -74,6 +74,8 @@ DocumentsListener = Callable[[int], None]
 #: Queries whose non-matches are remembered per client, and from how many non-matches on.
 MEMO_QUERIES = 32
 MEMO_ABOVE = 200
+#: Candidates of a sorted, limited find that are decoded directly instead of met in index order.
+FEW_CANDIDATES = 200
 
 
 class StoreError(PyMongoError):
@@ -254,6 +256,11 @@ class EmbeddedCollection:
         """
         found = self.file.candidates(self.coll, filter)
         naive = mongomock.helpers.patch_datetime_awareness_in_document(filter)
+        if not found.complement and len(found.rows) <= FEW_CANDIDATES + limit:
+            # a few candidates (a run by name or number): decoding them beats walking the
+            # whole index in order to meet them
+            return [doc for _, _, _, doc in self.file.load(self.coll, found)
+                    if mongomock.filtering.filter_applies(naive, doc)]
         docs: list[dict] = []
         last = None
         for key, _, _, doc in self.file.ordered(self.coll, order, found):
