@@ -9,7 +9,8 @@ manifest of 100 files per copy, then timed:
   transferred + its manifest saved);
 * at a site holding a copy of every run ("lab"), as Scrub and CompareChecksums do it: claim of
   the existing ``transferred`` entry, renew, register (verified again);
-* a query (one run by number) and an idle pass of every task at one site.
+* a query (one run by number) and an idle pass of every task at one site (every copy
+  verified at seeding: nothing is due).
 
 ``legacy``: the first pass after importing the original cax's runs: every run has a raw copy
 at "daq" and "lab" as the original registered them (sha512 dirhash checksum, no size, no
@@ -43,13 +44,16 @@ SITES = ("daq", "lab")
 FILES_PER_RUN = 100
 OPS = 30
 T0 = dt.datetime(2017, 1, 1, tzinfo=dt.timezone.utc)
+#: The ``ops`` copies were verified at seeding: nothing is due for Scrub, so the idle pass is
+#: idle (a store where every copy is due is the ``legacy`` case).
+VERIFIED = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
 
 def run_doc(n: int) -> dict:
     entries = [{"host": site, "type": "raw", "status": "transferred",
                 "location": f"/data/{site}/raw/r{n:06d}", "checksum": f"adler32:{n:08x}",
                 "size": FILES_PER_RUN * 1000, "file_count": FILES_PER_RUN,
-                "creation_time": T0, "verified_time": T0,
+                "creation_time": T0, "verified_time": VERIFIED,
                 **({"compared_checksum": f"adler32:{n:08x}|adler32:{n:08x}"}
                    if site == "lab" else {})} for site in SITES]
     return {"number": n, "name": f"r{n:06d}", "detector": "tpc",
