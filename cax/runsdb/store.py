@@ -344,7 +344,7 @@ class EmbeddedCollection:
         pipeline = _bson_roundtrip(pipeline)
         first = pipeline[0].get("$match") if pipeline else None
         with self._op("aggregate", write=False):
-            grouped = _entry_count(pipeline)
+            grouped = _entry_count(pipeline, self.file.entry_columns)
             if grouped:
                 found = self._count_entries(pipeline, *grouped)
             else:
@@ -481,7 +481,7 @@ class EmbeddedCollection:
         documents that already share a key fails with DuplicateKeyError, declaring nothing.
         A read-only store records nothing (a unique index there: StoreError).
         """
-        spec = make_spec(keys, name, unique)
+        spec = make_spec(keys, name, unique, kwargs)
         if self.client.read_only and not unique:
             with self._op("createIndexes", write=False):
                 return spec.name
@@ -506,7 +506,8 @@ class EmbeddedCollection:
             self.file.drop_indexes(self.coll)
 
 
-def _entry_count(pipeline: list[dict]) -> tuple[dict[str, str], str] | None:
+def _entry_count(pipeline: list[dict], columns: dict[str, str] = ENTRY_COLUMNS
+                 ) -> tuple[dict[str, str], str] | None:
     """Recognise a count of ``data[]`` entries grouped by index fields, else None.
 
     The shape is ``[$project of data.* fields (optional), $unwind "$data", $group {_id:
@@ -533,9 +534,9 @@ def _entry_count(pipeline: list[dict]) -> tuple[dict[str, str], str] | None:
     names = {}
     for name, path in key.items():
         field = path[6:] if isinstance(path, str) and path.startswith("$data.") else None
-        if field not in ENTRY_COLUMNS or (projected is not None and field not in projected):
+        if field not in columns or (projected is not None and field not in projected):
             return None
-        names[name] = ENTRY_COLUMNS[field]
+        names[name] = columns[field]
     return names, total
 
 

@@ -70,8 +70,22 @@ def index_name(keys: Sequence[tuple[str, Any]]) -> str:
     return "_".join(f"{path}_{direction}" for path, direction in keys)
 
 
-def make_spec(keys: Any, name: str | None, unique: bool) -> IndexSpec:
-    """Check a ``create_index`` request the store can hold; OperationFailure if not."""
+#: ``create_index`` options that change what a unique index enforces: refused, never ignored.
+UNSUPPORTED_UNIQUE = ("sparse", "partialFilterExpression", "collation", "hidden")
+
+
+def make_spec(keys: Any, name: str | None, unique: bool,
+              options: dict[str, Any] | None = None) -> IndexSpec:
+    """Check a ``create_index`` request the store can hold; OperationFailure if not.
+
+    Options that only matter to a server's index (``background``) are accepted; those that
+    change what a unique index enforces are refused, so the embedded store never enforces a
+    rule other than the one asked for.
+    """
+    unsupported = [o for o in UNSUPPORTED_UNIQUE if (options or {}).get(o)]
+    if unique and unsupported:
+        raise OperationFailure(f"the embedded runs DB does not keep unique indexes with "
+                               f"{', '.join(unsupported)}", CANNOT_CREATE_INDEX)
     if isinstance(keys, str):
         keys = [(keys, 1)]
     keys = tuple((str(path), direction) for path, direction in keys)

@@ -173,6 +173,16 @@ def test_declaring_it_again_is_harmless_and_a_conflict_is_mongodbs(runs):
         runs.insert_one(run(2, entry("lab", "/x")))
 
 
+def test_options_that_would_change_the_rule_are_refused_not_ignored(tmp_path):
+    coll = EmbeddedClient(tmp_path)["run"]["runs_new"]
+    for options in ({"sparse": True}, {"partialFilterExpression": {"data.location": {
+            "$exists": True}}}):
+        with pytest.raises(OperationFailure, match="does not keep unique indexes with"):
+            coll.create_index(HOST_LOCATION, unique=True, **options)
+    assert list(coll.index_information()) == ["_id_"]
+    coll.create_index(HOST_LOCATION, unique=True, background=True)  # a server's detail
+
+
 def test_the_index_holds_for_every_client_and_after_reopening(tmp_path):
     first = EmbeddedClient(tmp_path)["run"]["runs_new"]
     first.create_index(HOST_LOCATION, unique=True)
