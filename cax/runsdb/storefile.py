@@ -66,7 +66,8 @@ CODEC = CodecOptions()
 FILE_NAME = "runsdb.sqlite"
 CLOCK_NAME = "clock"
 #: 1: the first SQLite format; 2: ``docs.start`` (epoch ms) added, for sorted limited finds;
-#: 3: ``entries.location`` added, and the tables of declared indexes and unique keys.
+#: 3: ``entries.location`` added, and the tables of declared indexes and unique keys; the
+#: index on ``docs.seq`` dropped (no query used it, and every write rewrote it).
 FORMAT = 3
 PACK_ABOVE = 2048
 BUSY_TIMEOUT_S = 60.0
@@ -89,7 +90,7 @@ CREATE TABLE IF NOT EXISTS index_keys (
 """
 INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS docs_key ON docs (coll, key);
-CREATE INDEX IF NOT EXISTS docs_seq ON docs (seq);
+DROP INDEX IF EXISTS docs_seq;
 CREATE INDEX IF NOT EXISTS docs_number ON docs (coll, number);
 CREATE INDEX IF NOT EXISTS docs_name ON docs (coll, name);
 CREATE INDEX IF NOT EXISTS docs_irregular ON docs (coll, irregular);
@@ -481,11 +482,18 @@ class StoreFile:
         renewal changes no indexed value: it writes one row and no index)."""
         values = index_values(doc)
         packed, body = encode_body(doc)
-        self.conn.execute(
-            "UPDATE docs SET key = ?, seq = ?, number = ?, name = ?, irregular = ?, packed = ?, "
-            "body = ?, start = ? WHERE row = ?",
-            (id_key(doc["_id"]), seq, values.number, values.name, int(values.irregular), packed,
-             body, values.start, row))
+        indexed = {"key": id_key(doc["_id"]), "number": values.number, "name": values.name,
+                   "irregular": int(values.irregular), "start": values.start}
+        stored = self.conn.execute("SELECT key, number, name, irregular, start FROM docs "
+                                   "WHERE row = ?", (row,)).fetchone()
+        # SQLite rewrites the index entries of every column SET, changed or not: set only
+        # the indexed columns that changed (a renewal then writes 2 pages less per index)
+        changed = {column: value for (column, value), old in zip(indexed.items(), stored or (),
+                                                                  strict=False)
+                   if repr(value) != repr(old)} if stored else indexed
+        assigned = "".join(f", {column} = ?" for column in changed)
+        self.conn.execute(f"UPDATE docs SET seq = ?, packed = ?, body = ?{assigned} WHERE row = ?",
+                          (seq, packed, body, *changed.values(), row))
         columns = ", ".join(self.entry_columns.values())
         stored = self.conn.execute(f"SELECT {columns} FROM entries WHERE doc = ?",
                                    (row,)).fetchall()

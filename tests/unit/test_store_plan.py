@@ -218,3 +218,19 @@ def test_the_store_finds_what_mongomock_finds(tmp_path_factory, docs, query, ext
         sorted(d["_id"] for d in reference.find(query))
     assert EVALUATE_BELOW >= 1
     store.client.close()
+
+
+def test_a_renewal_rewrites_the_run_and_no_index(tmp_path):
+    """A write that changes no indexed value writes the run's page and the store's counter,
+    not the pages of every index (SQLite rewrites the entries of each column it is told to
+    SET, changed or not): each page less is less to fsync at every commit."""
+    db = _populated(tmp_path / "store", 2000)
+    run_id = db.find_runs({"number": 1000}, projection={"_id": 1})[0]["_id"]
+    claim = db.claim(run_id, LAB, owner="o", lease_s=60, statuses=[TRANSFERRED],
+                     count_attempt=False)
+    conn = db.runs.file.conn
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert db.renew(claim, 60)
+    frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+    assert frames <= 3, f"a renewal wrote {frames} pages"
