@@ -132,20 +132,23 @@ def _create_schema(conn: sqlite3.Connection) -> None:
 def _reindex(conn: sqlite3.Connection) -> None:
     """Recompute every document's index values from its body (once; seconds at 100,000
     runs): a new column is filled, and a document a new column makes irregular is marked."""
-    docs = []
-    entries: list[tuple] = []
-    for row, coll, packed, body in conn.execute(
-            "SELECT row, coll, packed, body FROM docs").fetchall():
-        values = index_values(bson.decode(unpack(packed, body), codec_options=CODEC))
-        docs.append((values.number, values.name, int(values.irregular), values.start, row))
-        entries.extend((row, coll, *entry) for entry in values.entries)
-    conn.executemany("UPDATE docs SET number = ?, name = ?, irregular = ?, start = ? "
-                     "WHERE row = ?", docs)
     conn.execute("DELETE FROM entries")
-    conn.executemany(ENTRY_INSERT, entries)
+    rows = [row for (row,) in conn.execute("SELECT row FROM docs ORDER BY row")]
+    for start in range(0, len(rows), 1000):  # in chunks: memory does not grow with the store
+        chunk = rows[start:start + 1000]
+        docs, entries = [], []
+        for row, coll, packed, body in conn.execute(
+                f"SELECT row, coll, packed, body FROM docs WHERE row IN "
+                f"({', '.join('?' * len(chunk))})", chunk).fetchall():
+            values = index_values(bson.decode(unpack(packed, body), codec_options=CODEC))
+            docs.append((values.number, values.name, int(values.irregular), values.start, row))
+            entries.extend((row, coll, *entry) for entry in values.entries)
+        conn.executemany("UPDATE docs SET number = ?, name = ?, irregular = ?, start = ? "
+                         "WHERE row = ?", docs)
+        conn.executemany(ENTRY_INSERT, entries)
     conn.execute("UPDATE meta SET value = ? WHERE name = 'format'", (FORMAT,))
     log.info("runs DB: upgraded the embedded store to format %d (%d documents)", FORMAT,
-             len(docs))
+             len(rows))
 
 
 def id_key(value: Any) -> bytes:
@@ -486,8 +489,8 @@ class StoreFile:
                    "irregular": int(values.irregular), "start": values.start}
         stored = self.conn.execute("SELECT key, number, name, irregular, start FROM docs "
                                    "WHERE row = ?", (row,)).fetchone()
-        # SQLite rewrites the index entries of every column SET, changed or not: set only
-        # the indexed columns that changed (a renewal then writes 2 pages less per index)
+        # SQLite rewrites the index entries of every column SET, changed or not: only the
+        # indexed columns that changed are set (a renewal then rewrites no index page)
         changed = {column: value for (column, value), old in zip(indexed.items(), stored or (),
                                                                   strict=False)
                    if repr(value) != repr(old)} if stored else indexed
