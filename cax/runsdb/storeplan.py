@@ -25,9 +25,12 @@ never stale and costs nothing on writes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, Union
+
+from bson.regex import Regex
 
 from cax.runsdb.storeindex import (
     DOC_COLUMNS,
@@ -116,15 +119,22 @@ def values_of(condition: Any) -> tuple[Any, ...] | None:
 
 
 def id_values(condition: Any) -> tuple[Any, ...] | None:
-    """The ``_id`` values an equality or ``$in`` accepts (any BSON value), or None."""
+    """The ``_id`` values an equality or ``$in`` accepts (any BSON value), or None.
+
+    A regular expression is not a value: ``{_id: /^a/}`` matches by pattern.
+    """
     if isinstance(condition, dict) and condition and all(k.startswith("$") for k in condition):
         if set(condition) == {"$eq"}:
-            return (condition["$eq"],)
-        if set(condition) == {"$in"} and isinstance(condition["$in"], list):
-            values = condition["$in"]
-            return None if any(isinstance(v, (dict, list)) for v in values) else tuple(values)
+            values = (condition["$eq"],)
+        elif set(condition) == {"$in"} and isinstance(condition["$in"], list):
+            values = tuple(condition["$in"])
+        else:
+            return None
+    else:
+        values = (condition,)
+    if any(isinstance(v, (dict, list, type(None), re.Pattern, Regex)) for v in values):
         return None
-    return None if isinstance(condition, (list, type(None))) else (condition,)
+    return values
 
 
 def parse(query: dict[str, Any], entry_columns: Mapping[str, str] = ENTRY_COLUMNS) -> Node:

@@ -157,14 +157,11 @@ def key_values(doc: dict[str, Any], keys: Sequence[tuple[str, int]]) -> list[tup
         value = doc.get(top, MISSING)
         if isinstance(value, list):
             arrays.append(top)
-            elements = value if value else [MISSING]  # a path through [] is null
-            partials = []
-            for element in elements:
-                if not value:
-                    partials.append({i: UNDEFINED if rest is None else None for i, rest in paths})
-                    continue
-                partials.extend(_element_keys(element, paths, top))
-            per_group.append(partials)
+            if not value:  # [] itself is undefined; a path through it is null
+                per_group.append([{i: UNDEFINED if rest is None else None for i, rest in paths}])
+                continue
+            per_group.append([partial for element in value
+                              for partial in _element_keys(element, paths, top)])
         else:
             inner = [rest for _, rest in paths if rest is not None
                      and isinstance(_below(value, rest), list)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -255,3 +256,11 @@ def test_a_renewal_rewrites_the_run_and_no_index(tmp_path):
     assert db.renew(claim, 60)
     frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
     assert frames <= 3, f"a renewal wrote {frames} pages"
+
+
+def test_a_regular_expression_on_id_is_a_pattern_not_a_value(tmp_path):
+    store = EmbeddedClient(tmp_path)["run"]["runs"]
+    store.insert_many([{"_id": "abc"}, {"_id": "xyz"}, {"_id": 7}])
+    assert store.find({"_id": re.compile("^a")}) == [{"_id": "abc"}]
+    assert store.find({"_id": {"$in": [re.compile("^x"), 7]}}) == [{"_id": "xyz"}, {"_id": 7}]
+    assert parse({"_id": re.compile("^a")}) is ALL
