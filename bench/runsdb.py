@@ -42,7 +42,7 @@ from pathlib import Path
 
 SITES = ("daq", "lab")
 FILES_PER_RUN = 100
-OPS = 30
+OPS = 100
 T0 = dt.datetime(2017, 1, 1, tzinfo=dt.timezone.utc)
 #: The ``ops`` copies were verified at seeding: nothing is due for Scrub, so the idle pass is
 #: idle (a store where every copy is due is the ``legacy`` case).
