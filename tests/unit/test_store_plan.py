@@ -134,7 +134,8 @@ def _populated(path: Path, runs: int) -> RunsDB:
 
 
 def _work_per_write(db: RunsDB, number: int, monkeypatch) -> dict[str, tuple[int, int]]:
-    """(VM steps, documents decoded) of each write a task makes at the populated site."""
+    """(VM steps, documents decoded) of each write a task makes at the populated site, and
+    of the read that names a copy by its (host, location): the unique key of provenance."""
     run_id = db.find_runs({"number": number}, projection={"_id": 1})[0]["_id"]
     decoded: list[int] = []
     real = bson.decode
@@ -157,11 +158,12 @@ def _work_per_write(db: RunsDB, number: int, monkeypatch) -> dict[str, tuple[int
                                           owner="o", lease_s=60,
                                           new_entry={"status": TRANSFERRING}))
     measure("record", lambda: db.record_compared(run_id, LAB, "a|b"))
+    measure("by location", lambda: db.find_runs_with_location("lab", f"/lab/raw/{number}"))
     monkeypatch.undo()
     return work
 
 
-def test_writes_at_a_populated_site_do_not_grow_with_its_runs(tmp_path, monkeypatch):
+def test_work_at_a_populated_site_does_not_grow_with_its_runs(tmp_path, monkeypatch):
     small = _work_per_write(_populated(tmp_path / "small", 400), 200, monkeypatch)
     large = _work_per_write(_populated(tmp_path / "large", 4000), 2000, monkeypatch)
     for name, (steps, decoded) in large.items():
