@@ -495,7 +495,8 @@ class EmbeddedCollection:
             specs = self.file.indexes(self.coll)
         info: dict[str, dict[str, Any]] = {"_id_": {"key": [("_id", 1)]}}
         for spec in specs:
-            info[spec.name] = {"key": list(spec.keys), **({"unique": True} if spec.unique else {})}
+            info[spec.name] = {"key": list(spec.keys),
+                               **({"unique": True} if spec.unique else {})}
         return info
 
     def drop(self) -> None:
