@@ -40,7 +40,7 @@ from cax.clock import when
 from cax.errors import CaxError, ConfigError, LeaseLostError, UnsafeNameError
 from cax.runsdb import EntryKey
 from cax.runsdb.origins import Proof
-from cax.runsdb.runs import Claim
+from cax.runsdb.ledger import Claim
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from cax.runsdb import (
     run_label,
 )
 from cax.runsdb.entries import check_dataset_name
-from cax.runsdb.runs import Claim
+from cax.runsdb.ledger import Claim
 from cax.schema import DATA_TYPES
 from cax.tasks.base import Context
 from cax.tasks.purge import delete_and_pull, verifiable

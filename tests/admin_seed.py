@@ -10,6 +10,7 @@ configuration does not know.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from typing import Any
 
 from cax.clock import utcnow
@@ -25,9 +26,13 @@ STUCK_AT_LAB = {5: "attempts", 6: "permanent", 7: "config", 8: "dead-lease"}
 STUCK_AT_DAQ = {9: "dead-lease", 11: "attempts"}
 
 
+#: Numbers the places of copies made by ``copy``: one place, one entry, in every runs DB.
+PLACES = itertools.count()
+
+
 def copy(host: str, status: str, **fields: Any) -> dict[str, Any]:
     entry = {"host": host, "type": "raw", "status": status,
-             "location": f"/data/{host}/raw/run", "checksum": None,
+             "location": f"/data/{host}/raw/run-{next(PLACES)}", "checksum": None,
              "creation_time": dt.datetime(2017, 1, 2, tzinfo=dt.timezone.utc)}
     if status == "transferred":
         entry.update(checksum=CHECKSUM, size=3_000_000, file_count=3)
@@ -72,11 +77,13 @@ def seeded_runs(now: dt.datetime, raw_dir: dict[str, str] | None = None) -> list
         make_run(11, data=[copy("daq", "error", attempts=5, next_attempt=None,
                                 error="checksum mismatch")]),
     ]
-    if raw_dir:
-        for run in runs:
-            for e in run["data"]:
-                if e["host"] in raw_dir:
-                    e["location"] = f"{raw_dir[e['host']]}/{run['name']}"
+    for run in runs:  # each run's data at a place of its own (one place, one entry)
+        run["data"] = [dict(e) for e in run["data"]]
+        for e in run["data"]:
+            if raw_dir and e["host"] in raw_dir:
+                e["location"] = f"{raw_dir[e['host']]}/{run['name']}"
+            elif "/raw/run-" in e["location"]:
+                e["location"] = e["location"].rsplit("/", 1)[0] + "/" + run["name"]
     return runs
 
 

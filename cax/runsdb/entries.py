@@ -92,6 +92,12 @@ def check_dataset_name(run: dict[str, Any], location: str) -> str:
                           f"{run_label(run)}: its dataset must be named {stem}")
 
 
+def place_key(host: Any, location: str) -> str:
+    """One place, as the run document's ``places`` list and its unique index hold it: the host
+    and the location, without the final slash the original sometimes kept."""
+    return f"{host}\t{location.rstrip('/')}"
+
+
 def run_label(run: dict[str, Any]) -> str:
     """Return how logs name a run: its number and name."""
     return f"run {run.get('number', '?')} ({run.get('name', '?')})"

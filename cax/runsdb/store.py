@@ -13,6 +13,10 @@ operation is one SQLite transaction (``storefile``) that
   collection, and
 * writes back only the documents that changed, one row each, and commits (fsynced).
 
+Unique indexes declared with ``create_index(..., unique=True)`` are enforced in that same
+transaction (``storeunique``): a write that would repeat a key raises MongoDB's duplicate key
+error and writes nothing.
+
 Nothing is kept in memory between operations, so another process's write is seen by the next
 operation, a failed write leaves nothing applied anywhere, and memory does not grow with the
 number of runs.  Values pass through a BSON round trip on the way in, as they would to a real
@@ -31,6 +35,7 @@ import datetime as dt
 import logging
 import os
 import sqlite3
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -44,7 +49,7 @@ import mongomock.helpers
 from bson import ObjectId
 from bson.codec_options import CodecOptions
 from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 from pymongo.results import (
     DeleteResult,
     InsertManyResult,
@@ -53,6 +58,7 @@ from pymongo.results import (
 )
 
 from cax.runsdb.storefile import StoreFile, id_key
+from cax.runsdb.storeunique import make_spec
 from cax.runsdb.storeindex import (
     ENTRY_COLUMNS,
     EVERYTHING,
@@ -69,6 +75,8 @@ DocumentsListener = Callable[[int], None]
 #: Queries whose non-matches are remembered per client, and from how many non-matches on.
 MEMO_QUERIES = 32
 MEMO_ABOVE = 200
+#: Candidates of a sorted, limited find that are decoded directly instead of met in index order.
+FEW_CANDIDATES = 200
 
 
 class StoreError(PyMongoError):
@@ -169,8 +177,14 @@ class EmbeddedCollection:
         if self.client.documents_listener:
             self.client.documents_listener(count)
 
-    def _matching(self, filter: dict, memo: bool = False) -> list[tuple[int, bytes, dict]]:
-        """(row, BSON, document) of every document matching ``filter``, in natural order.
+    def _matching(self, filter: dict) -> list[tuple[int, bytes, dict]]:
+        """(row, BSON, document) of every document matching ``filter``, in natural order."""
+        return [(row, body, doc) for row, _, body, doc in self._matches(filter)]
+
+    def _matches(self, filter: dict, memo: bool = False
+                 ) -> Iterator[tuple[int, int, bytes, dict]]:
+        """Yield (row, seq, BSON, document) of every match, in natural order, one at a time
+        (a find of 100,000 runs holds each decoded run only until its caller took it).
 
         With ``memo`` (reads), the documents a query did not match are remembered with their
         generation: the next time the same query runs, only documents written since are
@@ -189,10 +203,9 @@ class EmbeddedCollection:
             misses = {row: known[row] for row in unchanged}
         else:
             misses = {}
-        matched = []
         for row, seq, body, doc in self.file.load(self.coll, found):
             if mongomock.filtering.filter_applies(naive, doc):
-                matched.append((row, body, doc))
+                yield row, seq, body, doc
             else:
                 misses[row] = seq
         if key and len(misses) >= MEMO_ABOVE and b"$$NOW" not in key[1]:
@@ -200,7 +213,6 @@ class EmbeddedCollection:
             self.client._memo.move_to_end(key)
             while len(self.client._memo) > MEMO_QUERIES:
                 self.client._memo.popitem(last=False)
-        return matched
 
     def _scratch(self, docs: list[dict]) -> Any:
         """A mongomock collection holding just ``docs`` (not copied), for evaluation."""
@@ -245,6 +257,11 @@ class EmbeddedCollection:
         """
         found = self.file.candidates(self.coll, filter)
         naive = mongomock.helpers.patch_datetime_awareness_in_document(filter)
+        if not found.complement and len(found.rows) <= FEW_CANDIDATES + limit:
+            # a few candidates (a run by name or number): decoding them beats walking the
+            # whole index in order to meet them
+            return [doc for _, _, _, doc in self.file.load(self.coll, found)
+                    if mongomock.filtering.filter_applies(naive, doc)]
         docs: list[dict] = []
         last = None
         for key, _, _, doc in self.file.ordered(self.coll, order, found):
@@ -263,11 +280,17 @@ class EmbeddedCollection:
              limit: int = 0, skip: int = 0) -> list[dict]:
         filter = _bson_roundtrip(filter or {})
         with self._op("find", write=False):
-            order = self._index_order(sort) if limit and not skip else None
-            if order:
+            order = self._index_order(sort)
+            fields = _inclusion(projection)
+            if order and limit and not skip:
                 docs = self._first_in_order(filter, order, limit)
+            elif fields is not None and not skip and (order or not sort) \
+                    and not (sort and self.file.irregular_rows(self.coll)):
+                found = self._streamed(filter, fields, order, limit)
+                self._returned(len(found))
+                return found
             else:
-                docs = [doc for _, _, doc in self._matching(filter, memo=True)]
+                docs = [doc for _, _, _, doc in self._matches(filter, memo=True)]
             scratch = self._scratch(docs)
             cursor = scratch.find({}, projection)
             if sort:
@@ -280,6 +303,28 @@ class EmbeddedCollection:
         self._returned(len(found))
         return found
 
+    def _streamed(self, filter: dict, fields: tuple[set[str], bool],
+                  order: list[tuple[str, int]] | None, limit: int) -> list[dict]:
+        """The matches, each projected as it is decoded, ordered by the index's columns.
+
+        A find of every run (a pass's first query after 100,000 runs were imported) then
+        holds one copy of the runs, not three (decoded, mongomock's projected copy, sorted).
+        Only for plain inclusion projections and regular documents, whose sort columns
+        SQLite orders as MongoDB does (null, then numbers, then strings).
+        """
+        keep, with_id = fields
+        found = [(row, _settled({k: v for k, v in doc.items()
+                                 if k in keep or (with_id and k == "_id")}))
+                 for row, _, _, doc in self._matches(filter, memo=True)]
+        if order:
+            keys = self.file.sort_keys(self.coll, [row for row, _ in found],
+                                       [column for column, _ in order])
+            for i, (_, direction) in reversed(list(enumerate(order))):  # stable: last key first
+                found.sort(key=lambda item, i=i: _sql_order(keys[item[0]][i]),
+                           reverse=direction < 0)
+        docs = [doc for _, doc in found]
+        return docs[:limit] if limit else docs
+
     def find_one(self, filter: dict | None = None, projection: Any = None, *,
                  sort: Any = None) -> dict | None:
         found = self.find(filter, projection, sort=sort, limit=1)
@@ -288,7 +333,7 @@ class EmbeddedCollection:
     def count_documents(self, filter: dict) -> int:
         filter = _bson_roundtrip(filter)
         with self._op("aggregate", write=False):
-            return len(self._matching(filter, memo=True))
+            return sum(1 for _ in self._matches(filter, memo=True))
 
     def distinct(self, key: str, filter: dict | None = None) -> list:
         filter = _bson_roundtrip(filter or {})
@@ -299,7 +344,7 @@ class EmbeddedCollection:
         pipeline = _bson_roundtrip(pipeline)
         first = pipeline[0].get("$match") if pipeline else None
         with self._op("aggregate", write=False):
-            grouped = _entry_count(pipeline)
+            grouped = _entry_count(pipeline, self.file.entry_columns)
             if grouped:
                 found = self._count_entries(pipeline, *grouped)
             else:
@@ -365,23 +410,44 @@ class EmbeddedCollection:
         return InsertManyResult(ids, True)
 
     def _update(self, command: str, method: str, filter: dict, update: dict, many: bool,
-                **kwargs: Any) -> Any:
+                array_filters: list[dict] | None = None, **kwargs: Any) -> Any:
         filter, update = _bson_roundtrip(filter), _bson_roundtrip(update)
         with self._op(command, write=True):
             matched = self._matching(filter)
             if not many:
                 matched = matched[:1]
+            if array_filters is not None:  # mongomock has none: each document on its own
+                return self._update_each(matched, update, array_filters)
             scratch = self._scratch([doc for _, _, doc in matched])
             result = getattr(scratch, method)(filter, update, **kwargs)
             if result.modified_count or result.upserted_id is not None:
                 self._write_back(matched, scratch)
             return result
 
-    def update_one(self, filter: dict, update: dict, upsert: bool = False) -> UpdateResult:
-        return self._update("update", "update_one", filter, update, False, upsert=upsert)
+    def _update_each(self, matched: list[tuple[int, bytes, dict]], update: dict,
+                     array_filters: list[dict]) -> UpdateResult:
+        """Apply an update with ``$[identifier]`` paths to each matched document, its paths
+        resolved to the indices of the elements its ``array_filters`` select."""
+        modified = 0
+        for one in matched:
+            scratch = self._scratch([one[2]])
+            resolved = resolve_array_filters(one[2], update, _bson_roundtrip(array_filters))
+            if scratch.update_one({"_id": one[2]["_id"]}, resolved).modified_count:
+                self._write_back([one], scratch)
+                modified += 1
+        return UpdateResult({"n": len(matched), "nModified": modified}, True)
 
-    def update_many(self, filter: dict, update: dict) -> UpdateResult:
-        return self._update("update", "update_many", filter, update, True)
+    def update_one(self, filter: dict, update: dict, upsert: bool = False,
+                   array_filters: list[dict] | None = None) -> UpdateResult:
+        if array_filters is not None and upsert:
+            raise OperationFailure("the embedded runs DB does not upsert with arrayFilters")
+        return self._update("update", "update_one", filter, update, False,
+                            array_filters=array_filters, upsert=upsert)
+
+    def update_many(self, filter: dict, update: dict,
+                    array_filters: list[dict] | None = None) -> UpdateResult:
+        return self._update("update", "update_many", filter, update, True,
+                            array_filters=array_filters)
 
     def replace_one(self, filter: dict, replacement: dict, upsert: bool = False) -> UpdateResult:
         return self._update("update", "replace_one", filter, replacement, False, upsert=upsert)
@@ -405,7 +471,8 @@ class EmbeddedCollection:
 
     def find_one_and_update(self, filter: dict, update: dict, projection: Any = None, *,
                             sort: Any = None,
-                            return_document: bool = ReturnDocument.BEFORE) -> dict | None:
+                            return_document: bool = ReturnDocument.BEFORE,
+                            array_filters: list[dict] | None = None) -> dict | None:
         """Atomically find the first match and update it, keeping the filter for ``$``."""
         filter, update = _bson_roundtrip(filter), _bson_roundtrip(update)
         with self._op("findAndModify", write=True):
@@ -419,6 +486,10 @@ class EmbeddedCollection:
                 return None
             before = bson.decode(bson.encode(matched[0][2]), codec_options=CODEC)
             scratch = self._scratch([matched[0][2]])
+            if array_filters is not None:
+                filter = {"_id": before["_id"]}
+                update = resolve_array_filters(matched[0][2], update,
+                                               _bson_roundtrip(array_filters))
             if scratch.update_one(filter, update).modified_count:
                 self._write_back(matched, scratch)
             found = scratch.find_one({"_id": before["_id"]}, projection) \
@@ -426,19 +497,75 @@ class EmbeddedCollection:
         self._returned(1)
         return found
 
-    def create_index(self, keys: Any, **kwargs: Any) -> str:
-        """The store keeps its own index (see ``storeindex``); only the name is returned."""
-        with self._op("createIndexes", write=False):
-            pass
-        return "_".join(f"{k}_{d}" for k, d in keys)
+    def create_index(self, keys: Any, *, unique: bool = False, name: str | None = None,
+                     **kwargs: Any) -> str:
+        """Declare an index; return its name, as pymongo does.
+
+        Queries are served by the store's own index whatever is declared (``storeindex``),
+        so a plain index is only recorded, for MongoDB's conflicts between declarations.  A
+        unique one is enforced on every later write (``storeunique``); creating it over
+        documents that already share a key fails with DuplicateKeyError, declaring nothing.
+        A read-only store records nothing (a unique index there: StoreError).
+        """
+        spec = make_spec(keys, name, unique, kwargs)
+        if self.client.read_only and not unique:
+            with self._op("createIndexes", write=False):
+                return spec.name
+        with self._op("createIndexes", write=True):
+            self.file.create_index(self.coll, spec)
+        return spec.name
+
+    def index_information(self) -> dict[str, dict[str, Any]]:
+        """The declared indexes, as pymongo's ``index_information`` (``_id_`` first)."""
+        with self._op("listIndexes", write=False):
+            specs = self.file.indexes(self.coll)
+        info: dict[str, dict[str, Any]] = {"_id_": {"key": [("_id", 1)]}}
+        for spec in specs:
+            info[spec.name] = {"key": list(spec.keys),
+                               **({"unique": True} if spec.unique else {})}
+        return info
 
     def drop(self) -> None:
+        """Remove every document and every declared index, as MongoDB's drop does."""
         with self._op("drop", write=True):
             self.file.next_seq()
             self.file.delete(row for row, _, _, _ in self.file.load(self.coll, EVERYTHING))
+            self.file.drop_indexes(self.coll)
 
 
-def _entry_count(pipeline: list[dict]) -> tuple[dict[str, str], str] | None:
+def resolve_array_filters(doc: dict, update: dict, array_filters: list[dict]) -> dict:
+    """``update`` with each ``array.$[identifier].rest`` path replaced by the paths of the
+    elements of ``doc[array]`` that the identifier's filter selects (MongoDB 3.6's filtered
+    positional operator; mongomock has none).  Only a top-level array is supported, as cax
+    uses it; an identifier without a filter is refused, as by MongoDB."""
+    filters: dict[str, dict] = {}
+    for spec in array_filters:
+        for path, condition in spec.items():
+            ident, _, rest = path.partition(".")
+            filters.setdefault(ident, {})[rest or "$self"] = condition
+    resolved: dict[str, dict] = {}
+    for op, fields in update.items():
+        out: dict[str, Any] = {}
+        for path, value in fields.items():
+            head, marker, tail = path.partition(".$[")
+            if not marker:
+                out[path] = value
+                continue
+            ident, _, rest = tail.partition("]")
+            if ident not in filters or "." in head or "$[" in rest:
+                raise OperationFailure(f"the embedded runs DB cannot resolve {path!r}")
+            condition = mongomock.helpers.patch_datetime_awareness_in_document(filters[ident])
+            for index, element in enumerate(doc.get(head) or ()):
+                if isinstance(element, dict) and mongomock.filtering.filter_applies(condition,
+                                                                                   element):
+                    out[f"{head}.{index}{rest}"] = value
+        if out:
+            resolved[op] = out
+    return resolved
+
+
+def _entry_count(pipeline: list[dict], columns: dict[str, str] = ENTRY_COLUMNS
+                 ) -> tuple[dict[str, str], str] | None:
     """Recognise a count of ``data[]`` entries grouped by index fields, else None.
 
     The shape is ``[$project of data.* fields (optional), $unwind "$data", $group {_id:
@@ -465,10 +592,54 @@ def _entry_count(pipeline: list[dict]) -> tuple[dict[str, str], str] | None:
     names = {}
     for name, path in key.items():
         field = path[6:] if isinstance(path, str) and path.startswith("$data.") else None
-        if field not in ENTRY_COLUMNS or (projected is not None and field not in projected):
+        if field not in columns or (projected is not None and field not in projected):
             return None
-        names[name] = ENTRY_COLUMNS[field]
+        names[name] = columns[field]
     return names, total
+
+
+def _inclusion(projection: Any) -> tuple[set[str], bool] | None:
+    """(fields kept, whether ``_id`` is) of a plain inclusion projection of top-level
+    fields (None: all of them), or None for anything else (mongomock applies those)."""
+    if projection is None:
+        return None
+    if not isinstance(projection, dict) or not projection:
+        return None
+    keep = set()
+    with_id = True
+    for key, value in projection.items():
+        if not isinstance(key, str) or "." in key or key.startswith("$"):
+            return None
+        if key == "_id" and value in (0, False) and not isinstance(value, float):
+            with_id = False
+        elif value in (1, True) and not isinstance(value, float):
+            keep.add(key)
+        else:
+            return None
+    return (keep, with_id) if keep or with_id else None
+
+
+def _settled(value: Any) -> Any:
+    """A decoded value as a client returns it (datetimes aware, in UTC, as mongomock's
+    ``tz_aware`` client gives them), its field names interned: every run's ``host`` is then
+    one string, and 100,000 runs held by a pass take 40% less memory."""
+    if isinstance(value, dict):
+        return {sys.intern(k): _settled(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_settled(v) for v in value]
+    if isinstance(value, dt.datetime):
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def _sql_order(value: Any) -> tuple[int, Any]:
+    """A regular document's sort column as SQLite (and MongoDB) orders it: null, numbers,
+    strings."""
+    if value is None:
+        return 0, 0
+    if isinstance(value, str):
+        return 2, value
+    return 1, value
 
 
 def _project(doc: dict, projection: Any) -> dict:

@@ -14,12 +14,21 @@ the file after a failed write: a failed operation is a rolled-back transaction.
 Bodies are BSON; bodies larger than ``PACK_ABOVE`` bytes (file manifests) are stored
 zlib-compressed.  A store made by an older cax (``<db>.<collection>.bson`` files) is migrated
 in one transaction on first open for writing; the old files are kept, renamed ``.migrated``.
+A store of an older format is upgraded in place, in one transaction, on first open for
+writing; opened read-only, it is read as it is (without what it lacks: sorting from the
+index, the ``location`` column).
+
+Unique indexes (``storeunique``) keep one row per distinct key of each document in
+``index_keys``, whose primary key makes SQLite refuse a key held by another document inside
+the writing transaction; the refusal is turned into MongoDB's duplicate key error, and the
+transaction, with everything the operation wrote, is rolled back.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -33,11 +42,21 @@ import bson
 from bson.codec_options import CodecOptions
 
 from cax.runsdb.storeindex import (
+    ENTRY_COLUMNS,
     EVERYTHING,
     Candidates,
-    Planner,
     index_values,
     sql_conditions,
+)
+from cax.runsdb.storeplan import Planner, Term
+from cax.runsdb.storeunique import (
+    ID_INDEX,
+    UNDEFINED,
+    IndexSpec,
+    canonical,
+    conflict,
+    duplicate_key,
+    key_values,
 )
 
 log = logging.getLogger(__name__)
@@ -46,8 +65,10 @@ log = logging.getLogger(__name__)
 CODEC = CodecOptions()
 FILE_NAME = "runsdb.sqlite"
 CLOCK_NAME = "clock"
-#: 1: the first SQLite format; 2: ``docs.start`` (epoch ms) added, for sorted limited finds.
-FORMAT = 2
+#: 1: the first SQLite format; 2: ``docs.start`` (epoch ms) added, for sorted limited finds;
+#: 3: ``entries.location`` added, and the tables of declared indexes and unique keys; the
+#: index on ``docs.seq`` dropped (no query used it, and every write rewrote it).
+FORMAT = 3
 PACK_ABOVE = 2048
 BUSY_TIMEOUT_S = 60.0
 
@@ -59,11 +80,17 @@ CREATE TABLE IF NOT EXISTS docs (
     number, name, irregular INTEGER NOT NULL DEFAULT 0,
     packed INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL, start INTEGER);
 CREATE TABLE IF NOT EXISTS entries (
-    doc INTEGER NOT NULL, coll TEXT NOT NULL, host, type, status, version);
+    doc INTEGER NOT NULL, coll TEXT NOT NULL, host, type, status, version, location);
+CREATE TABLE IF NOT EXISTS indexes (
+    coll TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, is_unique INTEGER NOT NULL,
+    PRIMARY KEY (coll, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS index_keys (
+    coll TEXT NOT NULL, name TEXT NOT NULL, key BLOB NOT NULL, doc INTEGER NOT NULL,
+    PRIMARY KEY (coll, name, key)) WITHOUT ROWID;
 """
 INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS docs_key ON docs (coll, key);
-CREATE INDEX IF NOT EXISTS docs_seq ON docs (seq);
+DROP INDEX IF EXISTS docs_seq;
 CREATE INDEX IF NOT EXISTS docs_number ON docs (coll, number);
 CREATE INDEX IF NOT EXISTS docs_name ON docs (coll, name);
 CREATE INDEX IF NOT EXISTS docs_irregular ON docs (coll, irregular);
@@ -71,33 +98,57 @@ CREATE INDEX IF NOT EXISTS docs_start ON docs (coll, start, number);
 CREATE INDEX IF NOT EXISTS entries_doc ON entries (doc);
 CREATE INDEX IF NOT EXISTS entries_hts ON entries (coll, host, type, status);
 CREATE INDEX IF NOT EXISTS entries_sh ON entries (coll, status, host);
+CREATE INDEX IF NOT EXISTS entries_location ON entries (coll, location);
+CREATE INDEX IF NOT EXISTS index_keys_doc ON index_keys (doc);
 """
+ENTRY_INSERT = ("INSERT INTO entries (doc, coll, host, type, status, version, location) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {column for _, column, *_ in conn.execute(f"PRAGMA table_info({table})")}
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
     """Create the tables inside the caller's transaction (``executescript`` would commit),
-    bringing a format-1 store's ``docs`` up to date first."""
+    bringing an older store's tables up to date first (see ``_reindex``)."""
     for statement in TABLES.split(";"):
         if statement.strip():
             conn.execute(statement)
-    if "start" not in {column for _, column, *_ in conn.execute("PRAGMA table_info(docs)")}:
-        _add_start(conn)
+    upgraded = False
+    if "start" not in _columns(conn, "docs"):  # format 1
+        conn.execute("ALTER TABLE docs ADD COLUMN start INTEGER")
+        upgraded = True
+    if "location" not in _columns(conn, "entries"):  # formats 1 and 2
+        conn.execute("ALTER TABLE entries ADD COLUMN location")
+        upgraded = True
+    if upgraded:
+        _reindex(conn)
     for statement in INDEXES.split(";"):
         if statement.strip():
             conn.execute(statement)
 
 
-def _add_start(conn: sqlite3.Connection) -> None:
-    """Format 1 -> 2: fill ``docs.start`` from every body (once; seconds at 100,000 runs)."""
-    conn.execute("ALTER TABLE docs ADD COLUMN start INTEGER")
-    updates = []
-    for row, packed, body in conn.execute("SELECT row, packed, body FROM docs").fetchall():
-        values = index_values(bson.decode(unpack(packed, body), codec_options=CODEC))
-        updates.append((values.start, int(values.irregular), row))
-    conn.executemany("UPDATE docs SET start = ?, irregular = ? WHERE row = ?", updates)
+def _reindex(conn: sqlite3.Connection) -> None:
+    """Recompute every document's index values from its body (once; seconds at 100,000
+    runs): a new column is filled, and a document a new column makes irregular is marked."""
+    conn.execute("DELETE FROM entries")
+    rows = [row for (row,) in conn.execute("SELECT row FROM docs ORDER BY row")]
+    for start in range(0, len(rows), 1000):  # in chunks: memory does not grow with the store
+        chunk = rows[start:start + 1000]
+        docs, entries = [], []
+        for row, coll, packed, body in conn.execute(
+                f"SELECT row, coll, packed, body FROM docs WHERE row IN "
+                f"({', '.join('?' * len(chunk))})", chunk).fetchall():
+            values = index_values(bson.decode(unpack(packed, body), codec_options=CODEC))
+            docs.append((values.number, values.name, int(values.irregular), values.start, row))
+            entries.extend((row, coll, *entry) for entry in values.entries)
+        conn.executemany("UPDATE docs SET number = ?, name = ?, irregular = ?, start = ? "
+                         "WHERE row = ?", docs)
+        conn.executemany(ENTRY_INSERT, entries)
     conn.execute("UPDATE meta SET value = ? WHERE name = 'format'", (FORMAT,))
     log.info("runs DB: upgraded the embedded store to format %d (%d documents)", FORMAT,
-             len(updates))
+             len(rows))
 
 
 def id_key(value: Any) -> bytes:
@@ -124,6 +175,7 @@ class StoreFile:
         self.path = directory / FILE_NAME
         self.read_only = read_only
         self.lock = threading.RLock()
+        self.has_indexes = True  # a migration at opening writes into a store just created
         if read_only:
             if not directory.is_dir():
                 raise FileNotFoundError(f"no runs DB at {directory}")
@@ -133,8 +185,15 @@ class StoreFile:
             self.conn = self._connect(str(self.path), uri=False)
             self._set_up()
         self.identity = self._identity()
-        #: False for a format-1 store opened read-only (it cannot be upgraded in place).
-        self.sortable = "start" in {c for _, c, *_ in self.conn.execute("PRAGMA table_info(docs)")}
+        # An older store opened read-only cannot be upgraded: what it lacks is not used.
+        #: False for a format-1 store opened read-only: sorts are not answered from the index.
+        self.sortable = "start" in _columns(self.conn, "docs")
+        #: The entry fields the index holds (a format-1 or 2 store opened read-only: no location).
+        located = "location" in _columns(self.conn, "entries")
+        self.entry_columns = {field: column for field, column in ENTRY_COLUMNS.items()
+                              if located or column != "location"}
+        self.has_indexes = "indexes" in {name for (name,) in self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
 
     # -- opening ------------------------------------------------------------------------
 
@@ -246,18 +305,9 @@ class StoreFile:
     # -- rows -----------------------------------------------------------------------------
 
     def candidates(self, coll: str, query: dict[str, Any]) -> Candidates:
-        def lookup(table: str, columns: dict[str, list[Any]]) -> list[int]:
-            if table == "doc":
-                if "_id" in columns:
-                    columns = {"key": [id_key(v) for v in columns["_id"]]}
-                where, params = sql_conditions(columns)
-                sql = f"SELECT row FROM docs WHERE coll = ? AND {where}"
-            else:
-                where, params = sql_conditions(columns)
-                sql = f"SELECT doc FROM entries WHERE coll = ? AND {where}"
-            return [r for (r,) in self.conn.execute(sql, [coll, *params])]
-
-        found = Planner(lookup, start_column=self.sortable).plan(query)
+        """A superset of the documents of ``coll`` matching ``query`` (see ``storeplan``)."""
+        found = Planner(_IndexReader(self.conn, coll), self.entry_columns,
+                        start_column=self.sortable).plan(query)
         if found.everything:
             return EVERYTHING
         irregular = self.irregular_rows(coll)
@@ -316,6 +366,18 @@ class StoreFile:
                     raw = unpack(*bodies[row])
                     yield key, row, raw, bson.decode(raw, codec_options=CODEC)
 
+    def sort_keys(self, coll: str, rows: list[int], columns: list[str]
+                  ) -> dict[int, tuple[Any, ...]]:
+        """The values of ``columns`` (of ``SORT_COLUMNS``) of each of ``rows``."""
+        keys: dict[int, tuple[Any, ...]] = {}
+        selected = ", ".join(columns)
+        for start in range(0, len(rows), 500):
+            chunk = rows[start:start + 500]
+            keys.update((row, tuple(values)) for row, *values in self.conn.execute(
+                f"SELECT row, {selected} FROM docs WHERE row IN "
+                f"({', '.join('?' * len(chunk))})", chunk))
+        return keys
+
     def irregular_rows(self, coll: str) -> set[int]:
         return {r for (r,) in self.conn.execute(
             "SELECT row FROM docs WHERE coll = ? AND irregular = 1", (coll,))}
@@ -354,7 +416,8 @@ class StoreFile:
 
     def put_many(self, coll: str, docs: Iterable[dict[str, Any]], *, seq: int,
                  conn: sqlite3.Connection | None = None) -> None:
-        """Insert new documents in batches (sqlite3.IntegrityError if an ``_id`` exists).
+        """Insert new documents in batches (DuplicateKeyError if an ``_id`` or a unique key
+        is taken; the caller's transaction then writes nothing).
 
         Row ids are assigned here, above any ever used (AUTOINCREMENT never reuses one), so
         documents and their index rows go in with one ``executemany`` per batch.
@@ -363,8 +426,10 @@ class StoreFile:
         last = conn.execute("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'docs'),"
                             " 0), COALESCE((SELECT max(row) FROM docs), 0)").fetchone()
         row = max(last)
+        uniques = self.unique_indexes(coll, conn)
         batch: list[tuple] = []
         entries: list[tuple] = []
+        keys: list[tuple] = []
         for doc in docs:
             row += 1
             values = index_values(doc)
@@ -372,40 +437,133 @@ class StoreFile:
             batch.append((row, coll, id_key(doc["_id"]), seq, values.number, values.name,
                           int(values.irregular), packed, body, values.start))
             entries.extend((row, coll, *entry) for entry in values.entries)
+            keys.extend(_unique_rows(coll, row, doc, uniques))
             if len(batch) >= 1000:
-                self._insert(conn, batch, entries)
-        self._insert(conn, batch, entries)
+                self._insert(conn, coll, batch, entries, keys, uniques)
+        self._insert(conn, coll, batch, entries, keys, uniques)
 
-    @staticmethod
-    def _insert(conn: sqlite3.Connection, batch: list[tuple], entries: list[tuple]) -> None:
-        conn.executemany("INSERT INTO docs (row, coll, key, seq, number, name, irregular, packed, "
-                         "body, start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
-        conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)", entries)
+    def _insert(self, conn: sqlite3.Connection, coll: str, batch: list[tuple],
+                entries: list[tuple], keys: list[tuple], uniques: list[IndexSpec]) -> None:
+        try:
+            conn.executemany("INSERT INTO docs (row, coll, key, seq, number, name, irregular, "
+                             "packed, body, start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
+        except sqlite3.IntegrityError:
+            for row, _, key, *_ in batch:  # inserted in order up to the one refused
+                (holder,) = conn.execute("SELECT row FROM docs WHERE coll = ? AND key = ?",
+                                         (coll, key)).fetchone() or (row,)
+                if holder != row:
+                    raise duplicate_key(coll, ID_INDEX, (bson.decode(key)[""],)) from None
+            raise
+        conn.executemany(ENTRY_INSERT, entries)
+        self._insert_keys(conn, coll, keys, uniques)
         batch.clear()
         entries.clear()
+        keys.clear()
+
+    @staticmethod
+    def _insert_keys(conn: sqlite3.Connection, coll: str, keys: list[tuple],
+                     uniques: list[IndexSpec]) -> None:
+        """Insert unique keys (coll, name, key, doc); DuplicateKeyError naming the first
+        key another document holds."""
+        if not keys:
+            return
+        try:
+            conn.executemany("INSERT INTO index_keys (coll, name, key, doc) VALUES (?, ?, ?, ?)",
+                             keys)
+        except sqlite3.IntegrityError:
+            specs = {spec.name: spec for spec in uniques}
+            for _, name, key, doc in keys:
+                (holder,) = conn.execute(
+                    "SELECT doc FROM index_keys WHERE coll = ? AND name = ? AND key = ?",
+                    (coll, name, key)).fetchone() or (doc,)
+                if holder != doc:
+                    raise duplicate_key(coll, specs[name],
+                                        tuple(_decode_key(key))) from None
+            raise
 
     def replace(self, coll: str, row: int, doc: dict[str, Any], *, seq: int) -> None:
+        """Write a changed document; its index rows only where they changed (a lease's
+        renewal changes no indexed value: it writes one row and no index)."""
         values = index_values(doc)
         packed, body = encode_body(doc)
-        self.conn.execute(
-            "UPDATE docs SET key = ?, seq = ?, number = ?, name = ?, irregular = ?, packed = ?, "
-            "body = ?, start = ? WHERE row = ?",
-            (id_key(doc["_id"]), seq, values.number, values.name, int(values.irregular), packed,
-             body, values.start, row))
-        self.conn.execute("DELETE FROM entries WHERE doc = ?", (row,))
-        self._put_entries(self.conn, coll, row, values.entries)
+        indexed = {"key": id_key(doc["_id"]), "number": values.number, "name": values.name,
+                   "irregular": int(values.irregular), "start": values.start}
+        stored = self.conn.execute("SELECT key, number, name, irregular, start FROM docs "
+                                   "WHERE row = ?", (row,)).fetchone()
+        # SQLite rewrites the index entries of every column SET, changed or not: only the
+        # indexed columns that changed are set (a renewal then rewrites no index page)
+        changed = {column: value for (column, value), old in zip(indexed.items(), stored or (),
+                                                                  strict=False)
+                   if repr(value) != repr(old)} if stored else indexed
+        assigned = "".join(f", {column} = ?" for column in changed)
+        self.conn.execute(f"UPDATE docs SET seq = ?, packed = ?, body = ?{assigned} WHERE row = ?",
+                          (seq, packed, body, *changed.values(), row))
+        columns = ", ".join(self.entry_columns.values())
+        stored = self.conn.execute(f"SELECT {columns} FROM entries WHERE doc = ?",
+                                   (row,)).fetchall()
+        if sorted(map(repr, stored)) != sorted(repr(tuple(e)) for e in values.entries):
+            self.conn.execute("DELETE FROM entries WHERE doc = ?", (row,))
+            self.conn.executemany(ENTRY_INSERT, [(row, coll, *e) for e in values.entries])
+        uniques = self.unique_indexes(coll)
+        if uniques:
+            keys = _unique_rows(coll, row, doc, uniques)
+            held = self.conn.execute("SELECT coll, name, key, doc FROM index_keys WHERE doc = ?",
+                                     (row,)).fetchall()
+            if sorted(held) != sorted(keys):
+                self.conn.execute("DELETE FROM index_keys WHERE doc = ?", (row,))
+                self._insert_keys(self.conn, coll, keys, uniques)
 
     def delete(self, rows: Iterable[int]) -> None:
         for row in rows:
             self.conn.execute("DELETE FROM docs WHERE row = ?", (row,))
             self.conn.execute("DELETE FROM entries WHERE doc = ?", (row,))
+            if self.has_indexes:
+                self.conn.execute("DELETE FROM index_keys WHERE doc = ?", (row,))
 
-    @staticmethod
-    def _put_entries(conn: sqlite3.Connection, coll: str, row: int,
-                     entries: list[tuple[Any, Any, Any, Any]]) -> None:
-        if entries:
-            conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
-                             [(row, coll, *entry) for entry in entries])
+    # -- declared indexes -----------------------------------------------------------------
+
+    def indexes(self, coll: str, conn: sqlite3.Connection | None = None, *,
+                unique_only: bool = False) -> list[IndexSpec]:
+        """The indexes declared on ``coll`` (by ``create_index``), in name order."""
+        if not self.has_indexes:
+            return []
+        only = " AND is_unique = 1" if unique_only else ""
+        return [IndexSpec.from_json(name, spec) for name, spec in (conn or self.conn).execute(
+            f"SELECT name, spec FROM indexes WHERE coll = ?{only} ORDER BY name", (coll,))]
+
+    def unique_indexes(self, coll: str, conn: sqlite3.Connection | None = None
+                       ) -> list[IndexSpec]:
+        """The unique indexes of ``coll``: looked up at every write (no cache to go stale)."""
+        return self.indexes(coll, conn, unique_only=True)
+
+    def create_index(self, coll: str, spec: IndexSpec) -> None:
+        """Declare ``spec``; a unique one gets the keys of every document first, and fails
+        (DuplicateKeyError) if two documents share one, declaring nothing (the caller's
+        transaction is rolled back).  Declaring an existing index again changes nothing."""
+        for existing in self.indexes(coll):
+            problem = conflict(existing, spec)
+            if problem:
+                raise problem
+            if existing == spec:
+                return
+        self.conn.execute("INSERT INTO indexes (coll, name, spec, is_unique) VALUES (?, ?, ?, ?)",
+                          (coll, spec.name, spec.to_json(), int(spec.unique)))
+        if not spec.unique:
+            return
+        keys: list[tuple] = []
+        for row, _, _, doc in self.load(coll, EVERYTHING):
+            keys.extend(_unique_rows(coll, row, doc, [spec]))
+            if len(keys) >= 5000:
+                self._insert_keys(self.conn, coll, keys, [spec])
+                keys.clear()
+        self._insert_keys(self.conn, coll, keys, [spec])
+        log.info("runs DB: unique index %s of %s created", spec.name, coll)
+
+    def drop_indexes(self, coll: str) -> None:
+        """Forget every index declared on ``coll`` and its keys (the collection is dropped)."""
+        if self.has_indexes:
+            self.conn.execute("DELETE FROM indexes WHERE coll = ?", (coll,))
+            self.conn.execute("DELETE FROM index_keys WHERE coll = ?", (coll,))
 
     # -- the clock ------------------------------------------------------------------------
 
@@ -423,3 +581,57 @@ class StoreFile:
         finally:
             os.close(fd)
         return dt.datetime.fromtimestamp(mtime_ns / 1e9, tz=dt.timezone.utc)
+
+
+def _unique_rows(coll: str, row: int, doc: dict[str, Any], uniques: list[IndexSpec]
+                 ) -> list[tuple[str, str, bytes, int]]:
+    """The ``index_keys`` rows of one document: its distinct keys in each unique index."""
+    return [(coll, spec.name, canonical(values), row)
+            for spec in uniques if spec.indexes(doc) for values in key_values(doc, spec.keys)]
+
+
+def _decode_key(key: bytes) -> list[Any]:
+    """The values of a stored key, for an error message (numbers as the index holds them)."""
+    return [UNDEFINED if v == UNDEFINED else math.nan if v == {"$nan": True} else v
+            for v in bson.decode(key)["k"]]
+
+
+class _IndexReader:
+    """The planner's view of one collection's index rows (see ``storeplan.IndexReader``)."""
+
+    def __init__(self, conn: sqlite3.Connection, coll: str):
+        self.conn = conn
+        self.coll = coll
+
+    @staticmethod
+    def _where(term: Term) -> tuple[str, str, str, list[Any]]:
+        """(table, its document id column, conditions, parameters) of ``term``."""
+        columns = {("key" if column == "_id" else column):
+                   ([id_key(v) for v in values] if column == "_id" else values)
+                   for column, values in term.columns}
+        where, params = sql_conditions(columns)
+        if term.table == "doc":
+            return "docs", "row", where, params
+        return "entries", "doc", where, params
+
+    def rows(self, term: Term) -> set[int]:
+        table, ident, where, params = self._where(term)
+        return {r for (r,) in self.conn.execute(
+            f"SELECT {ident} FROM {table} WHERE coll = ? AND {where}", [self.coll, *params])}
+
+    def count(self, term: Term, cap: int) -> int:
+        table, _, where, params = self._where(term)
+        (n,) = self.conn.execute(
+            f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE coll = ? AND {where} LIMIT ?)",
+            [self.coll, *params, cap]).fetchone()
+        return int(n)
+
+    def probe(self, term: Term, rows: Iterable[int]) -> set[int]:
+        table, ident, where, params = self._where(term)
+        rows, found = sorted(rows), set()
+        for start in range(0, len(rows), 500):
+            chunk = rows[start:start + 500]
+            found.update(r for (r,) in self.conn.execute(
+                f"SELECT {ident} FROM {table} WHERE {ident} IN ({', '.join('?' * len(chunk))}) "
+                f"AND {where}", [*chunk, *params]))
+        return found

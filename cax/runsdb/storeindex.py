@@ -2,10 +2,10 @@
 
 The store evaluates every query with mongomock, so that each stays valid MongoDB; this module
 only narrows the documents it is evaluated on.  Each document gets a few index values (its
-``number``, ``name`` and ``start``, and one row per ``data[]`` entry with host, type, status
-and processor version), and a query is turned into a set of candidate documents that is always
-a *superset* of its matches: a condition the index cannot judge selects everything, so a
-wrong answer is impossible, only a slower one.
+``number``, ``name`` and ``start``, and one row per ``data[]`` entry with host, type, status,
+processor version and location), and a query is turned into a set of candidate documents
+(``storeplan``) that is always a *superset* of its matches: a condition the index cannot judge
+selects everything, so a wrong answer is impossible, only a slower one.
 
 Negative conditions matter as much as positive ones: a copy task asks for runs that have a
 copy at the peer but *no* entry here, and in steady state every run has both.  ``$not
@@ -14,8 +14,7 @@ pass decodes no document at all.
 
 Documents whose indexed fields are not plain values (an array for ``number``, an entry that
 is not an object, a host that is a list, a NaN, a ``start`` that is not a date) are marked
-irregular: they are candidates for every
-query and never counted as certain matches.
+irregular: they are candidates for every query and never counted as certain matches.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Entry fields held by the index, and their column names.
-ENTRY_COLUMNS = {"host": "host", "type": "type", "status": "status", "pax_version": "version"}
+ENTRY_COLUMNS = {"host": "host", "type": "type", "status": "status", "pax_version": "version",
+                 "location": "location"}
 #: Top-level fields held by the index (columns of the document table) that queries select on.
 DOC_COLUMNS = ("number", "name")
 #: Top-level fields a sort may be answered from the index on (``start`` as epoch milliseconds).
@@ -42,11 +42,11 @@ class IndexValues:
     number: Any
     name: Any
     start: int | None
-    entries: list[tuple[Any, Any, Any, Any]]
+    entries: list[tuple[Any, ...]]
     irregular: bool
 
 
-def _plain(value: Any) -> bool:
+def plain(value: Any) -> bool:
     """A value SQLite orders and compares as MongoDB does (NaN would become NULL there)."""
     if isinstance(value, float):
         return not math.isnan(value)
@@ -69,9 +69,9 @@ def index_values(doc: dict[str, Any]) -> IndexValues:
     """Return the index values of ``doc``; irregular if any field is not a plain value."""
     number, name, data = doc.get("number"), doc.get("name"), doc.get("data")
     start = doc.get("start")
-    irregular = not (_plain(number) and _plain(name)) \
+    irregular = not (plain(number) and plain(name)) \
         or not (start is None or isinstance(start, dt.datetime))
-    entries: list[tuple[Any, Any, Any, Any]] = []
+    entries: list[tuple[Any, ...]] = []
     if data is not None and not isinstance(data, list):
         irregular = True
     for entry in data or ():
@@ -79,7 +79,7 @@ def index_values(doc: dict[str, Any]) -> IndexValues:
             irregular = True
             continue
         values = tuple(entry.get(field) for field in ENTRY_COLUMNS)
-        if not all(_plain(v) for v in values):
+        if not all(plain(v) for v in values):
             irregular = True
         entries.append(values)  # type: ignore[arg-type]
     if irregular:  # a candidate for every query: its columns are never consulted
@@ -120,31 +120,6 @@ def union(a: Candidates, b: Candidates) -> Candidates:
     return Candidates(neg.rows - pos.rows, True)
 
 
-def _values(condition: Any) -> list[Any] | None:
-    """The plain values an equality or ``$in`` condition accepts, or None if it is neither."""
-    if isinstance(condition, dict):
-        if set(condition) == {"$eq"}:
-            condition = condition["$eq"]
-        elif set(condition) == {"$in"} and isinstance(condition["$in"], list):
-            values = condition["$in"]
-            return values if all(_plain(v) and v is not None for v in values) else None
-        else:
-            return None
-    return [condition] if _plain(condition) and condition is not None else None
-
-
-def _id_values(condition: Any) -> list[Any] | None:
-    """The ``_id`` values an equality or ``$in`` accepts (any BSON value), or None."""
-    if isinstance(condition, dict) and condition and all(k.startswith("$") for k in condition):
-        if set(condition) == {"$eq"}:
-            return [condition["$eq"]]
-        if set(condition) == {"$in"} and isinstance(condition["$in"], list):
-            return [v for v in condition["$in"] if not isinstance(v, (dict, list))] \
-                if all(not isinstance(v, (dict, list)) for v in condition["$in"]) else None
-        return None
-    return None if isinstance(condition, (list, type(None))) else [condition]
-
-
 #: Comparisons on ``start`` the index answers, as SQL operators on ``docs.start``.
 START_OPERATORS = {"$lt": "<", "$lte": "<=", "$gt": ">", "$gte": ">=", "$eq": "="}
 
@@ -157,7 +132,7 @@ class Compare:
     terms: tuple[tuple[str, int], ...]
 
 
-def _start_compare(condition: Any) -> Compare | None:
+def start_compare(condition: Any) -> Compare | None:
     """``start``'s condition as a Compare, if it is one the index answers exactly for regular
     documents (whose ``start`` is a date or null): a date, null, or date comparisons."""
     if condition is None:
@@ -170,82 +145,6 @@ def _start_compare(condition: Any) -> Compare | None:
         return Compare(tuple((START_OPERATORS[op], _epoch_ms(value))
                              for op, value in condition.items()))
     return None
-
-
-class Planner:
-    """Turns one query into candidates, asking ``lookup`` for the row ids of index matches.
-
-    ``lookup(table_conditions)`` gets ``("doc", {column: values})`` or ``("entry", {column:
-    values})`` and returns the row ids of regular documents matching all of them (the
-    irregular ones are added once, at the end, by the caller).  Values are a list (equal to
-    one of them) or, for ``start`` when the store has that column (``start_column``), a
-    Compare: the keyset pages of ``cax web`` ask for the runs that started before a time.
-    """
-
-    def __init__(self, lookup: Any, start_column: bool = True):
-        self.lookup = lookup
-        self.start_column = start_column
-
-    def plan(self, query: dict[str, Any]) -> Candidates:
-        result = EVERYTHING
-        for key, condition in query.items():
-            result = intersect(result, self._field(key, condition))
-        return result
-
-    def _field(self, key: str, condition: Any) -> Candidates:
-        if key in ("$and", "$or") and isinstance(condition, list) and condition:
-            parts = [self.plan(q) if isinstance(q, dict) else EVERYTHING for q in condition]
-            combine = intersect if key == "$and" else union
-            result = parts[0]
-            for part in parts[1:]:
-                result = combine(result, part)
-            return result
-        if key == "_id":
-            values = _id_values(condition)
-            return EVERYTHING if values is None else self._rows("doc", {"_id": values})
-        if key in DOC_COLUMNS:
-            values = _values(condition)
-            return EVERYTHING if values is None else self._rows("doc", {key: values})
-        if key == "start" and self.start_column:
-            compare = _start_compare(condition)
-            return EVERYTHING if compare is None else self._rows("doc", {"start": compare})
-        if key.startswith("data.") and key[5:] in ENTRY_COLUMNS:
-            values = _values(condition)
-            return EVERYTHING if values is None else self._rows(
-                "entry", {ENTRY_COLUMNS[key[5:]]: values})
-        if key == "data" and isinstance(condition, dict):
-            return self._data(condition)
-        return EVERYTHING
-
-    def _data(self, condition: dict[str, Any]) -> Candidates:
-        result = EVERYTHING
-        for op, arg in condition.items():
-            if op == "$elemMatch" and isinstance(arg, dict):
-                columns, _ = self._entry_columns(arg)
-                if columns:
-                    result = intersect(result, self._rows("entry", columns))
-            elif op == "$not" and isinstance(arg, dict) and set(arg) == {"$elemMatch"} \
-                    and isinstance(arg["$elemMatch"], dict):
-                columns, exact = self._entry_columns(arg["$elemMatch"])
-                if columns and exact:
-                    result = intersect(result, Candidates(self._rows("entry", columns).rows, True))
-        return result
-
-    @staticmethod
-    def _entry_columns(match: dict[str, Any]) -> tuple[dict[str, list[Any]], bool]:
-        """The index columns ``match`` restricts, and whether they are all it asks."""
-        columns: dict[str, list[Any]] = {}
-        exact = True
-        for field, condition in match.items():
-            values = _values(condition) if field in ENTRY_COLUMNS else None
-            if values is None:
-                exact = False
-            else:
-                columns[ENTRY_COLUMNS[field]] = values
-        return columns, exact
-
-    def _rows(self, table: str, columns: dict[str, Any]) -> Candidates:
-        return Candidates(frozenset(self.lookup(table, columns)), False)
 
 
 def sql_conditions(columns: dict[str, Any]) -> tuple[str, list[Any]]:

@@ -53,7 +53,7 @@ from cax.runsdb.origins import (
     preferred,
     rank,
 )
-from cax.runsdb.runs import Claim
+from cax.runsdb.ledger import Claim
 from cax.schema import DATA_TYPES
 from cax.tasks.base import Task
 from cax.tasks.repair import FILES_SHOWN, compare_token, mark_bad_copy, record_unreadable

@@ -51,7 +51,7 @@ from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey
 from cax.runsdb.judgement import retry_conditions
 from cax.runsdb.origins import ORIGIN, Judgement, Proof, judge
-from cax.runsdb.runs import Claim
+from cax.runsdb.ledger import Claim
 from cax.tasks.base import Context
 from cax.transport.base import Transport
 from cax.transport.pool import TransportPool

@@ -68,7 +68,7 @@ from cax.runsdb import (
 )
 from cax.runsdb.judgement import retry_conditions
 from cax.runsdb.origins import PRODUCER, Proof, dataset_match, origin_record
-from cax.runsdb.runs import Claim
+from cax.runsdb.ledger import Claim
 from cax.tasks.base import Context, Task
 from cax.workers import Background
 

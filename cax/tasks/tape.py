@@ -36,7 +36,7 @@ from cax.paths import checked_location, scratch_path
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
 from cax.runsdb.judgement import is_good, needs_copy, needs_copy_query, retry_conditions
 from cax.runsdb.origins import ORIGIN, Proof, checksums, differs, judge, preferred
-from cax.runsdb.runs import Claim
+from cax.runsdb.ledger import Claim
 from cax.schema import TAPE_METHODS
 from cax.tape.dsmc import Dsmc, TsmSetup
 from cax.tape.roundtrip import backup_and_verify, restore_and_verify

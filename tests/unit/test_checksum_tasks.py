@@ -639,3 +639,15 @@ def test_idle_pass_constant_round_trips_and_no_runs_fetched(config, runsdb, tmp_
 
 #: One query per task (RetryStalledTransfer: stalled entries and stuck errors) + heartbeat.
 IDLE_ROUND_TRIPS = 7
+
+
+def test_scrub_of_a_copy_the_original_registered_without_a_checksum(config, runsdb, tmp_path):
+    """What is on disk is recorded, as found (evidence ``disk``): it vouches for nothing, so a
+    copy that disagrees with it is never protected by it."""
+    lab = write_dataset(tmp_path / "lab/raw/170101_0000")
+    run_id = add_run(runsdb, 1, [{"host": "lab", "type": "raw", "status": TRANSFERRED,
+                                  "location": str(lab), "checksum": None}])
+    one_pass(make_context(config(), "lab", runsdb), [Scrub])
+    entry = entry_of(runsdb, run_id, "lab")
+    assert entry["status"] == TRANSFERRED and entry["evidence"] == "disk"
+    assert entry["checksum"] == independent_checksum(lab)

@@ -151,8 +151,10 @@ def verified(run, hosts):
 @given(scenario=scenarios())
 def test_purge_decision_and_claim_never_drop_below_min_copies(runsdb, scenario):
     now = utcnow()
-    run_id = insert(runsdb, make_run(next(NUMBERS), start=now - dt.timedelta(days=scenario.age),
-                                     data=scenario.data))
+    number = next(NUMBERS)
+    data = [{**e, "location": f"{e['location']}{number}"} for e in scenario.data]  # its own
+    run_id = insert(runsdb, make_run(number, start=now - dt.timedelta(days=scenario.age),
+                                     data=data))
     initial = runsdb.find_run(run_id)
     purged = []
 

@@ -211,3 +211,24 @@ def test_missing_embedded_db_is_an_outage_and_nothing_is_created(tmp_path):
     assert list((tmp_path / "mountpoint").iterdir()) == []
     open_runsdb(f"file:{tmp_path / 'new'}", create=True).close()
     open_runsdb(f"file:{tmp_path / 'new'}", read_only=True).close()
+
+
+def test_one_place_one_entry_is_refused_in_the_write_itself(runsdb):
+    """Invariant (a): a claim naming a place another run's entry names is refused by the unique
+    index of places in the same write (the two runs share a name in different detectors, so
+    the place names each of them: only the index stands in the way)."""
+    from cax.runsdb.base import LocationTakenError
+
+    place = "/data/raw/170101_0000"
+    runsdb.register_run(make_run(1, name="170101_0000", data=[
+        {"host": "daq", "type": "raw", "status": TRANSFERRED, "location": place}]))
+    runsdb.insert_runs([make_run(1, name="170101_0000", detector="tpc-test")])
+    other = runsdb.find_runs({"detector": "tpc-test"})[0]
+    with pytest.raises(LocationTakenError, match="already names that place"):
+        runsdb.claim(other["_id"], EntryKey("daq", "raw"), owner="x", lease_s=60,
+                     new_entry={"status": TRANSFERRING, "location": place + "/"}, run=other)
+    assert runsdb.find_run(other["_id"])["data"] == []
+    runsdb.remove_entry(runsdb.find_runs({"detector": "tpc"})[0]["_id"], EntryKey("daq", "raw"),
+                        by="test")  # the place is given up with its entry ...
+    assert runsdb.claim(other["_id"], EntryKey("daq", "raw"), owner="x", lease_s=60,
+                        new_entry={"status": TRANSFERRING, "location": place}, run=other)
