@@ -1,8 +1,9 @@
 """Fixtures shared by every test: a runs DB, configurations, run documents.
 
-The runs DB is the embedded store in a temporary directory, or a real MongoDB server (a fresh
-database, dropped afterwards) when CAX_TEST_MONGODB_URI is set, so every query the tests
-exercise is also checked against a real server where one is available.
+The runs DB is the embedded store in a temporary directory, or a server (a fresh database,
+dropped afterwards) when CAX_TEST_MONGODB_URI is set -- or, when CAX_TEST_WIRE=1, the
+MongoDB-compatible server the session starts itself (tests/wireserver.py) -- so every query
+the tests exercise is also sent over the wire.
 """
 
 from __future__ import annotations
@@ -25,11 +26,61 @@ from cax.runsdb import open_runsdb
 from cax.tasks import Context
 
 REAL_MONGODB = os.environ.get("CAX_TEST_MONGODB_URI")
+#: ``CAX_TEST_WIRE=1``: the runs-DB tests run against a MongoDB-compatible server that the test
+#: session starts itself (tests/wireserver.py), as CI's wire tier does.
+WIRE = os.environ.get("CAX_TEST_WIRE") == "1"
+_WIRE_SERVER: Any = None
 #: pyenv's rehash lock.  The test sshd logs in as root, whose .bashrc here runs ``pyenv init``
 #: and so ``pyenv rehash`` at every login; a login killed mid-rehash (the kill -9 tests) leaves
 #: the lock behind, and every later login then waits for it to time out.
 PYENV_LOCK = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "shims/.pyenv-shim"
 REQUIRE_FIXTURES = os.environ.get("CAX_REQUIRE_FIXTURES") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start the wire tier's server before any test module reads ``REAL_MONGODB``."""
+    global REAL_MONGODB, _WIRE_SERVER
+    if not WIRE or REAL_MONGODB:
+        return
+    from tests.wireserver import WireServer, WireServerUnavailable
+
+    try:
+        _WIRE_SERVER = WireServer(log=Path(os.environ.get("TMPDIR", "/tmp")) /
+                                  f"cax-wire-{os.getpid()}.log").start()
+    except WireServerUnavailable as exc:
+        if REQUIRE_FIXTURES:
+            raise pytest.UsageError(f"required fixture missing: wire server: {exc}") from None
+        return  # the runs-DB tests run on the embedded store instead
+    REAL_MONGODB = os.environ["CAX_TEST_MONGODB_URI"] = _WIRE_SERVER.uri
+
+
+#: The wire tier: the tests whose subject is the runs DB -- its queries, updates, indexes,
+#: leases and the commands that read or write it.  The transport, sshd, SLURM and soak tests
+#: run once, on the embedded store; tests/wire starts servers of its own in either tier.
+WIRE_TIER = ("tests/unit/", "tests/web/", "tests/legacy/", "tests/batch/test_process_local.py",
+             "tests/tape/test_tasks.py", "tests/integration/test_crash_and_race.py",
+             "tests/integration/test_lease_safety.py", "tests/integration/test_claim_race.py",
+             "tests/integration/test_admin_retry.py", "tests/integration/test_truth.py",
+             "tests/integration/test_cli_end_to_end.py", "tests/integration/test_repair.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under CAX_TEST_WIRE=1, keep only the wire tier's tests."""
+    if not WIRE:
+        return
+    root = Path(__file__).parent.parent
+    keep, drop = [], []
+    for item in items:
+        path = Path(item.fspath).relative_to(root).as_posix()
+        (keep if path.startswith(WIRE_TIER) else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _WIRE_SERVER is not None:
+        _WIRE_SERVER.stop()
 
 
 @pytest.fixture(autouse=True)

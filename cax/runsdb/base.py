@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from bson.errors import InvalidDocument
 from pymongo import DESCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
@@ -54,7 +55,7 @@ def db_call(fn: Callable[..., T]) -> Callable[..., T]:
         except DuplicateKeyError as exc:  # the unique (host, location) index
             raise LocationTakenError(f"runs DB refused {fn.__name__}: another entry already "
                                      f"names that place ({dup_key(exc)})") from None
-        except PyMongoError as exc:
+        except (PyMongoError, InvalidDocument) as exc:  # DocumentTooLarge is the second
             raise RunsDBError(f"runs DB: {fn.__name__}: {exc}") from exc
         except OSError as exc:
             raise RunsDBError(f"runs DB: {fn.__name__}: {exc}") from exc

@@ -6,7 +6,8 @@ import logging
 import os
 import re
 from pathlib import Path
-from urllib.parse import quote_plus
+from typing import Any
+from urllib.parse import parse_qsl, quote_plus, urlsplit
 
 import pymongo
 from pymongo import MongoClient, monitoring
@@ -142,13 +143,30 @@ def open_runsdb(uri: str | None, db_name: str = "run", runs_collection: str = "r
     return runsdb
 
 
+#: A claim or registration acknowledged by a primary that then fails over must not be lost
+#: (w=majority, journaled); a write cut by a failover is retried once by the driver, and the
+#: server answers the retry with the first attempt's result (retryable writes), so a claim is
+#: never made twice; reads go to the primary, where the leases are written.
+DURABILITY = {"retryWrites": True, "retryReads": True, "w": "majority", "journal": True,
+              "readPreference": "primary"}
+
+
+def durability_defaults(uri: str) -> dict[str, Any]:
+    """DURABILITY, less what the URI sets itself: pymongo lets a keyword argument win over the
+    URI, and a site's URI (``?w=1``, ``?readPreference=nearest``) is the site's choice."""
+    query = urlsplit(uri).query
+    named = {name.lower() for name, _ in parse_qsl(query)}
+    return {name: value for name, value in DURABILITY.items() if name.lower() not in named}
+
+
 def _open_server(uri: str, db_name: str, runs_collection: str, read_only: bool,
                  check: bool) -> RunsDB:
     full = with_password(uri)
     counter = _RoundTripCounter()
     client = MongoClient(full, tz_aware=True, serverSelectionTimeoutMS=SERVER_TIMEOUT_MS,
                          connectTimeoutMS=SERVER_TIMEOUT_MS, socketTimeoutMS=120_000,
-                         event_listeners=[counter], appname="cax")
+                         event_listeners=[counter], appname="cax",
+                         **durability_defaults(uri))
     runsdb = RunsDB(client[db_name], runs_collection, read_only=read_only,
                     server_time=lambda: client.admin.command("hello")["localTime"])
     counter.runsdb = runsdb

@@ -11,7 +11,9 @@ import datetime as dt
 from typing import Any
 
 import bson
+from bson.errors import InvalidDocument
 
+from cax.errors import DatasetError
 from cax.runsdb.base import Store, db_call
 from cax.runsdb.entries import EntryKey
 
@@ -52,8 +54,14 @@ class Manifests(Store):
                "checksum": checksum, "time": now,
                "files": [[stored_name(path), size, adler]
                          for path, (size, adler) in sorted(files.items())]}
-        self.manifests.replace_one({"_id": self._manifest_id(run_id, key)},
-                                   {"_id": self._manifest_id(run_id, key), **doc}, upsert=True)
+        try:
+            self.manifests.replace_one({"_id": self._manifest_id(run_id, key)},
+                                       {"_id": self._manifest_id(run_id, key), **doc},
+                                       upsert=True)
+        except InvalidDocument as exc:  # pymongo checks the size before sending
+            raise DatasetError(f"the manifest of {len(files)} files of {key} is larger than "
+                               "the runs DB's 16 MiB document limit; cax cannot register a "
+                               f"dataset of that many files ({str(exc)[:80]})") from None
 
     @db_call
     def find_manifest(self, run_id: Any, key: EntryKey) -> dict[str, tuple[int, str]] | None:

@@ -40,6 +40,7 @@ from typing import Any
 
 import bson
 from bson.codec_options import CodecOptions
+from pymongo.errors import DocumentTooLarge
 
 from cax.runsdb.storeindex import (
     ENTRY_COLUMNS,
@@ -70,6 +71,8 @@ CLOCK_NAME = "clock"
 #: index on ``docs.seq`` dropped (no query used it, and every write rewrote it).
 FORMAT = 3
 PACK_ABOVE = 2048
+#: MongoDB's largest document (maxBsonObjectSize): 16 MiB.
+MAX_BSON_SIZE = 16 * 1024 * 1024
 BUSY_TIMEOUT_S = 60.0
 
 TABLES = """
@@ -157,7 +160,13 @@ def id_key(value: Any) -> bytes:
 
 
 def encode_body(doc: dict[str, Any]) -> tuple[int, bytes]:
+    """A document's stored body; one larger than a MongoDB server accepts is refused, as by
+    pymongo (DocumentTooLarge), so nothing the embedded store holds could not be moved to one."""
     raw = bson.encode(doc)
+    if len(raw) > MAX_BSON_SIZE:
+        raise DocumentTooLarge(f"BSON document too large ({len(raw)} bytes) - the embedded "
+                               f"runs DB supports BSON document sizes up to {MAX_BSON_SIZE} "
+                               "bytes")
     if len(raw) > PACK_ABOVE:
         return 1, zlib.compress(raw, 1)
     return 0, raw

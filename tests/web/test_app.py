@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from cax.cli import cli
 from cax.errors import RunsDBError
+from cax.runsdb.store import EmbeddedClient
 from cax.web.auth import Credentials
 from tests.web.conftest import (
     HOSTILE_ERROR,
@@ -154,7 +155,8 @@ def test_no_script_may_run_even_if_escaping_failed(client):
 
 def snapshot(db: Any) -> Any:
     """Everything the runs DB holds, and the embedded store's change counter."""
-    generation = db.client.generation() if hasattr(db.client, "generation") else None
+    embedded = isinstance(db.client, EmbeddedClient)
+    generation = db.client.generation() if embedded else None
     return (generation, sorted((str(d["_id"]), repr(d)) for d in db.runs.find({})),
             sorted(repr(d) for d in db.daemons.find({})))
 

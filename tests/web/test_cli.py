@@ -35,7 +35,7 @@ def served(world):
 
 def test_cax_web_serves_the_runs_db_and_says_so(served):
     server, lines = served
-    assert lines[0].startswith("cax web: serving the runs DB file:")
+    assert lines[0].startswith("cax web: serving the runs DB ")
     assert " read-only on " in lines[0]
     assert "no authentication (loopback only" in lines[1]
     url = lines[0].rsplit(" on ", 1)[1].strip()
