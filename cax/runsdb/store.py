@@ -223,17 +223,26 @@ class EmbeddedCollection:
         return scratch
 
     def _write_back(self, before: list[tuple[int, bytes, dict]], scratch: Any) -> None:
-        """Store the documents of ``scratch`` that differ from ``before``; insert new ones."""
-        seq = self.file.next_seq()
+        """Store the documents of ``scratch`` whose bytes differ from ``before`` (mongomock
+        counts 2.0 set to 2 as no change; MongoDB stores the int), insert new ones; a write
+        that changed no byte bumps no generation."""
         rows = {id_key(doc["_id"]): (row, body) for row, body, doc in before}
+        changed, added = [], []
         for doc in scratch._store._documents.values():
             key = id_key(doc["_id"])
             if key in rows:
                 row, body = rows.pop(key)
                 if bson.encode(doc) != body:
-                    self.file.replace(self.coll, row, doc, seq=seq)
+                    changed.append((row, doc))
             else:
-                self.file.put_many(self.coll, [doc], seq=seq)
+                added.append(doc)
+        if not (changed or added or rows):
+            return
+        seq = self.file.next_seq()
+        for row, doc in changed:
+            self.file.replace(self.coll, row, doc, seq=seq)
+        if added:
+            self.file.put_many(self.coll, added, seq=seq)
         self.file.delete(row for row, _ in rows.values())
 
     # -- reads --------------------------------------------------------------------------
@@ -420,8 +429,7 @@ class EmbeddedCollection:
                 return self._update_each(matched, update, array_filters)
             scratch = self._scratch([doc for _, _, doc in matched])
             result = getattr(scratch, method)(filter, update, **kwargs)
-            if result.modified_count or result.upserted_id is not None:
-                self._write_back(matched, scratch)
+            self._write_back(matched, scratch)
             return result
 
     def _update_each(self, matched: list[tuple[int, bytes, dict]], update: dict,
@@ -432,9 +440,8 @@ class EmbeddedCollection:
         for one in matched:
             scratch = self._scratch([one[2]])
             resolved = resolve_array_filters(one[2], update, _bson_roundtrip(array_filters))
-            if scratch.update_one({"_id": one[2]["_id"]}, resolved).modified_count:
-                self._write_back([one], scratch)
-                modified += 1
+            modified += scratch.update_one({"_id": one[2]["_id"]}, resolved).modified_count
+            self._write_back([one], scratch)
         return UpdateResult({"n": len(matched), "nModified": modified}, True)
 
     def update_one(self, filter: dict, update: dict, upsert: bool = False,
@@ -490,8 +497,8 @@ class EmbeddedCollection:
                 filter = {"_id": before["_id"]}
                 update = resolve_array_filters(matched[0][2], update,
                                                _bson_roundtrip(array_filters))
-            if scratch.update_one(filter, update).modified_count:
-                self._write_back(matched, scratch)
+            scratch.update_one(filter, update)
+            self._write_back(matched, scratch)
             found = scratch.find_one({"_id": before["_id"]}, projection) \
                 if return_document == ReturnDocument.AFTER else _project(before, projection)
         self._returned(1)

@@ -99,8 +99,8 @@ def test_full_disk_leaves_memory_equal_to_disk(tmp_path):
         finally:
             os.close(fd)
         with pytest.raises(RunsDBError):
-            for i in range(200):  # the WAL may absorb a few writes before it needs a page
-                db.set_run_fields(run_id, {f"field{i}": "y" * 2000})
+            for i in range(200):  # free pages may absorb a few writes; random bytes do not pack
+                db.set_run_fields(run_id, {f"field{i}": os.urandom(2000).hex()})
         (mount / "filler").unlink()
         now = db.find_run(run_id)
         assert now == open_runsdb(uri).find_run(run_id)
@@ -220,3 +220,64 @@ def test_server_round_trip_counter_counts_batches_not_counts():
         counter.started(Event(command_name=name, command=command, request_id=request_id))
         counter.succeeded(Event(command_name=name, reply=reply, request_id=request_id))
     assert (runsdb.round_trips, runsdb.documents_returned) == (5, 4)
+
+
+FROZEN = """
+import subprocess, sys
+from cax.errors import RunsDBError
+from cax.runsdb import open_runsdb
+store = sys.argv[1]
+db = open_runsdb("file:" + store)
+db.insert_runs([{"number": n, "name": f"r{n}", "data": []} for n in range(100)])
+freeze = lambda flag: subprocess.run(f"chattr {flag} {store} {store}/*", shell=True, check=True)
+freeze("+i")
+try:
+    print("read", len(db.find_runs({})), flush=True)
+    try:
+        db.insert_runs([{"number": 100, "name": "r100", "data": []}])
+    except RunsDBError as exc:
+        print("refused", exc, flush=True)
+finally:
+    freeze("-i")
+db.insert_runs([{"number": 101, "name": "r101", "data": []}])
+print("read", len(db.find_runs({})), flush=True)
+"""
+
+
+def test_store_files_made_immutable_refuse_writes_without_killing_the_process(store):
+    """Issue 17.11: with a WAL journal the first read after ``chattr +i`` died of SIGBUS (the
+    ``-shm`` file is mapped into memory); now reads go on, a write is refused with one
+    RunsDBError, and the store takes writes again once the flag is gone."""
+    path = store[len("file:"):]
+    if subprocess.run(["chattr", "+i", path], capture_output=True).returncode:
+        pytest.skip("chattr +i is not possible on this file system")
+    subprocess.run(["chattr", "-i", path], check=True)
+    try:
+        done = subprocess.run([sys.executable, "-c", FROZEN, path], capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        subprocess.run(f"chattr -R -i {path}", shell=True)
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    lines = done.stdout.splitlines()
+    assert lines[0] == "read 100" and lines[-1] == "read 101", lines
+    assert lines[1].startswith("refused runs DB: insert_runs:") and len(lines) == 3, lines
+
+
+def test_a_store_left_in_wal_mode_is_switched_when_opened_alone(store, caplog):
+    """A store an older cax left in WAL mode: used as it is while that cax has it open (with a
+    warning), switched to the rollback journal by the first open that has it alone."""
+    from cax.runsdb.storefile import FILE_NAME
+
+    file = Path(store[len("file:"):]) / FILE_NAME
+    older = sqlite3.connect(file, isolation_level=None)
+    assert older.execute("PRAGMA journal_mode = WAL").fetchone() == ("wal",)
+    older.execute("SELECT count(*) FROM docs").fetchone()
+    db = open_runsdb(store)
+    db.insert_runs([make_run(1)])
+    assert "left in WAL mode while another process has it open" in caplog.text
+    assert db.find_runs({})[0]["number"] == 1
+    db.close()
+    older.close()
+    open_runsdb(store).close()
+    assert file.read_bytes()[18:20] == b"\x01\x01"  # the header's rollback-journal versions
+    assert not file.with_name(FILE_NAME + "-wal").exists()
