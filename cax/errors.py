@@ -86,6 +86,10 @@ class BatchError(CaxError):
     """The batch queue (local runner or SLURM) refused or lost a job."""
 
 
+class BatchFullError(BatchError):
+    """The batch queue holds ``max_jobs`` own jobs already: nothing failed, it is just full."""
+
+
 class TapeError(CaxError):
     """The tape client (IBM TSM ``dsmc``) failed or reported failed objects."""
 

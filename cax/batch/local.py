@@ -32,7 +32,7 @@ from cax.batch.base import (
     recorded_status,
     status_path,
 )
-from cax.errors import BatchError
+from cax.errors import BatchError, BatchFullError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class LocalBackend(BatchBackend):
     def submit(self, spec: JobSpec) -> str:
         self.calls += 1
         if self.free_slots() <= 0:
-            raise BatchError(f"local batch queue full ({self.max_jobs} jobs running)")
+            raise BatchFullError(f"local batch queue full ({self.max_jobs} jobs running)")
         try:
             proc = self._spawner.submit(self._spawn, spec).result()
         except OSError as exc:

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 
 from cax import proc
 from cax.batch.base import BatchBackend, JobSpec, JobState, JobStatus, status_path
-from cax.errors import BatchError, CommandError
+from cax.errors import BatchError, BatchFullError, CommandError
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class SlurmBackend(BatchBackend):
 
     def submit(self, spec: JobSpec) -> str:
         if self.free_slots() <= 0:
-            raise BatchError(f"SLURM throttle: {self._active} own jobs queued "
+            raise BatchFullError(f"SLURM throttle: {self._active} own jobs queued "
                              f"(max {self.max_jobs})")
         path = self.script_path(spec)
         text = self.script(spec)

@@ -353,6 +353,18 @@ class Ledger(Manifests):
         return result.modified_count
 
     @db_call
+    def give_back(self, claim: Claim) -> bool:
+        """Undo a claim whose work never started (the batch queue was full): the entry as it
+        was before the claim (``claim.previous``: status, attempts, failure), without a lease;
+        an entry the claim added is removed."""
+        if claim.previous is None:
+            return self.remove_claimed(claim, TRANSFERRING)
+        kept = {k: v for k, v in claim.previous.items()
+                if k not in (*LEASE_FIELDS, "history", *claim.key.match())}
+        added = [k for k in claim.entry if k not in claim.previous]
+        return self._finish(claim, "give back", kept, [*LEASE_FIELDS, *added])
+
+    @db_call
     def update_claimed(self, claim: Claim, fields: dict[str, Any]) -> bool:
         """Set fields of an entry we hold (e.g. a batch job id), keeping the lease."""
         return self._finish(claim, "update", {**fields, "modified_time": self.now()}, ())

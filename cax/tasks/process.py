@@ -54,7 +54,7 @@ from cax.checksum import Manifest, dataset_checksum, scan_dataset
 from cax.claimed import ClaimedJob, Keeper, LeftRunning, schedule
 from cax.clock import as_utc
 from cax.config import Processing, Site
-from cax.errors import BatchError, CaxError, CommandError, LeaseLostError
+from cax.errors import BatchError, BatchFullError, CaxError, CommandError, LeaseLostError
 from cax.paths import checked_location, scratch_path
 from cax.processors.command import fill_command, placeholders
 from cax.runsdb import (
@@ -301,6 +301,9 @@ class ProcessJob(ClaimedJob):
         """Submit the job of our claim; name and token are recorded first, so a crash between
         submit and recording the id leaves a job that a taker-over finds by its name."""
         assert self.claim is not None
+        if self.processor.backend.free_slots() <= 0:
+            raise BatchFullError(f"{self.processor.backend.kind} batch queue full "
+                                 f"({self.processor.backend.max_jobs} own jobs)")
         token = secrets.token_hex(4)
         spec = self.processor.spec(self.run_doc, token)
         self.scratch = scratch_output(self.final, token)
@@ -313,6 +316,8 @@ class ProcessJob(ClaimedJob):
         self.claim.entry.update(job)
         try:
             self.job_id = self.processor.backend.submit(spec)
+        except BatchFullError:
+            raise
         except BatchError as exc:
             raise JobFailed(f"not submitted: {exc}") from None
         if not self.db.update_claimed(self.claim, {"job_id": self.job_id}):
@@ -401,6 +406,19 @@ class ProcessJob(ClaimedJob):
     def failure_fields(self) -> dict[str, Any]:
         return {"transfer_end": self.ctx.now()}
 
+    def fail(self, exc: BaseException) -> None:
+        """A full batch queue is no failed attempt: the claim is given back as it was (an
+        entry this claim added is removed), and a later pass submits the job."""
+        if not isinstance(exc, BatchFullError):
+            super().fail(exc)
+            return
+        assert self.claim is not None
+        log.info("%s: not submitted, %s; left for a later pass", self.label, exc)
+        try:
+            self.db.give_back(self.claim)
+        except CaxError as lost:  # the lease expires and a later pass takes it
+            log.warning("%s: claim not given back: %s", self.label, lost)
+
     def record_lease_loss(self) -> bool:
         """A submitted job may outlive a cancel that failed: the taker-over asks the batch
         system about it, adopts it or records how it ended."""
@@ -464,6 +482,7 @@ class ProcessBatchQueue(Task):
         if self.processing is None or not self._runs:
             return
         processor = self.processor
+        free = self._free_slots(processor)
         for run in self._runs:
             if self.ctx.stop.is_set():
                 break
@@ -475,10 +494,30 @@ class ProcessBatchQueue(Task):
                 self._describe(processor, run)
                 continue
             job = ProcessJob(self.ctx, processor, run, entry)
+            # A taken-over entry's job is adopted if it still runs: it needs no free slot.
+            # With --once, a job waits for a worker, and so for its own slot to free.
+            if free <= 0 and not job.takeover and not self.ctx.once:
+                log.info("batch queue full (%d own jobs, max %d): the other runs wait for a "
+                         "later pass", processor.backend.active_jobs(),
+                         processor.backend.max_jobs)
+                break
             what = f"processing of {with_label}"
-            if not schedule(self.ctx, f"process/{run['_id']}", job, what, pool=self.ctx.jobs):
-                if self.ctx.jobs.full and not self.ctx.once:
-                    break  # every processing worker busy: the rest waits for the next pass
+            if schedule(self.ctx, f"process/{run['_id']}", job, what, pool=self.ctx.jobs):
+                free -= not job.takeover
+            elif self.ctx.jobs.full and not self.ctx.once:
+                break  # every processing worker busy: the rest waits for the next pass
+
+    def _free_slots(self, processor: Processor) -> int:
+        """How many jobs this pass may submit: the batch system is asked once (its own jobs
+        queued by an earlier daemon count too); if it cannot be asked, none."""
+        if self.ctx.dry_run:
+            return 0
+        try:
+            processor.backend.poll()
+        except BatchError as exc:
+            log.warning("batch system not answering, nothing submitted this pass: %s", exc)
+            return 0
+        return processor.backend.free_slots()
 
     def _wanted(self, run: dict[str, Any], entry: dict[str, Any] | None) -> bool:
         """The conditions the query cannot check on a run it returned for another reason."""

@@ -156,3 +156,33 @@ def test_a_job_over_its_time_limit_is_detected(slurm, tmp_path, runsdb_uri, runs
     run_passes(config, runsdb, lambda: processed(runsdb, run_id)["status"] == ERROR,
                timeout=300)
     assert "timeout" in processed(runsdb, run_id)["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_queue_full_of_an_earlier_daemons_jobs_costs_no_attempt(slurm, tmp_path, runsdb_uri,
+                                                                   runsdb):
+    """A daemon restarted while its predecessor's jobs fill the queue (max_jobs of them) must
+    neither submit beyond the throttle nor count the full queue as a failed attempt of each
+    run: it used to claim every run, fail each with "SLURM throttle" and, after max_attempts
+    passes, leave them all as permanent errors."""
+    config = processing_config(tmp_path, runsdb_uri, counting_reference(tmp_path / "starts"),
+                               **SLURM)
+    ids = raw_runs(tmp_path, runsdb, 3)
+    partition(slurm, "DOWN")
+    try:
+        for n in range(2):  # the earlier daemon's jobs, still pending
+            slurm.run("sbatch", f"--job-name=cax_earlier{n}", "--mem-per-cpu=100",
+                      f"--output={tmp_path / 'earlier.log'}", "--wrap", "sleep 600")
+        wait_until(lambda: len(queued(slurm)) == 2, what="the earlier jobs queued")
+        daemon = Daemon(make_context(config, "lab", runsdb), [ProcessBatchQueue])
+        for _ in range(4):  # more passes than max_attempts
+            daemon.run_pass()
+        assert len(queued(slurm)) == 2  # the throttle counts the earlier daemon's jobs
+        assert [processed(runsdb, i) for i in ids] == [None, None, None]
+    finally:
+        slurm.cancel_all()
+        partition(slurm, "UP")
+    run_passes(config, runsdb, lambda: all((processed(runsdb, i) or {}).get("status") ==
+                                           TRANSFERRED for i in ids), timeout=180)
+    assert [processed(runsdb, i)["attempts"] for i in ids] == [1, 1, 1]

@@ -232,3 +232,20 @@ def test_one_place_one_entry_is_refused_in_the_write_itself(runsdb):
                         by="test")  # the place is given up with its entry ...
     assert runsdb.claim(other["_id"], EntryKey("daq", "raw"), owner="x", lease_s=60,
                         new_entry={"status": TRANSFERRING, "location": place}, run=other)
+
+
+def test_give_back_restores_the_entry_as_it_was_before_the_claim(runsdb):
+    """Work that never started (a full batch queue) is no attempt: the entry returns to what
+    it was, failure and attempt count included; an entry the claim added is removed."""
+    run_id = fresh(runsdb, status=ERROR, attempts=2, error="job failed", next_attempt=None)
+    before = find_entry(runsdb.find_run(run_id), RAW_AT_B)
+    claim = runsdb.claim(run_id, RAW_AT_B, statuses=[ERROR], owner="A", lease_s=60,
+                         fields={"status": TRANSFERRING, "transfer_start": runsdb.now()})
+    assert claim and find_entry(runsdb.find_run(run_id), RAW_AT_B)["attempts"] == 3
+    assert runsdb.give_back(claim)
+    assert find_entry(runsdb.find_run(run_id), RAW_AT_B) == before
+    assert not runsdb.give_back(claim)  # no longer ours
+    new = EntryKey("c", "raw")
+    claim = runsdb.claim(run_id, new, owner="A", lease_s=60, new_entry={"status": TRANSFERRING})
+    assert runsdb.give_back(claim)
+    assert find_entry(runsdb.find_run(run_id), new) is None
