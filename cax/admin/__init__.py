@@ -1,7 +1,7 @@
 """The operator's side of cax: registering runs, status views, retries, machine checks.
 
 Each module returns plain values and raises the named errors of ``cax.errors``; only
-``cax/cli.py`` prints them.
+the ``cax.cli`` package prints them.
 """
 
 from __future__ import annotations
