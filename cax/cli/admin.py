@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 import click
 
-from cax.cli.base import EXIT_USAGE, admin_config, guarded, open_db
+from cax.cli.base import EXIT_USAGE, Globals, guarded, open_db
 from cax.cli.root import cli
 
 
@@ -23,7 +22,7 @@ from cax.cli.root import cli
 @click.option("--dry-run", is_flag=True, help="Say what would be retried; change nothing.")
 @click.pass_obj
 @guarded
-def retry(obj: dict[str, Any], run_number: int | None, name: str | None, site: str | None,
+def retry(obj: Globals, run_number: int | None, name: str | None, site: str | None,
           data_type: str | None, version: str | None, all_stuck: bool, dry_run: bool) -> int:
     """Make stuck entries retryable at the next pass (deletes nothing)."""
     import getpass
@@ -35,7 +34,8 @@ def retry(obj: dict[str, Any], run_number: int | None, name: str | None, site: s
         raise click.UsageError("give --run, --name or --all-stuck")
     if run_number is not None and name is not None:
         raise click.UsageError("give --run or --name, not both")
-    config = admin_config(obj)
+    dry_run = dry_run or obj.dry_run
+    config = obj.config()
     if site:
         config.get_site(site)
     db = open_db(config, read_only=dry_run)
@@ -74,16 +74,21 @@ def config_group() -> None:
               "remote_python there.")
 @click.pass_obj
 @guarded
-def config_check(obj: dict[str, Any], network: bool) -> int:
-    """Validate the configuration and what the machine must provide for it."""
-    from cax.admin.configcheck import check
+def config_check(obj: Globals, network: bool) -> int:
+    """Check the configuration and what the machine must provide for it: what the daemon
+    checks at start-up (give its --metrics-file, --metrics-port, --metrics-bind before
+    `config`), and the runs DB."""
+    from cax.admin.configcheck import StartOptions, check
 
-    config = admin_config(obj)
-    problems = check(config, network=network)
+    config = obj.config()
+    options = StartOptions(obj.metrics_file, obj.metrics_port, obj.metrics_bind)
+    findings = check(config, options, network=network)
+    problems = [p for f in findings for p in f.problems]
     for problem in problems:
         click.echo(f"cax: {config.path.name}: {problem}", err=True)
     if problems:
         return EXIT_USAGE
-    click.echo(f"{config.path}: site {config.site.name}: no problems found"
-               + ("" if network else " (add --network to reach the SSH sites)"))
+    click.echo(f"{config.path}: site {config.site.name}: no problems found; checked:")
+    for finding in findings:
+        click.echo(f"  {finding.what}: {finding.checked}")
     return 0

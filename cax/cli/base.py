@@ -10,16 +10,19 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
+import shlex
 import shutil
 import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from cax.config import Config, load_config
+from cax.config import Config, Sites, load_config
 from cax.errors import (
     AlreadyRunningError,
     CaxError,
@@ -29,7 +32,7 @@ from cax.errors import (
 )
 from cax.logcontext import ContextFilter
 from cax.runsdb import open_runsdb, safe_component
-from cax.tasks import Context, select_tasks
+from cax.tasks import Context
 from cax.workers import Background
 
 log = logging.getLogger("cax")
@@ -47,7 +50,11 @@ def setup_logging(level: str, log_file: str | None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     handlers[0].setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
     if log_file:
-        handlers.append(logging.FileHandler(log_file))
+        try:
+            handlers.append(logging.FileHandler(log_file))
+        except OSError as exc:
+            raise ConfigError(f"--log-file {log_file}: cannot open it: "
+                              f"{exc.strerror or exc}") from None
         handlers[1].setFormatter(logging.Formatter(FILE_FORMAT, "%Y-%m-%d %H:%M:%S"))
     for handler in handlers:
         handler.formatter.converter = time.gmtime
@@ -63,6 +70,15 @@ def guarded(fn: Callable[..., int]) -> Callable[..., None]:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             code = fn(*args, **kwargs)
+        except click.UsageError as exc:  # a refused combination of options: one line
+            click.echo(f"cax: {exc.format_message()}", err=True)
+            code = EXIT_USAGE
+        except click.ClickException as exc:
+            exc.show()
+            code = exc.exit_code
+        except click.Abort:
+            click.echo("cax: aborted", err=True)
+            code = EXIT_FAILED
         except ConfigError as exc:
             for problem in exc.problems:
                 click.echo(f"cax: {problem}", err=True)
@@ -115,16 +131,6 @@ def terminal_line(text: str) -> None:
     click.echo("\r\x1b[K" + text[:width], err=True, nl=False)
 
 
-def tasks_of(config: Config) -> list:
-    """The tasks of this site; an unknown name is reported with the file and the section."""
-    try:
-        return select_tasks(config.tasks_wanted)
-    except ConfigError as exc:
-        where = f"site {config.site.name!r} key" if config.site.task_list is not None else "key"
-        raise ConfigError([f"{config.path.name}: {where} 'task_list': "
-                           f"{p.removeprefix('task_list: ')}" for p in exc.problems]) from None
-
-
 def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool = False,
                   run: int | None = None, name: str | None = None,
                   once: bool = False) -> Context:
@@ -146,10 +152,41 @@ def build_context(config: Config, *, dry_run: bool = False, no_db_update: bool =
 
 
 
-def admin_config(obj: dict[str, Any]) -> Config:
-    config = load_config(obj["config_path"], obj["host"])
-    setup_logging(obj["log_level"], obj["log_file"])
-    return config
+@dataclass(frozen=True)
+class Globals:
+    """The options of ``cax`` given before a subcommand, which the subcommand acts on."""
+
+    config_path: str
+    host: str | None = None
+    runs_db: str | None = None
+    log_level: str = "info"
+    log_file: str | None = None
+    dry_run: bool = False
+    metrics_file: str | None = None
+    metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
+
+    def config(self) -> Config:
+        """Load the configuration for this site, then set up logging."""
+        config = load_config(self.config_path, self.host, self.runs_db)
+        setup_logging(self.log_level, self.log_file)
+        return config
+
+    def command(self, sites: Sites, host: str | None) -> str:
+        """How a printed command calls cax to act as ``host`` with the same configuration and
+        runs DB: it must work when pasted into a shell.  Every value is quoted; the runs DB is
+        named only when it was given with --runs-db (resolved, as the file's is), and never
+        with a password, which then comes from $MONGODB_PASSWORD.
+        """
+        from cax.admin import cax_command
+
+        words = [cax_command(), "--config", shlex.quote(str(sites.path))]
+        if host:
+            words += ["--host", shlex.quote(host)]
+        if self.runs_db and sites.runs_db:
+            uri = re.sub(r"^([a-z+]+://[^:/@]+):[^@]*@", r"\1@", sites.runs_db)
+            words += ["--runs-db", shlex.quote(uri)]
+        return " ".join(words)
 
 
 def open_db(config: Config, read_only: bool = False, create: bool = False) -> Any:
@@ -164,10 +201,3 @@ def echo_json(value: Any) -> None:
         return item.isoformat() if hasattr(item, "isoformat") else str(item)
 
     click.echo(json.dumps(value, indent=1, default=plain))
-
-
-def retry_prefix(config: Config) -> str:
-    """How the printed commands call cax: the name on PATH, else its full path, and the config."""
-    from cax.admin import cax_command
-
-    return f"{cax_command()} --config {config.path}"

@@ -46,7 +46,7 @@ class MassiveOptions:
 
 
 def selection(opts: MassiveOptions, now: dt.datetime) -> dict[str, Any]:
-    """Return the runs-DB filter of ``--run``/``--name``/``--from-run``/``--to-run``/``--last-days``.
+    """Return the runs-DB filter of --run, --name, --from-run, --to-run and --last-days.
 
     ``--to-run -1`` means no upper bound, as in the original.  Raises ConfigError for
     ``--from-run`` above ``--to-run``.

@@ -1,24 +1,76 @@
-"""The ``cax`` command: the daemon (no subcommand), and the group the subcommands join."""
+"""The ``cax`` command: the daemon (no subcommand), and the group the subcommands join.
+
+Options given before a subcommand either act on it or are refused (exit 2, one line), never
+ignored: ``GLOBAL_USE`` says which subcommand acts on which.
+"""
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 import cax
+from cax.admin.configcheck import StartOptions, select_site_tasks, startup_findings
 from cax.cli.base import (
+    EXIT_USAGE,
+    Globals,
     build_context,
     default_config_path,
     guarded,
     log,
+    run_selector,
     setup_logging,
-    tasks_of,
 )
-from cax.config import load_config
-from cax.daemon import Daemon, install_signal_handlers
+from cax.config import Config, load_config
+from cax.daemon import Daemon, Reloaded, install_signal_handlers
+from cax.errors import ConfigError
 from cax.runsdb import safe_component
+
+#: The options every subcommand acts on: which configuration, site, runs DB, and the log.
+COMMON = ("config_path", "host", "runs_db", "log_level", "log_file")
+#: What each subcommand acts on, of the options given before it (the rest are refused).
+GLOBAL_USE: dict[str, tuple[str, ...]] = {
+    "run": (*COMMON, "dry_run"),
+    "retry": (*COMMON, "dry_run"),
+    "status": COMMON,
+    "web": COMMON,
+    # config check checks what the daemon would be given: its metrics file and port
+    "config": (*COMMON, "metrics_file", "metrics_port", "metrics_bind"),
+    "demo": ("log_level", "log_file"),
+}
+#: How each option is spelt, for the message refusing it.
+SPELLING = {"once": "--once", "config_path": "--config", "run_number": "--run", "name": "--name",
+            "host": "--host", "runs_db": "--runs-db", "log_level": "--log",
+            "log_file": "--log-file", "dry_run": "--dry-run",
+            "no_db_update": "--disable-database-update", "metrics_file": "--metrics-file",
+            "metrics_port": "--metrics-port", "metrics_bind": "--metrics-bind", "ncpu": "--ncpu"}
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    """The daemon's command line."""
+
+    config_path: str
+    once: bool = False
+    run: int | None = None
+    name: str | None = None
+    host: str | None = None
+    runs_db: str | None = None
+    log_level: str = "info"
+    log_file: str | None = None
+    dry_run: bool = False
+    no_db_update: bool = False
+    metrics_file: str | None = None
+    metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
+    ncpu: int | None = None
+
+    @property
+    def start(self) -> StartOptions:
+        return StartOptions(self.metrics_file, self.metrics_port, self.metrics_bind, self.ncpu)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +92,9 @@ from cax.runsdb import safe_component
 @click.option("--metrics-file", metavar="FILE", help="After each pass, write Prometheus "
               "metrics to FILE (for node_exporter's textfile collector).")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
-              help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+              help="Serve Prometheus metrics on PORT (of --metrics-bind).")
+@click.option("--metrics-bind", default="127.0.0.1", show_default=True, metavar="ADDRESS",
+              help="The address --metrics-port listens on.")
 @click.option("--ncpu", type=click.IntRange(1), metavar="N",
               help="Process here with N CPUs (the job command line of massive-cax and of the "
               "original's batch scripts).")
@@ -49,69 +103,133 @@ from cax.runsdb import safe_component
 def cli(click_ctx: click.Context, once: bool, config_path: str | None, run_number: int | None,
         name: str | None, host: str | None, runs_db: str | None, log_level: str,
         log_file: str | None, dry_run: bool, no_db_update: bool, metrics_file: str | None,
-        metrics_port: int | None, ncpu: int | None) -> None:
-    """Keep this site's data where it must be, and tell the runs DB the truth about it."""
+        metrics_port: int | None, metrics_bind: str, ncpu: int | None) -> None:
+    """Keep this site's data where it must be, and tell the runs DB the truth about it.
+
+    Without a command, run the daemon for this site.  Options before a command act on it
+    (--config, --host, --runs-db, --log, --log-file; --dry-run on run and retry) or are
+    refused.
+    """
+    path = config_path or default_config_path()
     if click_ctx.invoked_subcommand:
-        click_ctx.obj = {"config_path": config_path or default_config_path(), "host": host,
-                         "log_level": log_level, "log_file": log_file, "runs_db": runs_db}
+        refused = unused_options(click_ctx, click_ctx.invoked_subcommand)
+        if refused:
+            click.echo(f"cax: {refused}", err=True)
+            click_ctx.exit(EXIT_USAGE)
+        click_ctx.obj = Globals(path, host, runs_db, log_level, log_file, dry_run,
+                                metrics_file, metrics_port, metrics_bind)
         return
     if run_number is not None and name is not None:
         raise click.UsageError("give --run or --name, not both")
-    guarded(_daemon)(once, config_path or default_config_path(), run_number, name, host,
-                     log_level, log_file, dry_run, no_db_update, metrics_file, metrics_port,
-                     runs_db, ncpu)
+    guarded(_daemon)(DaemonOptions(path, once, run_number, name, host, runs_db, log_level,
+                                   log_file, dry_run, no_db_update, metrics_file, metrics_port,
+                                   metrics_bind, ncpu))
 
 
-def _daemon(once: bool, config_path: str, run: int | None, name: str | None, host: str | None,
-            log_level: str, log_file: str | None, dry_run: bool, no_db_update: bool,
-            metrics_file: str | None = None, metrics_port: int | None = None,
-            runs_db: str | None = None, ncpu: int | None = None) -> int:
+def unused_options(click_ctx: click.Context, command: str) -> str | None:
+    """Say which options given before ``command`` it does not act on (None: it acts on all)."""
+    used = GLOBAL_USE.get(command, ())
+    given = [name for name in SPELLING if click_ctx.get_parameter_source(name)
+             not in (click.core.ParameterSource.DEFAULT, None)]
+    refused = [name for name in given if name not in used]
+    if not refused:
+        return None
+    words = ", ".join(SPELLING[name] for name in refused)
+    hint = " (give it after the command)" if command in ("status", "retry") and \
+        {"run_number", "name"} & set(refused) else ""
+    return f"{words} does not apply to `cax {command}`{hint}; nothing done"
+
+
+def daemon_config(opts: DaemonOptions) -> Reloaded:
+    """Load the configuration and run the start-up checks ``cax config check`` runs too.
+
+    Raises ConfigError with every problem that keeps the daemon from starting; the others
+    come back as warnings to log.
+    """
+    config = load_config(opts.config_path, opts.host, opts.runs_db)
+    findings = startup_findings(config, opts.start)
+    label = config.path.name
+    blocking = [f"{label}: {p}" for f in findings if f.blocks_start for p in f.problems]
+    if blocking:
+        raise ConfigError(blocking)
+    warnings = [f"{label}: {p}" for f in findings if not f.blocks_start for p in f.problems]
+    return Reloaded(config, select_site_tasks(config),
+                    run_selector(opts.run, opts.name, config.datasets_wanted), warnings)
+
+
+def _daemon(opts: DaemonOptions) -> int:
     from cax.service import InstanceLock, Notifier
 
-    if name is not None:
-        safe_component(name)
-    config = load_config(config_path, host, runs_db)
-    tasks = tasks_of(config)
+    if opts.name is not None:
+        safe_component(opts.name)
+    started = daemon_config(opts)
+    config = started.config
     # The looping daemon is the one per site and machine; --once and --dry-run runs are not.
-    lock = None if once or dry_run else InstanceLock(config.site.name).acquire()
-    setup_logging(log_level, log_file)
+    lock = None if opts.once or opts.dry_run else InstanceLock(config.site.name).acquire()
+    try:
+        setup_logging(opts.log_level, opts.log_file)
+        metrics = _metrics(opts, config)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     for note in config.notes:
         log.info("%s", note)
-    ctx = build_context(config, dry_run=dry_run, no_db_update=no_db_update, run=run, name=name,
-                        once=once)
-    ctx.ncpu = ncpu
-    log.info("cax %s for site %s (%s), config %s%s", cax.__version__, config.site.name,
-             ctx.owner, config.path, ", dry run" if dry_run else "")
-    install_signal_handlers(ctx.stop)
-    metrics = None
-    if metrics_file or metrics_port is not None:
-        from cax.metrics import DaemonMetrics
-
-        metrics = DaemonMetrics(config.site.name, ctx.now())
-        if metrics_port is not None:
-            port = metrics.serve(metrics_port)
-            log.info("metrics served on http://127.0.0.1:%d/metrics", port)
+    for line in started.warnings:
+        log.warning("%s", line)
     try:
-        return Daemon(ctx, tasks, metrics=metrics, metrics_file=metrics_file,
-                      notifier=Notifier()).run(once=once)
+        ctx = build_context(config, dry_run=opts.dry_run, no_db_update=opts.no_db_update,
+                            run=opts.run, name=opts.name, once=opts.once)
+        ctx.ncpu = opts.ncpu
+        log.info("cax %s for site %s (%s), config %s%s", cax.__version__, config.site.name,
+                 ctx.owner, config.path, ", dry run" if opts.dry_run else "")
+        reload_requested = threading.Event()
+        install_signal_handlers(ctx.stop, reload_requested)
+        if metrics is not None:
+            metrics.since = ctx.now()
+        try:
+            return Daemon(ctx, started.tasks, metrics=metrics, metrics_file=opts.metrics_file,
+                          notifier=Notifier(), reload=lambda: daemon_config(opts),
+                          reload_requested=reload_requested).run(once=opts.once)
+        finally:
+            ctx.runsdb.close()
     finally:
-        ctx.runsdb.close()
         if metrics is not None:
             metrics.close()
         if lock is not None:
             lock.release()
 
 
+def _metrics(opts: DaemonOptions, config: Config):  # noqa: ANN202 - DaemonMetrics or None
+    """The daemon's metrics, served on --metrics-bind:--metrics-port when asked to."""
+    if not opts.metrics_file and opts.metrics_port is None:
+        return None
+    from cax.clock import utcnow
+    from cax.metrics import DaemonMetrics
+
+    metrics = DaemonMetrics(config.site.name, utcnow())
+    if opts.metrics_port is not None:
+        try:
+            port = metrics.serve(opts.metrics_port, opts.metrics_bind)
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(f"--metrics-port: cannot listen on {opts.metrics_bind}:"
+                              f"{opts.metrics_port}: {getattr(exc, 'strerror', None) or exc}"
+                              ) from None
+        log.info("metrics served on http://%s:%d/metrics", opts.metrics_bind, port)
+    return metrics
+
+
 @cli.command()
 @click.option("--dir", "directory", default="cax-demo", show_default=True,
               help="Where to create the demo (runs DB, data of two sites, cax.json).")
 @click.option("--runs", default=4, show_default=True, help="How many runs to create.")
+@click.pass_obj
 @guarded
-def demo(directory: str, runs: int) -> int:
+def demo(obj: Globals, directory: str, runs: int) -> int:
     """Create a self-contained example with two local sites and run cax on it."""
     from cax.demo import run_demo
 
-    setup_logging("info", None)
+    setup_logging(obj.log_level, obj.log_file)
     for line in run_demo(Path(directory), runs):
         click.echo(line)
     return 0

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 import click
 
-from cax.cli.base import EXIT_FAILED, admin_config, guarded, open_db
+from cax.cli.base import EXIT_FAILED, Globals, guarded, open_db
 from cax.cli.root import cli
 from cax.errors import CaxError, ConfigError
 
@@ -42,7 +41,7 @@ def run_group() -> None:
               "not exist yet (otherwise a missing one is an outage: exit 3).")
 @click.pass_obj
 @guarded
-def run_add(obj: dict[str, Any], number: int | None, name: str | None, detector: str,
+def run_add(obj: Globals, number: int | None, name: str | None, detector: str,
             start: str | None, tags: tuple[str, ...], site: str | None, location: str | None,
             checksum: str | None, from_dir: str | None, match: str | None,
             json_file: str | None, dry_run: bool, create_runs_db: bool) -> int:
@@ -55,7 +54,8 @@ def run_add(obj: dict[str, Any], number: int | None, name: str | None, detector:
         raise click.UsageError("--number is required with --location")
     if match is not None and from_dir is None:
         raise click.UsageError("--match goes with --from-dir")
-    config = admin_config(obj)
+    dry_run = dry_run or obj.dry_run
+    config = obj.config()
     where = config.get_site(site) if site else config.site
     local = where is config.site or where.method == "local"
     db = open_db(config, read_only=dry_run, create=create_runs_db and not dry_run)
@@ -103,7 +103,7 @@ def run_add(obj: dict[str, Any], number: int | None, name: str | None, detector:
 @click.option("--dry-run", is_flag=True, help="Say what would be unregistered; change nothing.")
 @click.pass_obj
 @guarded
-def run_remove(obj: dict[str, Any], run_number: int | None, name: str | None, site: str | None,
+def run_remove(obj: Globals, run_number: int | None, name: str | None, site: str | None,
                data_type: str, version: str | None, dry_run: bool) -> int:
     """Unregister one entry of a run, leaving its data where they are (refused while leased)."""
     import getpass
@@ -114,7 +114,8 @@ def run_remove(obj: dict[str, Any], run_number: int | None, name: str | None, si
         raise click.UsageError("give --run or --name")
     if data_type == "processed" and not version:
         raise click.UsageError("--version is required with --type processed")
-    config = admin_config(obj)
+    dry_run = dry_run or obj.dry_run
+    config = obj.config()
     host = config.get_site(site).name if site else config.site.name
     db = open_db(config, read_only=dry_run)
     try:

@@ -1,4 +1,8 @@
-"""``cax status`` and ``cax web``: what the daemons do and where every copy is."""
+"""``cax status`` and ``cax web``: what the daemons do and where every copy is.
+
+``cax status`` reads the whole runs DB, so it needs no site of its own: without --host, and
+when this machine names no site, its views are of every site.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,11 @@ from typing import Any
 
 import click
 
-from cax.cli.base import admin_config, echo_json, guarded, open_db, retry_prefix, setup_logging
+from cax.cli.base import EXIT_FAILED, Globals, echo_json, guarded, open_db, setup_logging
 from cax.cli.root import cli
-from cax.config import load_config
+from cax.config import guess_site, load_sites
 from cax.errors import ConfigError
+from cax.runsdb.stuck import StuckEntry
 
 
 @cli.command()
@@ -19,27 +24,40 @@ from cax.errors import ConfigError
 @click.option("--stuck", is_flag=True, help="What waits for a person, with the retry command.")
 @click.option("--summary", is_flag=True, help="Newest runs x sites matrix.")
 @click.option("--tape", is_flag=True, help="Tape: volume per month, pending and failed datasets.")
-@click.option("--newest", default=20, show_default=True, metavar="N",
+@click.option("--newest", type=click.IntRange(1), default=20, show_default=True, metavar="N",
               help="Runs shown by --summary.")
-@click.option("--all-sites", is_flag=True, help="--stuck: of every site, not only this one's.")
+@click.option("--all-sites", is_flag=True, help="--stuck: of every site, not only this one's "
+              "[default without a site of this machine].")
 @click.option("--json", "as_json", is_flag=True, help="Print the view as JSON.")
 @click.option("--color/--no-color", default=None, help="Colour --summary [default: on a "
               "terminal].")
 @click.pass_obj
 @guarded
-def status(obj: dict[str, Any], run_number: int | None, name: str | None, stuck: bool,
+def status(obj: Globals, run_number: int | None, name: str | None, stuck: bool,
            summary: bool, tape: bool, newest: int, all_sites: bool, as_json: bool,
            color: bool | None) -> int:
-    """Show the daemons, the copies and what is stuck."""
+    """Show the daemons, the copies and what is stuck.
+
+    Exits 1 with --stuck when anything is stuck (for cron and monitoring), 2 for an unknown
+    --run or --name.
+    """
     from cax.admin import status as st
 
     if sum(bool(x) for x in (run_number is not None, name, stuck, summary, tape)) > 1:
         raise click.UsageError("give one of --run, --name, --stuck, --summary, --tape")
-    config = admin_config(obj)
+    config = load_sites(obj.config_path, obj.runs_db)
+    here = guess_site(config, obj.host)
+    setup_logging(obj.log_level, obj.log_file)
+
+    def prefix(entry: StuckEntry | None = None) -> str:
+        """How a printed command calls cax: as this site, else as the entry's."""
+        return obj.command(config, here.name if here else (entry.key.host if entry else None))
+
     db = open_db(config, read_only=True)
     paint = False
+    code = 0
     try:
-        site = None if all_sites else config.site.name
+        site = None if all_sites or here is None else here.name
         if run_number is not None or name:
             runs = st.run_view(db, run_number, name)
             if not runs:
@@ -49,9 +67,9 @@ def status(obj: dict[str, Any], run_number: int | None, name: str | None, stuck:
             value: Any = runs
         elif stuck:
             entries = st.stuck(db, config, st.now_of(db), site)
-            prefix = retry_prefix(config)
-            value = [e.as_dict(prefix) for e in entries]
+            value = [e.as_dict(prefix(e)) for e in entries]
             lines = list(st.render_stuck(entries, site, prefix))
+            code = EXIT_FAILED if entries else 0
         elif tape:
             from dataclasses import asdict
 
@@ -66,7 +84,7 @@ def status(obj: dict[str, Any], run_number: int | None, name: str | None, stuck:
             lines = list(st.render_summary(table, colour=paint))
         else:
             value = st.overview(db, config, site)
-            lines = list(st.render_overview(value, f"{retry_prefix(config)} status --stuck"))
+            lines = list(st.render_overview(value, f"{prefix()} status --stuck"))
     finally:
         db.close()
     if as_json:
@@ -74,7 +92,7 @@ def status(obj: dict[str, Any], run_number: int | None, name: str | None, stuck:
     else:
         for line in lines:
             click.echo(line, color=paint)  # click strips colours when not asked to keep them
-    return 0
+    return code
 
 
 
@@ -86,10 +104,8 @@ def status(obj: dict[str, Any], run_number: int | None, name: str | None, stuck:
               help="Listen on PORT (0: any free port, printed at start).")
 @click.pass_obj
 @guarded
-def web(obj: dict[str, Any], bind: str, port: int) -> int:
+def web(obj: Globals, bind: str, port: int) -> int:
     """Serve a read-only website over the runs DB: runs, daemons, stuck, tape, throughput."""
     from cax.web.server import serve
 
-    config = load_config(obj["config_path"], obj["host"], obj["runs_db"])
-    setup_logging(obj["log_level"], obj["log_file"])
-    return serve(config, bind=bind, port=port, announce=click.echo)
+    return serve(obj.config(), bind=bind, port=port, announce=click.echo)

@@ -85,14 +85,14 @@ def test_run_view_shows_every_copy_with_details(seeded):
 
 def test_stuck_view_reasons_and_commands(seeded):
     result = cax(seeded, "status", "--stuck")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # something is stuck: cron and monitoring see it
     text = result.stdout
     assert "run 5 (170101_0500) raw at lab: error, copied from daq" in text
     assert "5 attempt(s), none left (max_attempts 5): rsync: No space left" in text
     assert "permanent error, not retried: Permission denied" in text
     assert f"transferring under a lease of {DEAD} (dead) that expired 20" in text
     assert f"purging under a lease of {ALIVE} (alive) that expired" in text
-    assert f"--config {seeded.resolve()} retry --run 5 --site lab --type raw" in text
+    assert f"--config {seeded.resolve()} --host daq retry --run 5 --site lab --type raw" in text
     listed = json.loads(cax(seeded, "status", "--stuck", "--json").stdout)
     got = {(e["run"], e["site"]): e["kind"] for e in listed}
     want = {**{(n, "lab"): k for n, k in STUCK_AT_LAB.items()},
