@@ -115,10 +115,10 @@ def make_plan(run: dict[str, Any], label: str, data_type: str, version: str | No
 
 
 def disk_full(exc: BaseException | None) -> bool:
-    """Whether ``exc`` says the destination's filesystem is full (ENOSPC, here or at a site)."""
+    """Whether ``exc`` says the destination's filesystem is full (here or at a site)."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return True
-    return exc is not None and "No space left on device" in str(exc)
+    return isinstance(exc, TransferError) and exc.disk_full
 
 
 def same_machine(a: Site, b: Site) -> bool:
