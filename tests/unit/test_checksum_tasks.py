@@ -639,3 +639,17 @@ def test_idle_pass_constant_round_trips_and_no_runs_fetched(config, runsdb, tmp_
 
 #: One query per task (RetryStalledTransfer: stalled entries and stuck errors) + heartbeat.
 IDLE_ROUND_TRIPS = 7
+
+
+def test_scrub_records_the_checksum_of_a_copy_registered_without_one(config, runsdb, tmp_path):
+    """A copy of the original's registered ``transferred`` without a checksum: Scrub records
+    what is there now (it raised NameError instead; found by tests/unit/test_cli_fuzz.py)."""
+    daq = write_dataset(tmp_path / "daq/raw/170101_0000", files=3)
+    run_id = add_run(runsdb, 1, [{"host": "daq", "type": "raw", "status": TRANSFERRED,
+                                  "location": str(daq), "checksum": None}])
+    ctx = make_context(config(), "daq", runsdb)
+    result = Daemon(ctx, [Scrub]).run_pass(wait_background=True)
+    assert result.failed == 0 and result.error_lines == 0
+    entry = entry_of(runsdb, run_id, "daq")
+    assert entry["checksum"] == dataset_checksum(scan_dataset(daq))
+    assert entry["status"] == TRANSFERRED and entry["evidence"] == "disk"
