@@ -51,8 +51,10 @@ class World:
 
 
 def make_world(root: Path, **top: Any) -> World:
-    """Two local sites, daq (pushes raw data) and lab (pulls), with three runs: run 1 copied
-    to both, run 2 at daq only, run 3 stuck at lab (its attempts used up)."""
+    """Two local sites, daq (pushes raw data) and lab (pulls; processes with SLURM), with
+    three runs: run 1 copied
+    to both, run 2 at daq only, run 3 stuck at lab (its attempts used up); and the directory
+    of run 9 at daq, not registered."""
     for d in ("daq/raw", "lab/raw", "lab/processed"):
         (root / d).mkdir(parents=True, exist_ok=True)
     store = root / "runsdb"
@@ -61,7 +63,9 @@ def make_world(root: Path, **top: Any) -> World:
          "data_type": ["raw"], "upload_options": ["lab"], "reference_for": ["raw"]},
         {"name": "lab", "method": "local", "dir_raw": str(root / "lab/raw"),
          "dir_processed": str(root / "lab/processed"), "data_type": ["raw"],
-         "download_options": ["daq"]},
+         "download_options": ["daq"], "processing": {
+             "command": ["{python}", "-m", "cax.processors.reference", "{input}", "{output}"],
+             "version": "v1", "backend": "slurm", "jobs_dir": str(root / "lab/jobs")}},
     ]
     config = write_config(root / "cax.json", sites, runs_db=f"file:{store}",
                           sleep_seconds=0.1, lease_seconds=30, **top)
@@ -83,6 +87,9 @@ def make_world(root: Path, **top: Any) -> World:
                          "error_kind": "transient", "source": "daq",
                          "location": str(root / "lab/raw" / name), "creation_time": now})
         runs.append(make_run(number, name=name, data=data))
+    fresh = root / "daq/raw/170109_0000"  # written, not registered yet
+    fresh.mkdir()
+    (fresh / "f.dat").write_bytes(os.urandom(1000))
     db = open_runsdb(f"file:{store}", create=True)
     try:
         db.insert_runs(runs)

@@ -6,12 +6,12 @@ import socket
 
 import click
 
-from cax.cli.base import EXIT_USAGE, Globals, guarded, open_db
+from cax.cli.base import EXIT_USAGE, RUN_NUMBER, Globals, guarded, open_db
 from cax.cli.root import cli
 
 
 @cli.command()
-@click.option("--run", "run_number", type=int, metavar="N", help="Entries of run N.")
+@click.option("--run", "run_number", type=RUN_NUMBER, metavar="N", help="Entries of run N.")
 @click.option("--name", metavar="NAME", help="Entries of the run called NAME.")
 @click.option("--site", metavar="SITE", help="Only entries at SITE.")
 @click.option("--type", "data_type", type=click.Choice(["raw", "processed"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import re
 import shlex
@@ -38,6 +39,24 @@ from cax.workers import Background
 log = logging.getLogger("cax")
 
 EXIT_FAILED, EXIT_USAGE, EXIT_DB, EXIT_INTERNAL, EXIT_RUNNING = 1, 2, 3, 4, 5
+#: Run numbers are stored as 64-bit integers (BSON): a larger one cannot name a run.
+MAX_RUN_NUMBER = 2 ** 63 - 1
+
+
+class FiniteFloat(click.FloatRange):
+    """A number within a range; NaN and the infinities are refused (FloatRange lets NaN by)."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+RUN_NUMBER = click.IntRange(0, MAX_RUN_NUMBER)
 LOG_FORMAT = "%(asctime)sZ %(levelname)-7s %(ctx)s%(message)s"
 FILE_FORMAT = "%(asctime)sZ %(levelname)-7s %(process)d %(name)s: %(ctx)s%(message)s"
 
@@ -78,6 +97,10 @@ def guarded(fn: Callable[..., int]) -> Callable[..., None]:
             code = exc.exit_code
         except click.Abort:
             click.echo("cax: aborted", err=True)
+            code = EXIT_FAILED
+        except OSError as exc:  # the machine's answer (a full disk, a permission): not a bug
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"cax: {exc.strerror or exc}{where}", err=True)
             code = EXIT_FAILED
         except ConfigError as exc:
             for problem in exc.problems:

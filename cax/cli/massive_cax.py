@@ -26,7 +26,14 @@ import click
 import cax
 from cax.batch.base import JobSpec, Resources
 from cax.batch.slurm import SlurmBackend
-from cax.cli.base import build_context, default_config_path, guarded, setup_logging
+from cax.cli.base import (
+    RUN_NUMBER,
+    FiniteFloat,
+    build_context,
+    default_config_path,
+    guarded,
+    setup_logging,
+)
 from cax.config import load_config
 from cax.daemon import install_signal_handlers
 from cax.errors import BatchError, ConfigError
@@ -173,9 +180,9 @@ def _pass(ctx: Any, task: Any, backend: SlurmBackend, resources: Resources,
 @click.option("--config", "config_path", metavar="FILE", default=None,
               help="Configuration file [default: $CAX_CONFIG or ./cax.json].")
 @click.option("--host", metavar="SITE", help="Act as this site [default: short host name].")
-@click.option("--run", "run_number", type=int, metavar="N", help="Only run N.")
-@click.option("--start", type=int, metavar="N", help="Only runs numbered N or higher.")
-@click.option("--stop", type=int, metavar="N", help="Only runs numbered N or lower.")
+@click.option("--run", "run_number", type=RUN_NUMBER, metavar="N", help="Only run N.")
+@click.option("--start", type=RUN_NUMBER, metavar="N", help="Only runs numbered N or higher.")
+@click.option("--stop", type=RUN_NUMBER, metavar="N", help="Only runs numbered N or lower.")
 @click.option("--tag", metavar="TAG", help="Only runs with this tag.")
 @click.option("--ncpu", type=click.IntRange(1), default=1, show_default=True,
               help="CPUs per job (passed on to cax in the job).")
@@ -187,7 +194,7 @@ def _pass(ctx: Any, task: Any, backend: SlurmBackend, resources: Resources,
 @click.option("--reservation", metavar="NAME", help="SLURM reservation.")
 @click.option("--max-queued", type=click.IntRange(1), metavar="N",
               help="Own jobs queued at most [default: processing.max_jobs].")
-@click.option("--sleep", "sleep_s", type=float, default=3600, show_default=True,
+@click.option("--sleep", "sleep_s", type=FiniteFloat(0, 7 * 86400), default=3600, show_default=True,
               help="Seconds between passes (iterative mode).")
 @click.option("--dry-run", is_flag=True, help="Print the scripts and commands; submit nothing.")
 @click.option("--log", "log_level", default="info", show_default=True,

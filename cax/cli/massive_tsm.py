@@ -19,7 +19,16 @@ from typing import Any
 
 import click
 
-from cax.cli.base import FILE_FORMAT, build_context, default_config_path, guarded, setup_logging
+from cax.cli.base import (
+    FILE_FORMAT,
+    MAX_RUN_NUMBER,
+    RUN_NUMBER,
+    FiniteFloat,
+    build_context,
+    default_config_path,
+    guarded,
+    setup_logging,
+)
 from cax.config import Config, load_config
 from cax.daemon import install_signal_handlers
 from cax.errors import CaxError, ConfigError
@@ -161,13 +170,15 @@ def run_massive(ctx: Context, opts: MassiveOptions, formatter: logging.Formatter
 @click.option("--config", "config_path", metavar="FILE", default=None,
               help="Configuration file, e.g. the original's cax_tsm_upload.json.")
 @click.option("--host", metavar="SITE", help="Act as this site [default: short host name].")
-@click.option("--run", "run_number", type=int, metavar="N", help="Only run N.")
+@click.option("--run", "run_number", type=RUN_NUMBER, metavar="N", help="Only run N.")
 @click.option("--name", metavar="NAME", help="Only the run(s) called NAME.")
-@click.option("--from-run", "--from_run", "from_run", type=int, metavar="N",
+@click.option("--from-run", "--from_run", "from_run", type=RUN_NUMBER, metavar="N",
               help="Only runs numbered N or more.")
-@click.option("--to-run", "--to_run", "to_run", type=int, metavar="N",
+@click.option("--to-run", "--to_run", "to_run", type=click.IntRange(-1, MAX_RUN_NUMBER),
+              metavar="N",
               help="Only runs numbered N or less (-1: no limit).")
-@click.option("--last-days", "--last_days", "last_days", type=float, metavar="D",
+@click.option("--last-days", "--last_days", "last_days", type=FiniteFloat(0, 36525),
+              metavar="D",
               help="Only runs started in the last D days.")
 @click.option("--log", "log_level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
@@ -175,7 +186,7 @@ def run_massive(ctx: Context, opts: MassiveOptions, formatter: logging.Formatter
               help="Also write the summary log to FILE.")
 @click.option("--log-dir", metavar="DIR", default=None,
               help="Where the per-dataset logs go [default: beside --log-file, else .].")
-@click.option("--sleep", "sleep_s", type=float, default=60.0, show_default=True,
+@click.option("--sleep", "sleep_s", type=FiniteFloat(0, 7 * 86400), default=60.0, show_default=True,
               help="Seconds between passes without --once.")
 @click.option("--disable-database-update", "--disable_database_update", "no_db_update",
               is_flag=True, help="Do the work but write nothing to the runs DB.")

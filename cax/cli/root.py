@@ -16,6 +16,7 @@ import cax
 from cax.admin.configcheck import StartOptions, select_site_tasks, startup_findings
 from cax.cli.base import (
     EXIT_USAGE,
+    RUN_NUMBER,
     Globals,
     build_context,
     default_config_path,
@@ -29,6 +30,8 @@ from cax.daemon import Daemon, Reloaded, install_signal_handlers
 from cax.errors import ConfigError
 from cax.runsdb import safe_component
 
+#: Runs a demo makes at most (3 MB each).
+MAX_DEMO_RUNS = 100
 #: The options every subcommand acts on: which configuration, site, runs DB, and the log.
 COMMON = ("config_path", "host", "runs_db", "log_level", "log_file")
 #: What each subcommand acts on, of the options given before it (the rest are refused).
@@ -77,7 +80,8 @@ class DaemonOptions:
 @click.option("--once", is_flag=True, help="Do one pass, then exit (1 if anything failed).")
 @click.option("--config", "config_path", metavar="FILE", default=None,
               help="Configuration file [default: $CAX_CONFIG or ./cax.json].")
-@click.option("--run", "run_number", type=int, metavar="N", help="Only the run(s) numbered N.")
+@click.option("--run", "run_number", type=RUN_NUMBER, metavar="N",
+              help="Only the run(s) numbered N.")
 @click.option("--name", metavar="NAME", help="Only the run(s) called NAME.")
 @click.option("--host", metavar="SITE", help="Act as this site [default: $CAX_HOST, $HOSTNAME "
               "if it names a site, else the short host name].")
@@ -222,7 +226,8 @@ def _metrics(opts: DaemonOptions, config: Config):  # noqa: ANN202 - DaemonMetri
 @cli.command()
 @click.option("--dir", "directory", default="cax-demo", show_default=True,
               help="Where to create the demo (runs DB, data of two sites, cax.json).")
-@click.option("--runs", default=4, show_default=True, help="How many runs to create.")
+@click.option("--runs", type=click.IntRange(1, MAX_DEMO_RUNS), default=4, show_default=True,
+              help="How many runs to create (3 MB each).")
 @click.pass_obj
 @guarded
 def demo(obj: Globals, directory: str, runs: int) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cax.cli.base import EXIT_FAILED, Globals, guarded, open_db
+from cax.cli.base import EXIT_FAILED, RUN_NUMBER, Globals, guarded, open_db
 from cax.cli.root import cli
 from cax.errors import CaxError, ConfigError
 
@@ -19,7 +19,8 @@ def run_group() -> None:
 
 
 @run_group.command("add")
-@click.option("--number", type=int, metavar="N", help="Run number (with --from-dir: the first).")
+@click.option("--number", type=RUN_NUMBER, metavar="N",
+              help="Run number (with --from-dir: the first).")
 @click.option("--name", metavar="NAME", help="Run name, e.g. 170131_1200 (default: the "
               "location's last component).")
 @click.option("--detector", default="tpc", show_default=True, metavar="NAME")
@@ -94,7 +95,7 @@ def run_add(obj: Globals, number: int | None, name: str | None, detector: str,
 
 
 @run_group.command("remove")
-@click.option("--run", "run_number", type=int, metavar="N", help="The run numbered N.")
+@click.option("--run", "run_number", type=RUN_NUMBER, metavar="N", help="The run numbered N.")
 @click.option("--name", metavar="NAME", help="The run called NAME.")
 @click.option("--site", metavar="SITE", help="The site of the entry [default: this site].")
 @click.option("--type", "data_type", type=click.Choice(["raw", "processed"]), default="raw",

@@ -14,6 +14,7 @@ import click
 
 from cax.cli.base import (
     EXIT_FAILED,
+    RUN_NUMBER,
     build_context,
     default_config_path,
     guarded,
@@ -84,7 +85,7 @@ def cax_mv(source: str, target: str, **site: Any) -> int:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--location", required=True, metavar="PATH", help="The dataset to delete.")
-@click.option("--run", "run_number", required=True, type=int, metavar="N",
+@click.option("--run", "run_number", required=True, type=RUN_NUMBER, metavar="N",
               help="The run it belongs to.")
 @click.option("--force", is_flag=True,
               help="Delete it even if no other site holds a verified copy (asks on a terminal).")

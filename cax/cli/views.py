@@ -11,7 +11,15 @@ from typing import Any
 
 import click
 
-from cax.cli.base import EXIT_FAILED, Globals, echo_json, guarded, open_db, setup_logging
+from cax.cli.base import (
+    EXIT_FAILED,
+    RUN_NUMBER,
+    Globals,
+    echo_json,
+    guarded,
+    open_db,
+    setup_logging,
+)
 from cax.cli.root import cli
 from cax.config import guess_site, load_sites
 from cax.errors import ConfigError
@@ -19,7 +27,7 @@ from cax.runsdb.stuck import StuckEntry
 
 
 @cli.command()
-@click.option("--run", "run_number", type=int, metavar="N", help="Every copy of run N.")
+@click.option("--run", "run_number", type=RUN_NUMBER, metavar="N", help="Every copy of run N.")
 @click.option("--name", metavar="NAME", help="Every copy of the run called NAME.")
 @click.option("--stuck", is_flag=True, help="What waits for a person, with the retry command.")
 @click.option("--summary", is_flag=True, help="Newest runs x sites matrix.")
