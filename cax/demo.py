@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,10 +131,10 @@ def run_demo(root: Path, runs: int = 4) -> Iterator[str]:
     yield ""
     yield from summary(config)
     yield ""
-    cax = f"{cax_command()} --config {config}"
+    cax = f"{cax_command()} --config {shlex.quote(str(config))}"
     yield f"One more run is waiting in {config.parent / 'daq' / 'raw'}, not registered yet."
     yield "Try it yourself:"
-    yield f"  {cax} --host daq run add --from-dir {config.parent / 'daq' / 'raw'}"
+    yield f"  {cax} --host daq run add --from-dir {shlex.quote(str(config.parent / 'daq' / 'raw'))}"
     yield f"  {cax} --host daq --once --dry-run"
     yield f"  {cax} --host daq --once"
     yield f"  {cax} --host lab --once --log debug"

@@ -7,6 +7,7 @@ the ``cax.cli`` package prints them.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 
@@ -21,5 +22,5 @@ def cax_command() -> str:
         return "cax"
     beside = os.path.join(os.path.dirname(sys.executable), "cax")
     if os.access(beside, os.X_OK):
-        return beside
-    return f"{sys.executable} -m cax"
+        return shlex.quote(beside)
+    return f"{shlex.quote(sys.executable)} -m cax"

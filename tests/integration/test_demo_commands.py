@@ -11,7 +11,8 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_next_commands_work_as_printed(tmp_path):
-    demo = subprocess.run([sys.executable, "-m", "cax", "demo", "--dir", str(tmp_path / "d"),
+    world = tmp_path / "my demo"  # a space: the printed commands must quote it
+    demo = subprocess.run([sys.executable, "-m", "cax", "demo", "--dir", str(world),
                            "--runs", "1"], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert demo.returncode == 0, demo.stderr
@@ -26,7 +27,7 @@ def test_demo_next_commands_work_as_printed(tmp_path):
         argv = shlex.split(command)
         assert argv[0] == "cax" or argv[0].startswith("/"), command
         result = subprocess.run(argv, capture_output=True, text=True, timeout=300,
-                                cwd=tmp_path / "d")
+                                cwd=world)
         assert result.returncode == 0, (command, result.stderr)
         outputs.append(result.stdout + result.stderr)
     assert "registered run 2 " in outputs[0]  # the run left for the user
