@@ -95,7 +95,8 @@ class Daemon:
     def __init__(self, ctx: Context, tasks: list[type[Task]], *, metrics: Any = None,
                  metrics_file: str | None = None, notifier: Notifier | None = None,
                  reload: Callable[[], Reloaded] | None = None,
-                 reload_requested: threading.Event | None = None):
+                 reload_requested: threading.Event | None = None,
+                 heartbeat: bool | None = None):
         self.ctx = ctx
         self.tasks = tasks
         self.passes = 0
@@ -108,6 +109,8 @@ class Daemon:
         self.reload_requested = reload_requested or threading.Event()
         self._last_info: dict[str, Any] | None = None
         self._retired: list[Any] = []  # transport pools of an earlier configuration
+        #: Whether passes write a heartbeat: a looping daemon's do, a --once run's do not.
+        self.heartbeat = not ctx.once if heartbeat is None else heartbeat
         self._config_read = utcnow()
 
     def run_pass(self, wait_background: bool = False) -> PassResult:
@@ -162,7 +165,7 @@ class Daemon:
             "sleep_seconds": self.ctx.config.sleep_seconds,
         }
         self._last_info = info
-        if self.ctx.once:
+        if not self.heartbeat:
             return  # a one-off pass is no daemon: no heartbeat document to outlive it
         try:
             Report(self.ctx).heartbeat(info)
@@ -186,7 +189,7 @@ class Daemon:
 
     def _stopped(self) -> None:
         """Leave a last heartbeat that says this daemon stopped (not died)."""
-        if self._last_info is None or self.ctx.runsdb.read_only or self.ctx.once:
+        if self._last_info is None or self.ctx.runsdb.read_only or not self.heartbeat:
             return
         try:
             Report(self.ctx).heartbeat({**self._last_info, "stopped": self.ctx.now()})

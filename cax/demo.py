@@ -94,7 +94,10 @@ def one_pass(config_path: Path, site: str) -> int:
     ctx = Context(config=config, runsdb=db, owner=f"demo-{site}@{os.getpid()}",
                   background=Background(config.site.max_transfers), once=True)
     try:
-        return Daemon(ctx, select_tasks(config.tasks_wanted)).run_pass(wait_background=True).failed
+        # its passes stand for the two sites' daemons: they leave heartbeats, as daemons do,
+        # so that `cax status` and `cax web` show them
+        daemon = Daemon(ctx, select_tasks(config.tasks_wanted), heartbeat=True)
+        return daemon.run_pass(wait_background=True).failed
     finally:
         for pool in ctx.pools():
             pool.shutdown()

@@ -16,11 +16,13 @@ site and the key.  ``startup_findings`` are the checks both run:
   backend, ``ssh`` and ``rsync`` for the transfer methods that use them;
 * the metrics file's directory is writable and the metrics port can be bound.
 
-The daemon refuses to start (exit 2) on a problem of its own -- the task list, its own data
-directories, its metrics -- and logs the others as warnings at start: a peer's missing key or a
-missing tape client fails only the copies that need them.  ``cax config check`` reports every
-problem (exit 2), and also asks the runs DB and, with ``network``, reaches every SSH site the
-way a copy does: the login works, ``remote_python`` runs and its data directories exist there.
+The daemon refuses to start (exit 2) on a mistake in what it was given -- a task list naming an
+unknown task, a metrics file or port it cannot use -- and logs every other problem once, as a
+warning, at start: a missing data directory, a peer's missing key or a missing tape client
+fails the work that needs them, which then says so, and a dry run still shows what it would
+do.  ``cax config check`` reports every problem (exit 2), and also asks the runs DB and, with
+``network``, reaches every SSH site the way a copy does: the login works, ``remote_python``
+runs and its data directories exist there.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def _dir_problem(path: str) -> str | None:
 
 
 def directory_findings(config: Config) -> list[Finding]:
-    """This site's data directories (a problem blocks the start), then the local sites'."""
+    """This site's data directories, then those of the other sites on this machine."""
     found = []
     for own in (True, False):
         sites = [s for s in local_sites(config) if (s is config.site) == own]
@@ -116,7 +118,7 @@ def directory_findings(config: Config) -> list[Finding]:
                     problems.append(f"site {site.name!r} key {key!r}: {problem}")
         what = "this site's data directories" if own else "data directories of local sites"
         found.append(Finding(what, f"{', '.join(looked) or 'none'} (exist, writable)",
-                             tuple(problems), blocks_start=own))
+                             tuple(problems)))
     return found
 
 
