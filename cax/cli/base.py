@@ -212,12 +212,14 @@ class Globals:
         return " ".join(words)
 
 
-def open_db(config: Config, read_only: bool = False, create: bool = False) -> Any:
+def open_db(config: Sites, read_only: bool = False, create: bool = False) -> Any:
+    """Open the runs DB of ``config`` (RunsDBError, exit 3, when it does not answer)."""
     return open_runsdb(config.runs_db, config.runs_db_name, config.runs_collection,
                        read_only=read_only, create=create)
 
 
 def echo_json(value: Any) -> None:
+    """Print a view as JSON: times in ISO 8601, anything else JSON cannot hold as text."""
     import json
 
     def plain(item: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -29,6 +30,9 @@ from cax.config import Config, load_config
 from cax.daemon import Daemon, Reloaded, install_signal_handlers
 from cax.errors import ConfigError
 from cax.runsdb import safe_component
+
+if TYPE_CHECKING:  # prometheus_client is imported only when metrics are asked for
+    from cax.metrics import DaemonMetrics
 
 #: Runs a demo makes at most (3 MB each).
 MAX_DEMO_RUNS = 100
@@ -204,7 +208,7 @@ def _daemon(opts: DaemonOptions) -> int:
             lock.release()
 
 
-def _metrics(opts: DaemonOptions, config: Config):  # noqa: ANN202 - DaemonMetrics or None
+def _metrics(opts: DaemonOptions, config: Config) -> DaemonMetrics | None:
     """The daemon's metrics, served on --metrics-bind:--metrics-port when asked to."""
     if not opts.metrics_file and opts.metrics_port is None:
         return None
