@@ -224,6 +224,8 @@ class ClaimedJob:
         self.claim: Claim | None = None
         self.keeper: Keeper | None = None
         self._granted_at = 0.0
+        #: Why the attempt failed, for ``cleanup`` (None while it has not).
+        self.failure: BaseException | None = None
 
     @property
     def lease_s(self) -> float:
@@ -300,12 +302,14 @@ class ClaimedJob:
             return True
         except LeaseLostError as exc:
             log.warning("%s: %s; not registered", self.label, exc)
+            self.failure = exc
             self._cleanup()
             if keeper.lost and "taken over" not in keeper.lost and self.record_lease_loss():
                 self._record(short_reason(exc), "transient")  # still ours if nobody took it
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, bugs included
             if not isinstance(exc, (CaxError, OSError)):
                 log.exception("%s: unexpected error", self.label)
+            self.failure = exc
             self._cleanup()
             self.fail(exc)
         return False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,7 +94,10 @@ def one_pass(config_path: Path, site: str) -> int:
     ctx = Context(config=config, runsdb=db, owner=f"demo-{site}@{os.getpid()}",
                   background=Background(config.site.max_transfers), once=True)
     try:
-        return Daemon(ctx, select_tasks(config.tasks_wanted)).run_pass(wait_background=True).failed
+        # its passes stand for the two sites' daemons: they leave heartbeats, as daemons do,
+        # so that `cax status` and `cax web` show them
+        daemon = Daemon(ctx, select_tasks(config.tasks_wanted), heartbeat=True)
+        return daemon.run_pass(wait_background=True).failed
     finally:
         for pool in ctx.pools():
             pool.shutdown()
@@ -130,10 +134,10 @@ def run_demo(root: Path, runs: int = 4) -> Iterator[str]:
     yield ""
     yield from summary(config)
     yield ""
-    cax = f"{cax_command()} --config {config}"
+    cax = f"{cax_command()} --config {shlex.quote(str(config))}"
     yield f"One more run is waiting in {config.parent / 'daq' / 'raw'}, not registered yet."
     yield "Try it yourself:"
-    yield f"  {cax} --host daq run add --from-dir {config.parent / 'daq' / 'raw'}"
+    yield f"  {cax} --host daq run add --from-dir {shlex.quote(str(config.parent / 'daq' / 'raw'))}"
     yield f"  {cax} --host daq --once --dry-run"
     yield f"  {cax} --host daq --once"
     yield f"  {cax} --host lab --once --log debug"

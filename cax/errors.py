@@ -52,11 +52,13 @@ class CommandTimeoutError(CommandError):
 
 
 class TransferError(CaxError):
-    """A copy between sites failed.  ``retryable`` says whether trying again may help."""
+    """A copy between sites failed.  ``retryable`` says whether trying again may help;
+    ``disk_full`` that the destination's filesystem had no room left."""
 
-    def __init__(self, message: str, retryable: bool = True):
+    def __init__(self, message: str, retryable: bool = True, *, disk_full: bool = False):
         super().__init__(message)
         self.retryable = retryable
+        self.disk_full = disk_full
 
 
 class ChecksumMismatchError(CaxError):

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a daemon: written after every pass, served on 127.0.0.1 on request.
+"""Prometheus metrics of a daemon: written after every pass, served over HTTP on request.
 
 After each pass the daemon takes a snapshot (a few runs-DB queries: the copy counts, the copies
 this site finished since the last snapshot, the stuck entries, the heartbeats) and
@@ -6,8 +6,8 @@ this site finished since the last snapshot, the stuck entries, the heartbeats) a
 * writes it in the text format to a file for node_exporter's textfile collector
   (``--metrics-file``; prometheus_client writes a temporary file and renames it, so the
   collector never reads half a file), and/or
-* serves it over HTTP on 127.0.0.1 (``--metrics-port``), from the same snapshot: a scrape
-  costs the runs DB nothing.
+* serves it over HTTP (``--metrics-port``, on ``--metrics-bind``, 127.0.0.1 by default), from
+  the same snapshot: a scrape costs the runs DB nothing.
 
 Counters (bytes and files moved, errors, passes) count since the daemon started, as
 Prometheus expects; ``rate()`` copes with restarts.
@@ -32,7 +32,7 @@ from cax.runsdb.stuck import find_stuck
 
 log = logging.getLogger(__name__)
 
-#: Address the HTTP endpoint listens on: metrics are for the local node_exporter/Prometheus.
+#: Address the HTTP endpoint listens on by default: metrics are for a local Prometheus.
 LISTEN = "127.0.0.1"
 
 
@@ -52,6 +52,22 @@ def finished_copies(db: RunsDB, site: str, since: dt.datetime, until: dt.datetim
                     and isinstance(end, dt.datetime) and since < as_utc(end) <= until:
                 found.append(e)
     return found
+
+
+def newest_heartbeats(beats: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dt.datetime]:
+    """The time of the newest heartbeat of each (site, machine).
+
+    One series per site and machine, not per process: every restart of a daemon writes a
+    heartbeat document of its own, and a label naming the process would leave a series
+    behind at every restart.
+    """
+    newest: dict[tuple[str, str], dt.datetime] = {}
+    for hb in beats:
+        updated = hb.get("updated")
+        if isinstance(updated, dt.datetime):
+            key = (str(hb.get("site")), str(hb.get("host")))
+            newest[key] = max(newest.get(key, as_utc(updated)), as_utc(updated))
+    return newest
 
 
 class DaemonMetrics:
@@ -139,13 +155,11 @@ class DaemonMetrics:
                               "(Unix time).", labels=["site"])
         g.add_metric([site], now.timestamp())
         fams.append(g)
-        g = GaugeMetricFamily("cax_heartbeat_age_seconds", "Age of each daemon's heartbeat in "
-                              "the runs DB.", labels=["site", "host", "daemon"])
-        for hb in beats:
-            updated = hb.get("updated")
-            if isinstance(updated, dt.datetime):
-                g.add_metric([str(hb.get("site")), str(hb.get("host")), str(hb.get("_id"))],
-                             max((now - as_utc(updated)).total_seconds(), 0.0))
+        g = GaugeMetricFamily("cax_heartbeat_age_seconds", "Age of the newest heartbeat of "
+                              "the daemons of each site and machine in the runs DB.",
+                              labels=["site", "host"])
+        for (hb_site, host), updated in sorted(newest_heartbeats(beats).items()):
+            g.add_metric([hb_site, host], max((now - updated).total_seconds(), 0.0))
         fams.append(g)
         with self._lock:
             self._families = fams
@@ -156,9 +170,12 @@ class DaemonMetrics:
         """Write the snapshot for node_exporter's textfile collector (atomically)."""
         write_to_textfile(str(path), self.registry)
 
-    def serve(self, port: int) -> int:
-        """Serve the snapshot on 127.0.0.1:``port`` (0: any free port); return the port."""
-        server, _thread = start_http_server(port, addr=LISTEN, registry=self.registry)
+    def serve(self, port: int, address: str = LISTEN) -> int:
+        """Serve the snapshot on ``address``:``port`` (0: any free port); return the port.
+
+        Raises OSError if the address cannot be listened on (in use, not this machine's).
+        """
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
         self._server = server
         return int(server.server_address[1])
 

@@ -4,7 +4,7 @@ Each keeps the runs DB truthful at every instant, as the daemon does: the entry 
 before the data are touched, and the data and the entry change together or not at all.  These
 functions take a Context and return results or raise the named errors (ConfigError and
 UnsafeNameError for bad input, RunsDBError, CaxError when the operation failed, OSError for
-the filesystem); cax/cli.py prints them and chooses the exit code.
+the filesystem); the ``cax.cli`` package prints them and chooses the exit code.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """The operator's side of cax: registering runs, status views, retries, machine checks.
 
 Each module returns plain values and raises the named errors of ``cax.errors``; only
-``cax/cli.py`` prints them.
+the ``cax.cli`` package prints them.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 
@@ -21,5 +22,5 @@ def cax_command() -> str:
         return "cax"
     beside = os.path.join(os.path.dirname(sys.executable), "cax")
     if os.access(beside, os.X_OK):
-        return beside
-    return f"{sys.executable} -m cax"
+        return shlex.quote(beside)
+    return f"{shlex.quote(sys.executable)} -m cax"

@@ -15,12 +15,12 @@ on a signal says so.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from cax.clock import as_utc, utcnow
-from cax.config import Config
+from cax.config import Site, Sites
 from cax.runsdb import (
     ERROR,
     PURGING,
@@ -102,11 +102,11 @@ def daemons(db: RunsDB, now: dt.datetime) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (str(r["site"]), str(r["host"]), str(r["id"])))
 
 
-def max_attempts_of(config: Config) -> dict[str, int]:
+def max_attempts_of(config: Sites) -> dict[str, int]:
     return {site.name: site.max_attempts for site in config.sites}
 
 
-def stuck(db: RunsDB, config: Config, now: dt.datetime, site: str | None = None,
+def stuck(db: RunsDB, config: Sites, now: dt.datetime, site: str | None = None,
           selector: dict[str, Any] | None = None) -> list[StuckEntry]:
     """The stuck entries (concerning ``site`` when given), lease owners judged alive or not."""
     states = {row["id"]: row["state"] for row in daemons(db, now)}
@@ -114,7 +114,7 @@ def stuck(db: RunsDB, config: Config, now: dt.datetime, site: str | None = None,
                       site=site, selector=selector)
 
 
-def overview(db: RunsDB, config: Config, site: str | None = None) -> dict[str, Any]:
+def overview(db: RunsDB, config: Sites, site: str | None = None) -> dict[str, Any]:
     """The default view: daemons, copies by site/type/status, and how many entries are stuck."""
     now = now_of(db)
     copies = sorted(db.count_copies(), key=lambda r: (str(r.get("host")), str(r.get("type")),
@@ -176,40 +176,61 @@ def _rounded(value: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class Summary:
-    """The newest runs x sites matrix: ``cells[i][site][type]`` is a state or None."""
+    """The newest runs x sites matrix: ``runs[i]["cells"][site][type]`` is a state or None.
+
+    ``newest`` is how many runs were asked for; ``more`` says whether older runs exist that
+    the matrix leaves out.
+    """
 
     sites: list[str]
     types: list[str]
     runs: list[dict[str, Any]]
+    newest: int = 20
+    more: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"sites": self.sites, "types": self.types, "runs": self.runs}
+        return {"sites": self.sites, "types": self.types, "runs": self.runs,
+                "newest": self.newest, "more": self.more}
 
 
-def summary(db: RunsDB, config: Config, newest: int = 20) -> Summary:
+def handles(site: Site, data_type: str) -> bool:
+    """Whether ``site`` holds copies of ``data_type``: it lists the type, or (processed) it
+    makes them with its own ``processing`` section."""
+    return data_type in site.data_type or (data_type == "processed"
+                                           and site.processing is not None)
+
+
+def summary(db: RunsDB, config: Sites, newest: int = 20) -> Summary:
     """The state of every copy of the ``newest`` runs, one column per configured site.
 
-    One find, sorted by start and limited, fetching only the fields of the entries it shows.
+    A site's processed cell is its copy of the version it handles (its processing section's,
+    its ``processor_version``, the top-level one), of any version when it names none.  One
+    find, sorted by start and limited, fetching only the fields of the entries it shows.
     """
     sites = [site.name for site in config.sites]
-    types = [t for t in DATA_TYPES if any(t in s.data_type for s in config.sites)] or ["raw"]
+    types = [t for t in DATA_TYPES if any(handles(s, t) for s in config.sites)] or ["raw"]
+    versions = {site.name: config.version_of(site) for site in config.sites}
     limits = max_attempts_of(config)
     projection = {"number": 1, "name": 1, "start": 1, "data.host": 1, "data.type": 1,
                   "data.status": 1, "data.attempts": 1, "data.next_attempt": 1,
-                  "data.error_kind": 1, "data.error": 1}
+                  "data.error_kind": 1, "data.error": 1, "data.pax_version": 1}
+    found = db.find_runs({}, projection=projection, limit=newest + 1) if newest > 0 else []
     rows = []
-    for run in db.find_runs({}, projection=projection, limit=newest):
+    for run in found[:newest]:
         cells: dict[str, dict[str, str | None]] = {s: dict.fromkeys(types) for s in sites}
         for e in run.get("data") or ():
             if not isinstance(e, dict) or e.get("host") not in cells \
                     or e.get("type") not in types:
+                continue
+            wanted = versions.get(e["host"])
+            if e["type"] == "processed" and wanted and e.get("pax_version") != wanted:
                 continue
             state = e.get("status")
             if state == ERROR and error_reason(e, limits.get(e["host"], DEFAULT_MAX_ATTEMPTS)):
                 state = "stuck"
             cells[e["host"]][e["type"]] = state
         rows.append({"number": run.get("number"), "name": run.get("name"), "cells": cells})
-    return Summary(sites, types, rows)
+    return Summary(sites, types, rows, newest, len(found) > newest)
 
 
 # -- text renderings ---------------------------------------------------------------------------
@@ -235,6 +256,8 @@ def render_summary(table: Summary, colour: bool = False) -> Iterator[str]:
         yield " ".join([f"{row['number']!s:>6}", f"{row['name']!s:<{names}}", *cells]).rstrip()
     per = f"; per site: {' '.join(table.types)}" if len(table.types) > 1 else ""
     yield LEGEND + per
+    if table.more:
+        yield f"(the newest {table.newest} runs; --newest N shows more)"
 
 
 def _ago(seconds: float | None) -> str:
@@ -295,8 +318,12 @@ def render_overview(view: dict[str, Any], retry_hint: str = "cax status --stuck"
         (f" (see: {retry_hint})" if count else "")
 
 
-def render_stuck(entries: list[StuckEntry], site: str | None, prefix: str) -> Iterator[str]:
-    """Yield one block per stuck entry: what, why, and the command that retries it."""
+def render_stuck(entries: list[StuckEntry], site: str | None,
+                 prefix: str | Callable[[StuckEntry], str]) -> Iterator[str]:
+    """Yield one block per stuck entry: what, why, and the command that retries it.
+
+    ``prefix`` is how the command calls cax (for each entry, when a callable).
+    """
     if not entries:
         yield "nothing is stuck" + (f" for site {site}" if site else "")
         return
@@ -304,7 +331,7 @@ def render_stuck(entries: list[StuckEntry], site: str | None, prefix: str) -> It
         why = e.because_of(site) if site else None
         yield f"run {e.number} ({e.name}) {e.key}: {e.status}" + (f", {why}" if why else "")
         yield f"  {e.reason}"
-        yield f"  retry: {e.command(prefix)}"
+        yield f"  retry: {e.command(prefix(e) if callable(prefix) else prefix)}"
 
 
 def render_runs(runs: list[dict[str, Any]]) -> Iterator[str]:

@@ -6,6 +6,9 @@ An entry is *stuck* when it is
   site's ``max_attempts``), no retry is scheduled (``next_attempt`` explicitly null), or its
   ``error_kind`` is ``permanent`` or ``config`` (a config error is retried once the site's
   configuration changes -- which is a person's job too);
+* ``error`` raw data with nothing to retry from: no other copy of the run's raw data is
+  verified or being checked, so no copy can fetch it again (a run registered at a wrong
+  location: its first read found nothing there, and no attempt will ever count);
 * ``transferring`` or ``purging`` under a lease that expired: the daemon holding it died or
   lost the runs DB, and the work waits for a daemon of that site to take it over;
 * ``transferring`` without any lease for over a day: a transfer of the original cax that
@@ -29,11 +32,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from cax.clock import as_utc, when
-from cax.runsdb.entries import ERROR, PURGING, TRANSFERRING, EntryKey
+from cax.runsdb.entries import (
+    ERROR,
+    PURGING,
+    TRANSFERRED,
+    TRANSFERRING,
+    VERIFYING,
+    EntryKey,
+)
 from cax.runsdb.runs import RunsDB
 
 #: Failure kinds that are never retried automatically.
 WAITING_KINDS = ("permanent", "config")
+#: The states of a copy another copy can be made from (or soon can: being checked).
+SOURCE_STATES = (TRANSFERRED, VERIFYING)
 #: Default ``max_attempts`` of a site the configuration does not know (the schema default).
 DEFAULT_MAX_ATTEMPTS = 5
 #: A lease-less ``transferring`` entry of the original older than this has stalled.
@@ -52,7 +64,7 @@ class StuckEntry:
     name: Any
     key: EntryKey
     status: str
-    kind: str  # attempts | no-retry | permanent | config | dead-lease | disputed
+    kind: str  # attempts | no-retry | permanent | config | no-source | dead-lease | disputed
     reason: str
     source: str | None = None
     reference: str | None = None
@@ -102,6 +114,19 @@ def error_reason(entry: dict[str, Any], max_attempts: int) -> tuple[str, str] | 
     return None
 
 
+def no_source_reason(run: dict[str, Any], entry: dict[str, Any]) -> tuple[str, str] | None:
+    """Return (kind, reason) if the raw ``error`` entry has no copy left to be fetched from."""
+    if entry.get("type") != "raw":
+        return None  # processed data are made again by processing
+    for other in run.get("data") or ():
+        if isinstance(other, dict) and other is not entry and other.get("type") == "raw" \
+                and other.get("status") in SOURCE_STATES:
+            return None
+    error = entry.get("error") or "no reason recorded"
+    return "no-source", f"no verified copy of these raw data elsewhere to fetch them from: " \
+                        f"{error}"
+
+
 def lease_reason(entry: dict[str, Any], now: dt.datetime,
                  daemon_states: Mapping[str, str]) -> str | None:
     """Return why a ``transferring``/``purging`` entry waits, if its lease expired (or, a
@@ -138,6 +163,7 @@ def find_stuck(db: RunsDB, now: dt.datetime, *, max_attempts: Mapping[str, int] 
         {"data": {"$elemMatch": {"status": ERROR, "$or": [
             {"attempts": {"$gte": lowest}}, {"next_attempt": {"$exists": True, "$eq": None}},
             {"error_kind": {"$in": list(WAITING_KINDS)}}]}}},
+        {"data": {"$elemMatch": {"status": ERROR, "type": "raw"}}},  # no source left?
         {"data": {"$elemMatch": {"disputed": {"$exists": True}}}}]}
     leases = {"$or": [
         {"data": {"$elemMatch": {"status": {"$in": [TRANSFERRING, PURGING]},
@@ -171,7 +197,8 @@ def _stuck_in(run: dict[str, Any], now: dt.datetime, limits: Mapping[str, int],
             judged = ("disputed", f"disputed: {entry['disputed']}; keep the right copy and "
                       "unregister the other with `cax run remove` (its data stay in place)")
         elif status == ERROR:
-            judged = error_reason(entry, limits.get(entry["host"], DEFAULT_MAX_ATTEMPTS))
+            judged = error_reason(entry, limits.get(entry["host"], DEFAULT_MAX_ATTEMPTS)) \
+                or no_source_reason(run, entry)
         elif status in (TRANSFERRING, PURGING):
             reason = lease_reason(entry, now, states)
             judged = ("dead-lease", reason) if reason else None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cax.clock import as_utc
-from cax.config import Config
+from cax.config import Sites
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, RunsDB, run_label
 from cax.schema import TAPE_METHODS
 
@@ -59,7 +59,7 @@ class TapeReport:
         return out
 
 
-def tape_site_names(config: Config) -> list[str]:
+def tape_site_names(config: Sites) -> list[str]:
     return [s.name for s in config.sites if s.method in TAPE_METHODS]
 
 
@@ -68,7 +68,7 @@ def _month(entry: dict[str, Any]) -> str:
     return as_utc(when).strftime("%Y-%m") if isinstance(when, dt.datetime) else "unknown"
 
 
-def tape_report(db: RunsDB, config: Config) -> TapeReport:
+def tape_report(db: RunsDB, config: Sites) -> TapeReport:
     """Return the tape report for the tape sites of ``config``.
 
     Pending counts raw data verified at a site that backs up to that tape, with no good tape

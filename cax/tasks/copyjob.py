@@ -27,6 +27,7 @@ the source cannot be purged under it; the claim itself requires the source to st
 
 from __future__ import annotations
 
+import errno
 import logging
 import posixpath
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from cax.checksum import (
 )
 from cax.claimed import ClaimedJob, Keeper
 from cax.config import Site
-from cax.errors import ChecksumMismatchError, TransferError, UnsafeNameError
+from cax.errors import ChecksumMismatchError, ConfigError, TransferError, UnsafeNameError
 from cax.paths import checked_location, dataset_name, dataset_path, scratch_path
 from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey
@@ -111,6 +112,13 @@ def make_plan(run: dict[str, Any], label: str, data_type: str, version: str | No
     ident = {k: run.get(k) for k in ("_id", "number", "name", "detector")}
     return CopyPlan(ident, label, data_type, version, source, source_entry, dest, push,
                     dataset_name(run, data_type, path), judge(run, data_type, version))
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says the destination's filesystem is full (here or at a site)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return isinstance(exc, TransferError) and exc.disk_full
 
 
 def same_machine(a: Site, b: Site) -> bool:
@@ -186,6 +194,7 @@ class CopyJob(ClaimedJob):
         plan = self.plan
         self.refuse_own_source()
         transport, dest_ops, expected = self.prepare(keeper)
+        self.require_data_dir(dest_ops)
         self.adopt_previous_scratch(dest_ops)
         if dest_ops.exists(self.dest_path):
             self.clear_destination(dest_ops)
@@ -239,6 +248,19 @@ class CopyJob(ClaimedJob):
             except (OSError, TransferError) as exc:
                 log.info("%s: old scratch %s left for RetryStalledTransfer: %s",
                          self.plan.route(), self.adopted, exc)
+
+    def require_data_dir(self, dest_ops: Transport) -> None:
+        """The destination site's data directory must exist: cax creates what lies below it,
+        never the directory itself, so a typo in ``dir_raw`` or ``dir_processed`` fails the
+        copy as a configuration error (listed by ``cax status --stuck``) instead of making a
+        new directory tree at the site."""
+        plan = self.plan
+        top = plan.dest.data_dir(plan.data_type)
+        if top and not dest_ops.exists(top):
+            key = "dir_raw" if plan.data_type == "raw" else "dir_processed"
+            raise ConfigError(f"{plan.describe()}: {dest_ops.where(top)} does not exist (site "
+                              f"{plan.dest.name} key {key!r}); cax does not create a site's "
+                              "data directory: create it if the path is right, else fix the key")
 
     def refuse_own_source(self) -> None:
         """No copy ever writes into, or removes, its own source."""
@@ -330,19 +352,25 @@ class CopyJob(ClaimedJob):
                     f"{entry.get('type')} data of run {run.get('number', '?')} "
                     f"({run.get('name', '?')}, status {entry.get('status')}); not touching it")
 
+    def keeps_scratch(self) -> bool:
+        """Whether a failed attempt's bytes wait for the next one: only where the method
+        resumes, and never after the destination's disk filled up (they would keep it full)."""
+        return self.plan.remote.method in RESUMING_METHODS and not disk_full(self.failure)
+
     def cleanup(self) -> None:
         """After a failure: keep a resumable scratch for the next attempt, else remove it."""
         if self.scratch is None or not self.writing:
             return
-        if self.plan.remote.method in RESUMING_METHODS:
+        if self.keeps_scratch():
             return
         dest_ops = self.dest_ops(self.transports.get(self.plan.remote))
-        if dest_ops.exists(self.scratch):
-            dest_ops.remove(self.scratch)
+        for path in (self.scratch, self.adopted if disk_full(self.failure) else None):
+            if path and dest_ops.exists(path):
+                dest_ops.remove(path)
 
     def failure_fields(self) -> dict[str, Any]:
         """Say where a resumable scratch waits for the next attempt."""
-        if self.scratch and self.writing and self.plan.remote.method in RESUMING_METHODS:
+        if self.scratch and self.writing and self.keeps_scratch():
             return {"partial": self.scratch}
         return {}
 

@@ -20,8 +20,8 @@ from cax.checksum import (
 from cax.clock import UTC, as_utc
 from cax.errors import CaxError
 from cax.runsdb import TRANSFERRED, EntryKey, run_label
-from cax.schema import DATA_TYPES
 from cax.runsdb.origins import DISK, SELF, judge, rank
+from cax.schema import DATA_TYPES
 from cax.tasks.checksum import UNREADABLE, ChecksumTask, describe_files, kind_of
 from cax.transport import siteops
 

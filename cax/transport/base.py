@@ -125,6 +125,7 @@ class StallWatch:
         return time.monotonic() - self.last > self.stall_timeout_s
 
 
+NO_SPACE_RE = re.compile(r"No space left on device|ENOSPC")
 NOT_A_DISK_ERROR_RE = re.compile(
     r"No space left|[Cc]onnect|stalled|timed out|aborted|host key|[Aa]uthentication|[Pp]ermission")
 """Failures whose message says why already, or that a disk cannot cause: no diagnosis (it
@@ -339,12 +340,17 @@ def _abortable(what: str, method: Callable) -> Callable:
 
 def _naming_full_disk(transport: Transport, what: str, args: tuple,
                       exc: BaseException) -> TransferError | None:
-    """A failed put's or get's error with a full destination disk named, or None."""
+    """A failed put's or get's error marked ``disk_full`` (with the full disk named when the
+    tool did not say so), or None."""
     if what not in ("put", "get") or len(args) < 2 or not isinstance(exc, TransferError) \
-            or not exc.retryable or NOT_A_DISK_ERROR_RE.search(str(exc)):
+            or not exc.retryable:
+        return None
+    if NO_SPACE_RE.search(str(exc)):  # the tool said it itself
+        return TransferError(str(exc), retryable=True, disk_full=True)
+    if NOT_A_DISK_ERROR_RE.search(str(exc)):
         return None
     full = transport.disk_full(what, args[0], args[1])
-    return TransferError(f"{exc}; {full}", retryable=True) if full else None
+    return TransferError(f"{exc}; {full}", retryable=True, disk_full=True) if full else None
 
 
 def _resetting(close: Callable) -> Callable:

@@ -164,6 +164,8 @@ _HOST_KEY_UNKNOWN = re.compile(r"Host key verification failed|No \S+ host key is
 _HOST_KEY_CHANGED = re.compile(
     r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key for .* has changed"
 )
+_UNRESOLVED = re.compile(r"Could not resolve hostname|Name or service not known|"
+                         r"Temporary failure in name resolution")
 _AUTH_FAILED = re.compile(
     r"Permission denied \((publickey|password|keyboard)|Too many authentication"
 )
@@ -177,7 +179,19 @@ def classify_ssh_stderr(ep: Endpoint, stderr: str) -> tuple[str, bool] | None:
         return host_key_message(ep), False
     if _AUTH_FAILED.search(stderr):
         return auth_message(ep), False
+    if _UNRESOLVED.search(stderr):
+        return resolve_message(ep), True
     return None
+
+
+def resolve_message(ep: Endpoint) -> str:
+    """Return the one-line explanation for a host name that does not resolve.
+
+    Retryable (DNS may be down for a while), so each copy is retried up to its attempts and
+    then listed as stuck; ``cax config check`` and the daemon's start-up say it once.
+    """
+    return (f"host name {ep.hostname} of site {ep.site} does not resolve (DNS): check the "
+            "site's 'hostname' in the configuration")
 
 
 def auth_message(ep: Endpoint) -> str:
@@ -297,6 +311,8 @@ def paramiko_error(
         # a connection lost during login ("transport shut down or saw EOF", a timeout), or the
         # site's scp going away mid-copy ("No response from server"): try again later
         return TransferError(f"{what} {where}: {exc}", retryable=True)
+    if isinstance(exc, socket.gaierror):
+        return TransferError(resolve_message(ep), retryable=True)
     if isinstance(exc, paramiko.SSHException | OSError | EOFError):
         reason = str(exc) or type(exc).__name__
         return TransferError(f"{what} {where}: {reason}", retryable=True)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cax.batch.massive import MassiveOptions, parse_walltime, selection
+from cax.cli.massive_cax import MassiveOptions, parse_walltime, selection
 from cax.runsdb import TRANSFERRED
 from tests.batch.helpers import REFERENCE, processed, processing_config, raw_runs, wait_until
 from tests.batch.test_process_slurm import SLURM, queued

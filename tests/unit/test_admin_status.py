@@ -85,14 +85,14 @@ def test_run_view_shows_every_copy_with_details(seeded):
 
 def test_stuck_view_reasons_and_commands(seeded):
     result = cax(seeded, "status", "--stuck")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # something is stuck: cron and monitoring see it
     text = result.stdout
     assert "run 5 (170101_0500) raw at lab: error, copied from daq" in text
     assert "5 attempt(s), none left (max_attempts 5): rsync: No space left" in text
     assert "permanent error, not retried: Permission denied" in text
     assert f"transferring under a lease of {DEAD} (dead) that expired 20" in text
     assert f"purging under a lease of {ALIVE} (alive) that expired" in text
-    assert f"--config {seeded.resolve()} retry --run 5 --site lab --type raw" in text
+    assert f"--config {seeded.resolve()} --host daq retry --run 5 --site lab --type raw" in text
     listed = json.loads(cax(seeded, "status", "--stuck", "--json").stdout)
     got = {(e["run"], e["site"]): e["kind"] for e in listed}
     want = {**{(n, "lab"): k for n, k in STUCK_AT_LAB.items()},
@@ -148,3 +148,67 @@ def test_original_cax_status_lists_entries_of_a_site_with_a_status(seeded, runsd
     unknown = CliRunner().invoke(cax_status, ["--host", "nowhere", "--status", "error",
                                               "--config", str(seeded)])
     assert unknown.exit_code == 2 and "nowhere" in unknown.stderr and not unknown.stdout
+
+
+# -- issue 18: failures no view showed, exit codes, the summary's processed copies and cut ----
+
+
+def test_run_registered_at_a_wrong_location_is_listed_as_stuck(two_sites, runsdb, tmp_path):
+    """Item 6: its first read finds nothing, so it is ``error`` with 0 attempts, and with no
+    other copy to fetch it from, nothing will ever retry it: it waits for a person."""
+    from cax.daemon import Daemon
+    from cax.tasks import AddChecksum
+    from tests.conftest import make_context, make_run
+
+    wrong = tmp_path / "lab/raw/170101_0500"  # never written: a typo in the registration
+    runsdb.insert_runs([make_run(5, name=wrong.name, data=[
+        {"host": "lab", "type": "raw", "status": "verifying", "location": str(wrong)}])])
+    ctx = make_context(two_sites, "lab", runsdb, once=True)
+    Daemon(ctx, [AddChecksum]).run_pass()
+    entry = runsdb.find_runs({"number": 5})[0]["data"][0]
+    assert entry["status"] == "error" and not entry.get("attempts")
+    result = CliRunner().invoke(cli, ["--config", str(two_sites), "--host", "lab", "status",
+                                      "--stuck"])
+    assert result.exit_code == 1, result.output
+    assert "run 5 (170101_0500) raw at lab: error" in result.stdout
+    assert "no verified copy of these raw data elsewhere to fetch them from: data missing" \
+        in result.stdout
+    assert "retry: " in result.stdout
+
+
+def test_stuck_view_exits_0_when_nothing_is_stuck(two_sites, runsdb):
+    result = cax(two_sites, "status", "--stuck")
+    assert result.exit_code == 0 and result.stdout == "nothing is stuck for site daq\n"
+
+
+def test_summary_shows_the_processed_copies_a_site_makes(two_sites, runsdb):
+    """Item 9: lab processes (a processing section) without listing ``processed`` in its
+    ``data_type`` (the demo's site): its copies of its own version show, others do not."""
+    from tests.conftest import edit_site, make_run
+
+    edit_site(two_sites, "lab", processing={
+        "command": ["{python}", "-m", "cax.processors.reference", "{input}", "{output}"],
+        "version": "v2"})
+    raw = {"type": "raw", "status": "transferred", "location": "/x"}
+    runsdb.insert_runs([
+        make_run(1, data=[{**raw, "host": "daq"}, {**raw, "host": "lab"},
+                          {"host": "lab", "type": "processed", "pax_version": "v2",
+                           "status": "transferred", "location": "/y"}]),
+        make_run(2, data=[{**raw, "host": "daq"},
+                          {"host": "lab", "type": "processed", "pax_version": "v1",
+                           "status": "error", "location": "/z"}])])
+    table = json.loads(cax(two_sites, "status", "--summary", "--json").stdout)
+    assert table["types"] == ["raw", "processed"]
+    cells = {r["number"]: r["cells"] for r in table["runs"]}
+    assert cells[1]["lab"] == {"raw": "transferred", "processed": "transferred"}
+    assert cells[2]["lab"] == {"raw": None, "processed": None}  # v1 is not lab's version
+
+
+def test_summary_says_when_it_left_older_runs_out(seeded):
+    """Item 9: ``--newest`` cut the list, and neither the JSON nor the text said so."""
+    cut = json.loads(cax(seeded, "status", "--summary", "--json", "--newest", "3").stdout)
+    assert (len(cut["runs"]), cut["newest"], cut["more"]) == (3, 3, True)
+    whole = json.loads(cax(seeded, "status", "--summary", "--json", "--newest", "11").stdout)
+    assert (len(whole["runs"]), whole["more"]) == (11, False)
+    text = cax(seeded, "status", "--summary", "--newest", "3").stdout
+    assert text.splitlines()[-1] == "(the newest 3 runs; --newest N shows more)"

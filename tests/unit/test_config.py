@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cax import config as config_module
 from cax.cli import cli
 from cax.config import load_config
+from cax.config import model as config_model
 from cax.errors import ConfigError
 
 GOOD_SITE = {"name": "a", "method": "local", "dir_raw": "/data/raw"}
@@ -113,7 +113,7 @@ def test_config_site_from_host_option_env_and_hostname(tmp_path, monkeypatch):
     monkeypatch.setenv("CAX_HOST", "b")
     assert load_config(path).site.name == "b"
     monkeypatch.delenv("CAX_HOST")
-    monkeypatch.setattr(config_module.socket, "gethostname", lambda: "a.lngs.infn.it")
+    monkeypatch.setattr(config_model.socket, "gethostname", lambda: "a.lngs.infn.it")
     assert load_config(path).site.name == "a"
 
 

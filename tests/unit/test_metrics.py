@@ -56,3 +56,41 @@ def test_textfile_and_endpoint(runsdb, tmp_path):
     assert served[("cax_moved_bytes_total", (("site", "daq"),))] == 3_000_000
     assert served[("cax_task_errors_total", (("site", "daq"), ("task", "CopyPush")))] == 3
     assert served[("cax_passes_total", (("site", "daq"),))] == 2
+
+
+def test_heartbeat_age_is_one_series_per_site_and_machine(runsdb, tmp_path):
+    """Issue 18 item 7: a label naming the process left a new series at every restart (and
+    every ``--once``), which never went away."""
+    now = utcnow()
+    for owner, pid, age in (("daq@vm:1:1", 1, 7200), ("daq@vm:2:2", 2, 30),
+                            ("lab@vm:3:3", 3, 600)):
+        runsdb.write_heartbeat(owner, {"site": owner.split("@")[0], "host": "vm", "pid": pid,
+                                       "updated": now - dt.timedelta(seconds=age)})
+    metrics = DaemonMetrics("daq", now)
+    metrics.observe(runsdb, now=now, pass_start=now, failed_by_task={}, max_attempts={})
+    metrics.write(tmp_path / "cax.prom")
+    ages = {labels: v for (name, labels), v in samples((tmp_path / "cax.prom").read_text()).items()
+            if name == "cax_heartbeat_age_seconds"}
+    assert ages == {(("host", "vm"), ("site", "daq")): 30, (("host", "vm"), ("site", "lab")): 600}
+
+
+def test_contrib_alert_rules_use_only_metrics_cax_exports(runsdb, tmp_path):
+    """The example rules of contrib/prometheus name series a daemon really exports, and the
+    scrape example's job."""
+    import re
+    from pathlib import Path
+
+    now = seed(runsdb)
+    metrics = DaemonMetrics("daq", now)
+    metrics.observe(runsdb, now=now, pass_start=now, failed_by_task={"CopyPush": 1},
+                    max_attempts={"daq": 5, "lab": 5})
+    metrics.write(tmp_path / "cax.prom")
+    exported = {name for name, _ in samples((tmp_path / "cax.prom").read_text())}
+    contrib = Path(__file__).resolve().parents[2] / "contrib/prometheus"
+    rules = (contrib / "cax-alerts.yml").read_text()
+    exprs = re.findall(r"^\s+expr: (.+)$", rules, re.MULTILINE)
+    assert len(exprs) == len(re.findall(r"^\s+- alert: Cax\w+$", rules, re.MULTILINE)) >= 4
+    used = {name for expr in exprs for name in re.findall(r"\bcax_\w+", expr)}
+    assert used and used <= exported, used - exported
+    job = re.search(r"job_name: (\w+)", (contrib / "cax-scrape.yml").read_text()).group(1)
+    assert f'up{{job="{job}"}}' in rules

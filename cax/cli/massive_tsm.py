@@ -11,15 +11,29 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cax.config import Config
+import click
+
+from cax.cli.base import (
+    FILE_FORMAT,
+    MAX_RUN_NUMBER,
+    RUN_NUMBER,
+    FiniteFloat,
+    build_context,
+    default_config_path,
+    guarded,
+    setup_logging,
+)
+from cax.config import Config, load_config
+from cax.daemon import install_signal_handlers
 from cax.errors import CaxError, ConfigError
 from cax.logcontext import ContextFilter, log_context
-from cax.runsdb import run_label
+from cax.runsdb import run_label, safe_component
 from cax.tasks.base import Context
 from cax.tasks.tape import TapeRestore, TapeTask, TapeUpload, tape_sites
 
@@ -41,7 +55,7 @@ class MassiveOptions:
 
 
 def selection(opts: MassiveOptions, now: dt.datetime) -> dict[str, Any]:
-    """Return the runs-DB filter of ``--run``/``--name``/``--from-run``/``--to-run``/``--last-days``.
+    """Return the runs-DB filter of --run, --name, --from-run, --to-run and --last-days.
 
     ``--to-run -1`` means no upper bound, as in the original.  Raises ConfigError for
     ``--from-run`` above ``--to-run``.
@@ -149,3 +163,55 @@ def run_massive(ctx: Context, opts: MassiveOptions, formatter: logging.Formatter
             break
         ctx.stop.wait(opts.sleep_s)
     return 1 if failed else 0
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--once", is_flag=True, help="Do one pass over the runs, then exit.")
+@click.option("--config", "config_path", metavar="FILE", default=None,
+              help="Configuration file, e.g. the original's cax_tsm_upload.json.")
+@click.option("--host", metavar="SITE", help="Act as this site [default: short host name].")
+@click.option("--run", "run_number", type=RUN_NUMBER, metavar="N", help="Only run N.")
+@click.option("--name", metavar="NAME", help="Only the run(s) called NAME.")
+@click.option("--from-run", "--from_run", "from_run", type=RUN_NUMBER, metavar="N",
+              help="Only runs numbered N or more.")
+@click.option("--to-run", "--to_run", "to_run", type=click.IntRange(-1, MAX_RUN_NUMBER),
+              metavar="N",
+              help="Only runs numbered N or less (-1: no limit).")
+@click.option("--last-days", "--last_days", "last_days", type=FiniteFloat(0, 36525),
+              metavar="D",
+              help="Only runs started in the last D days.")
+@click.option("--log", "log_level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--log-file", "--logfile", "log_file", metavar="FILE",
+              help="Also write the summary log to FILE.")
+@click.option("--log-dir", metavar="DIR", default=None,
+              help="Where the per-dataset logs go [default: beside --log-file, else .].")
+@click.option("--sleep", "sleep_s", type=FiniteFloat(0, 7 * 86400), default=60.0, show_default=True,
+              help="Seconds between passes without --once.")
+@click.option("--disable-database-update", "--disable_database_update", "no_db_update",
+              is_flag=True, help="Do the work but write nothing to the runs DB.")
+@guarded
+def massive_tsm(once: bool, config_path: str | None, host: str | None, run_number: int | None,
+                name: str | None, from_run: int | None, to_run: int | None,
+                last_days: float | None, log_level: str, log_file: str | None,
+                log_dir: str | None, sleep_s: float, no_db_update: bool) -> int:
+    """Back runs up to tape (or restore them from it), one dataset at a time."""
+    if run_number is not None and name is not None:
+        raise ConfigError("give --run or --name, not both")
+    if name is not None:
+        safe_component(name)
+    config = load_config(config_path or default_config_path(), host)
+    setup_logging(log_level, log_file)
+    where = Path(log_dir) if log_dir else (Path(log_file).parent if log_file else Path("."))
+    opts = MassiveOptions(once, run_number, name, from_run, to_run, last_days, where, sleep_s)
+    check_options(config, opts)
+    ctx = build_context(config, no_db_update=no_db_update, once=True)
+    ctx.background.shutdown()
+    ctx.background = None  # one dataset at a time, in this thread, with its own log file
+    install_signal_handlers(ctx.stop)
+    formatter = logging.Formatter(FILE_FORMAT, "%Y-%m-%d %H:%M:%S")
+    formatter.converter = time.gmtime
+    try:
+        return run_massive(ctx, opts, formatter, click.echo)
+    finally:
+        ctx.runsdb.close()

@@ -21,10 +21,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import click
+
+import cax
 from cax.batch.base import JobSpec, Resources
 from cax.batch.slurm import SlurmBackend
+from cax.cli.base import (
+    RUN_NUMBER,
+    FiniteFloat,
+    build_context,
+    default_config_path,
+    guarded,
+    setup_logging,
+)
+from cax.config import load_config
+from cax.daemon import install_signal_handlers
 from cax.errors import BatchError, ConfigError
 from cax.runsdb import safe_component
+from cax.tasks.process import ProcessBatchQueue, job_name
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +108,6 @@ def payload(ctx: Any, run: dict[str, Any], ncpu: int) -> tuple[str, ...]:
 
 def run_massive(ctx: Any, opts: MassiveOptions, echo: Callable[[str], None]) -> int:
     """Submit jobs for the runs that need them; return the exit status (1: a pass failed)."""
-    from cax.tasks.process import (  # tasks import the batch package
-        ProcessBatchQueue,
-        job_name,
-    )
-
     processing = ctx.site.processing
     if processing is None:
         raise ConfigError(f"site {ctx.site.name} has no processing section")
@@ -164,3 +173,50 @@ def _pass(ctx: Any, task: Any, backend: SlurmBackend, resources: Resources,
         queued.add(name)
         submitted += 1
     return submitted
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--once", is_flag=True, help="One pass, then exit.")
+@click.option("--config", "config_path", metavar="FILE", default=None,
+              help="Configuration file [default: $CAX_CONFIG or ./cax.json].")
+@click.option("--host", metavar="SITE", help="Act as this site [default: short host name].")
+@click.option("--run", "run_number", type=RUN_NUMBER, metavar="N", help="Only run N.")
+@click.option("--start", type=RUN_NUMBER, metavar="N", help="Only runs numbered N or higher.")
+@click.option("--stop", type=RUN_NUMBER, metavar="N", help="Only runs numbered N or lower.")
+@click.option("--tag", metavar="TAG", help="Only runs with this tag.")
+@click.option("--ncpu", type=click.IntRange(1), default=1, show_default=True,
+              help="CPUs per job (passed on to cax in the job).")
+@click.option("--mem-per-cpu", "--mem_per_cpu", "mem_per_cpu", type=click.IntRange(1),
+              default=2000, show_default=True, help="MB of memory per CPU.")
+@click.option("--walltime", default="48:00:00", show_default=True, help="Job time limit.")
+@click.option("--partition", metavar="NAME", help="SLURM partition.")
+@click.option("--qos", metavar="NAME", help="SLURM qos [default: the partition's, if known].")
+@click.option("--reservation", metavar="NAME", help="SLURM reservation.")
+@click.option("--max-queued", type=click.IntRange(1), metavar="N",
+              help="Own jobs queued at most [default: processing.max_jobs].")
+@click.option("--sleep", "sleep_s", type=FiniteFloat(0, 7 * 86400), default=3600, show_default=True,
+              help="Seconds between passes (iterative mode).")
+@click.option("--dry-run", is_flag=True, help="Print the scripts and commands; submit nothing.")
+@click.option("--log", "log_level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--log-file", metavar="FILE", help="Also write the log to FILE.")
+@click.version_option(cax.__version__, prog_name="massive-cax")
+@guarded
+def massive_cax(once: bool, config_path: str | None, host: str | None, run_number: int | None,
+                start: int | None, stop: int | None, tag: str | None, ncpu: int,
+                mem_per_cpu: int, walltime: str, partition: str | None, qos: str | None,
+                reservation: str | None, max_queued: int | None, sleep_s: float, dry_run: bool,
+                log_level: str, log_file: str | None) -> int:
+    """Submit one batch job (cax --once --run N) per run that still needs processing."""
+    config = load_config(config_path or default_config_path(), host)
+    setup_logging(log_level, log_file)
+    opts = MassiveOptions(once, run_number, start, stop, tag, ncpu, mem_per_cpu,
+                          parse_walltime(walltime), partition, qos, reservation, max_queued,
+                          dry_run, sleep_s)
+    ctx = build_context(config, dry_run=dry_run, once=True)
+    install_signal_handlers(ctx.stop)
+    try:
+        return run_massive(ctx, opts, click.echo)
+    finally:
+        ctx.background.shutdown()
+        ctx.runsdb.close()
