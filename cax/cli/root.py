@@ -28,14 +28,18 @@ from cax.cli.base import (
 )
 from cax.config import Config, load_config
 from cax.daemon import Daemon, Reloaded, install_signal_handlers
-from cax.errors import ConfigError
+from cax.errors import ConfigError, RunsDBError
 from cax.runsdb import safe_component
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are asked for
     from cax.metrics import DaemonMetrics
+    from cax.tasks import Context
 
 #: Runs a demo makes at most (3 MB each).
 MAX_DEMO_RUNS = 100
+#: A looping daemon whose runs DB does not answer at start tries again after this many
+#: seconds, doubling up to the second figure.
+START_RETRY_S = (5.0, 300.0)
 #: The options every subcommand acts on: which configuration, site, runs DB, and the log.
 COMMON = ("config_path", "host", "runs_db", "log_level", "log_file")
 #: What each subcommand acts on, of the options given before it (the rest are refused).
@@ -186,13 +190,14 @@ def _daemon(opts: DaemonOptions) -> int:
     for line in started.warnings:
         log.warning("%s", line)
     try:
-        ctx = build_context(config, dry_run=opts.dry_run, no_db_update=opts.no_db_update,
-                            run=opts.run, name=opts.name, once=opts.once)
+        stop, reload_requested = threading.Event(), threading.Event()
+        install_signal_handlers(stop, reload_requested)
+        ctx = _connect(opts, config, stop)
+        if ctx is None:
+            return 0
         ctx.ncpu = opts.ncpu
         log.info("cax %s for site %s (%s), config %s%s", cax.__version__, config.site.name,
                  ctx.owner, config.path, ", dry run" if opts.dry_run else "")
-        reload_requested = threading.Event()
-        install_signal_handlers(ctx.stop, reload_requested)
         if metrics is not None:
             metrics.since = ctx.now()
         try:
@@ -208,12 +213,40 @@ def _daemon(opts: DaemonOptions) -> int:
             lock.release()
 
 
+def _connect(opts: DaemonOptions, config: Config, stop: threading.Event) -> Context | None:
+    """The daemon's context, once its runs DB answers.
+
+    A looping daemon started while the runs DB is away (a server down, the embedded store's
+    files unmounted or unwritable) waits for it, saying so, with a back-off, as it would
+    in the middle of its work: a daemon that exits at start is one nobody restarts.  ``--once``
+    and ``--dry-run`` are a person at a shell, who is told at once (exit 3).  None: stopped
+    while waiting.
+    """
+    delay = START_RETRY_S[0]
+    while True:
+        try:
+            ctx = build_context(config, dry_run=opts.dry_run, no_db_update=opts.no_db_update,
+                                run=opts.run, name=opts.name, once=opts.once)
+        except RunsDBError as exc:
+            if opts.once or opts.dry_run:
+                raise
+            log.warning("%s; trying again in %.0f s", exc, delay)
+            if stop.wait(delay):
+                log.info("stopped before the runs DB answered")
+                return None
+            delay = min(delay * 2, START_RETRY_S[1])
+            continue
+        ctx.stop = stop
+        return ctx
+
+
 def _metrics(opts: DaemonOptions, config: Config) -> DaemonMetrics | None:
     """The daemon's metrics, served on --metrics-bind:--metrics-port when asked to."""
     if not opts.metrics_file and opts.metrics_port is None:
         return None
     from cax.clock import utcnow
     from cax.metrics import DaemonMetrics
+    from cax.tasks import Context
 
     metrics = DaemonMetrics(config.site.name, utcnow())
     if opts.metrics_port is not None:

@@ -313,7 +313,8 @@ class StoreFile:
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back itself (an I/O error)
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 
