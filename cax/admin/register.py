@@ -191,7 +191,7 @@ def from_dir(db: RunsDB, site: Site, directory: str | os.PathLike, *, detector: 
     the others get numbers after the highest in the runs DB (or from ``first_number``), in name
     order.  ``dry_run`` says what would be registered and writes nothing.
     """
-    folder = Path(directory)
+    folder = Path(os.path.abspath(directory))  # a relative DIR is the working directory's
     if not folder.is_dir():
         raise ConfigError(f"--from-dir: {folder} is not a directory")
     candidates = sorted(folder.iterdir())

@@ -75,6 +75,16 @@ def test_from_dir_registers_new_run_directories_once(two_sites, runsdb, tmp_path
     assert runsdb.find_runs({"name": "170204_0000"})[0]["number"] == 3
 
 
+
+def test_from_dir_relative_to_the_working_directory(two_sites, runsdb, tmp_path, monkeypatch):
+    """A relative DIR (the README's quick start) means the working directory's, not refused."""
+    run_dir(tmp_path / "daq/raw/170201_0000")
+    monkeypatch.chdir(tmp_path)
+    result = cax(two_sites, "--from-dir", "daq/raw")
+    assert result.exit_code == 0, result.output
+    assert "registered run 0 (170201_0000, tpc)" in result.stdout, result.stdout
+    assert runsdb.find_runs({})[0]["data"][0]["location"] == str(tmp_path / "daq/raw/170201_0000")
+
 def test_json_documents_as_the_daq_wrote_them(two_sites, runsdb, tmp_path):
     docs = [{"number": 5, "name": "170301_0000", "detector": "tpc",
              "start": {"$date": "2017-03-01T00:00:00Z"}, "reader": {"self_trigger": True},
