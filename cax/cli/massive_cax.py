@@ -179,7 +179,9 @@ def _pass(ctx: Any, task: Any, backend: SlurmBackend, resources: Resources,
 @click.option("--once", is_flag=True, help="One pass, then exit.")
 @click.option("--config", "config_path", metavar="FILE", default=None,
               help="Configuration file [default: $CAX_CONFIG or ./cax.json].")
-@click.option("--host", metavar="SITE", help="Act as this site [default: short host name].")
+@click.option("--host", metavar="SITE", help="Act as this site [default: "
+              "$CAX_HOST, $HOSTNAME if it names a site, "
+              "else the short host name].")
 @click.option("--run", "run_number", type=RUN_NUMBER, metavar="N", help="Only run N.")
 @click.option("--start", type=RUN_NUMBER, metavar="N", help="Only runs numbered N or higher.")
 @click.option("--stop", type=RUN_NUMBER, metavar="N", help="Only runs numbered N or lower.")

@@ -30,7 +30,9 @@ def _site_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--config", "config_path", metavar="FILE", default=None,
                      help="Configuration file [default: $CAX_CONFIG or ./cax.json]."),
-        click.option("--host", metavar="SITE", help="Act as this site [default: short host name]."),
+        click.option("--host", metavar="SITE", help="Act as this site [default: "
+                     "$CAX_HOST, $HOSTNAME if it names a site, "
+                     "else the short host name]."),
         click.option("--log", "log_level", default="info", show_default=True,
                      type=click.Choice(["debug", "info", "warning", "error"],
                                        case_sensitive=False)),
@@ -149,7 +151,7 @@ def cax_stray(delete: bool, yes: bool, **site: Any) -> int:
 @click.option("--status", "wanted", required=True, metavar="STATUS",
               help="The entry status to list (e.g. error, transferring).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
-              help="cax.json [default: ./cax.json, then the packaged one].")
+              help="Configuration file [default: $CAX_CONFIG or ./cax.json].")
 @click.option("--disable_database_update", is_flag=True, hidden=True,
               help="Accepted for the original's command lines; this command writes nothing.")
 @guarded
