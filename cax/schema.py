@@ -1,12 +1,13 @@
 """Every key cax.json may hold: its type, default and meaning.
 
 One table is the single source for validation (``cax.config``) and for the configuration
-reference in README.rst, so the two cannot drift apart.
+reference in docs/configuration.rst, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +84,7 @@ SITE_KEYS: tuple[Key, ...] = (
         "`dir_raw`): copies registered there are valid sources and may be verified, moved or "
         "purged.", items="str", absolute_path=True, read_from="all"),
     Key("data_type", ("list", "null"), [], "Data types this site's daemon handles (each needs "
-        "its dir_ key; empty: the daemon copies nothing and says so each pass).", items="str",
+        "its `dir_` key; empty: the daemon copies nothing and says so each pass).", items="str",
         choices=DATA_TYPES),
     Key("upload_options", ("list", "null"), [], "Sites this site pushes to.", items="str"),
     Key("download_options", ("list", "null"), [], "Sites this site pulls from, in order of "
@@ -184,7 +185,7 @@ LEGACY_KEY_PREFIXES = ("rucio_",)
 #: ``task_list`` naming them is accepted and they are skipped with one log line.
 ORIGINAL_TASKS = (
     "AddElectronLifetime", "AddGains", "AddDriftVelocity", "SetNeuralNetwork",
-    "ProcessBatchQueue", "ProcessBatchQueueHax", "AddTSMChecksum", "ClearDAQBuffer",
+    "ProcessBatchQueueHax", "AddTSMChecksum", "ClearDAQBuffer",
     "SCPPush", "SCPPull", "RetryStalled", "RetryBadChecksum", "RucioPurge", "TSMDatabaseCheck",
     "TSMLogFileCheck", "RenameSingle", "RemoveSingle", "RemoveTSMEntry", "FindStrays",
     "StatusSingle", "RemoveRucioEntry",
@@ -231,31 +232,37 @@ def _bounds(key: Key) -> str:
     return f" Range: {low}..{high}."
 
 
-def _rst_table(keys: tuple[Key, ...]) -> str:
-    header = ("Key", "Type", "Default", "Read from", "Meaning")
-    rows = []
+def _rst_keys(keys: tuple[Key, ...]) -> str:
+    """One definition per key: its name, then its type, default, range and reader, then its
+    meaning, every line at most 100 characters wide."""
+    out = []
     for key in keys:
         doc = key.doc.replace("`", "``")
         if key.choices:
             doc += " One of: " + ", ".join(key.choices) + "."
-        default = "required" if key.required else json.dumps(key.default)
-        bounds = _bounds(key)
-        rows.append((f"``{key.name}``", " or ".join(key.types), default, key.read_from,
-                     doc + bounds))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    rule = "  ".join("=" * w for w in widths)
-    lines = [rule, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
-             rule]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-              for row in rows]
-    return "\n".join([*lines, rule])
+        default = "required" if key.required else f"default ``{json.dumps(key.default)}``"
+        facts = [" or ".join(key.types), default]
+        bounds = _bounds(key).strip().removeprefix("Range: ").removesuffix(".")
+        if bounds:
+            facts.append(f"range {bounds}")
+        facts.append(f"read from: {key.read_from}")
+        out += [f"``{key.name}``", _indent("; ".join(facts) + "."), "", _indent(doc), ""]
+    return "\n".join(out).rstrip("\n")
+
+
+def _indent(text: str) -> str:
+    return textwrap.fill(text, width=100, initial_indent="    ", subsequent_indent="    ",
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def reference_rst() -> str:
-    """Return the configuration reference of README.rst (a test keeps the two identical)."""
-    return ("*Read from*: ``own`` = the daemon reads its own site's section; ``peer`` = the "
-            "daemon that reaches a site (push, pull, checksum there) reads that site's "
-            "section; ``all`` = every daemon reads every site's value; ``top`` = top level.\n\n"
-            f"Top-level keys (object form):\n\n{_rst_table(TOP_KEYS)}\n\n"
-            f"Site keys:\n\n{_rst_table(SITE_KEYS)}\n\n"
-            f"Keys of a site's ``processing`` section:\n\n{_rst_table(PROCESSING_KEYS)}\n")
+    """Return the configuration reference of docs/configuration.rst (a test keeps the two
+    identical: ``python tests/unit/test_docs.py`` rewrites it)."""
+    return ("*Read from* says whose section a daemon reads the key from: ``own``: the daemon\n"
+            "reads its own site's section; ``peer``: the daemon that reaches a site (push, pull,\n"
+            "checksum there) reads that site's section; ``all``: every daemon reads every site's\n"
+            "value; ``top``: the top level.\n\n"
+            f"Top-level keys\n^^^^^^^^^^^^^^\n\nIn the object form.\n\n{_rst_keys(TOP_KEYS)}\n\n"
+            f"Site keys\n^^^^^^^^^\n\n{_rst_keys(SITE_KEYS)}\n\n"
+            "Processing keys\n^^^^^^^^^^^^^^^\n\nKeys of a site's ``processing`` section.\n\n"
+            f"{_rst_keys(PROCESSING_KEYS)}\n")

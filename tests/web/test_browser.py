@@ -4,7 +4,7 @@
 printed (plus ``--port 0``).  A stuck run with a script for a name, a quoted location and a
 hostile error is added first.  Chromium loads each page; the tests read the DOM it built
 (``--dump-dom``: what a person would see, after parsing) and save a screenshot of each page
-(``CAX_WEB_SCREENSHOTS=DIR`` keeps them, e.g. for the README's picture).
+(``CAX_WEB_SCREENSHOTS=DIR`` keeps them, e.g. for docs/web.png).
 
 Chromium is Debian's ``chromium`` (``tests/run`` installs it); without it these tests are
 skipped, or fail under ``CAX_REQUIRE_FIXTURES=1`` as in CI.
