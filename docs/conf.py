@@ -23,3 +23,5 @@ exclude_patterns = ["_build"]
 highlight_language = "none"
 html_theme = "alabaster"
 html_title = f"cax {release}"
+# Wide enough for a 100-character line in a literal block.
+html_theme_options = {"page_width": "1180px", "body_max_width": "none"}
