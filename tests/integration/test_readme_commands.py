@@ -135,9 +135,10 @@ def test_readme_blocks_are_parsed_and_exceptions_named():
 
 
 def _environment(venv_bin: Path) -> dict[str, str]:
-    """The environment of a new shell: no cax settings, and the virtualenv not active."""
+    """The environment of a new shell: no cax settings, the virtualenv not active, and no
+    SLURM_CONF of the test cluster (tests/batch), whose queue would change massive-cax's plan."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CAX_", "VIRTUAL_ENV", "PYTEST_"))}
+           if not k.startswith(("CAX_", "VIRTUAL_ENV", "PYTEST_", "SLURM_"))}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
                                   if p and Path(p).resolve() != venv_bin.resolve())
     env["TERM"] = "dumb"
