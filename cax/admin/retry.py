@@ -89,9 +89,7 @@ def retry(db: RunsDB, targets: list[Target], *, by: str, now: dt.datetime,
                 target.status != ERROR and not stuck):
             result.left.append((target, f"{target.status}, not stuck"))
             continue
-        if dry_run:
-            result.reset.append(target)
-        elif db.reset_entry(target.run_id, target.key, by=by, now=now):
+        if dry_run or db.reset_entry(target.run_id, target.key, by=by, now=now):
             result.reset.append(target)
         else:
             result.left.append((target, "changed meanwhile or under a live lease; not reset"))

@@ -246,7 +246,6 @@ def _metrics(opts: DaemonOptions, config: Config) -> DaemonMetrics | None:
         return None
     from cax.clock import utcnow
     from cax.metrics import DaemonMetrics
-    from cax.tasks import Context
 
     metrics = DaemonMetrics(config.site.name, utcnow())
     if opts.metrics_port is not None:

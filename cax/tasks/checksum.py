@@ -38,6 +38,7 @@ from cax.errors import DatasetError, LeaseLostError, UnsafeNameError
 from cax.paths import entry_location
 from cax.runsdb import TRANSFERRED, VERIFYING, EntryKey, run_label
 from cax.runsdb.judgement import PROBLEM_FIELDS
+from cax.runsdb.ledger import Claim
 from cax.runsdb.origins import (
     DISK,
     ORIGIN,
@@ -53,7 +54,6 @@ from cax.runsdb.origins import (
     preferred,
     rank,
 )
-from cax.runsdb.ledger import Claim
 from cax.schema import DATA_TYPES
 from cax.tasks.base import Task
 from cax.tasks.repair import FILES_SHOWN, compare_token, mark_bad_copy, record_unreadable

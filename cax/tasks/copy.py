@@ -3,9 +3,10 @@
 For each data type this site handles, CopyPush sends this site's good copies to the sites in
 ``upload_options``, and CopyPull fetches good copies from the sites in ``download_options``
 (the first, in config order, that has one).  Good means agreeing with the dataset's origin
-(``runsdb.judgement``): a dataset whose copies are disputed, or not yet settled, is not copied.  A destination needs a copy when it has no entry,
-an ``error`` entry whose retry is due, or a ``transferring`` entry whose lease expired.  The
-same conditions are the runs-DB query, so an idle pass fetches no runs.
+(``runsdb.judgement``): a dataset whose copies are disputed, or not yet settled, is not
+copied.  A destination needs a copy when it has no entry, an ``error`` entry whose retry is
+due, or a ``transferring`` entry whose lease expired.  The same conditions are the runs-DB
+query, so an idle pass fetches no runs.
 
 Copies run in the background workers (``max_transfers`` at once); the task only claims and
 schedules them, so a slow copy never holds up the other tasks.

@@ -20,9 +20,9 @@ the source's judgement ties to the origin; the registration re-checks the origin
 write.  Paths are owned: the destination's name derives from the run (``paths.dataset_name``),
 and data already at the destination is removed only when the runs DB shows that no other entry
 claims that path -- unless it is this copy, verified and renamed into place by an attempt whose
-registration failed: that copy is registered, not sent again.  While it runs, the copy's entry names the source copy in ``reading``, so
-the source cannot be purged under it; the claim itself requires the source to still be
-``transferred``.
+registration failed: that copy is registered, not sent again.  While it runs, the copy's entry
+names the source copy in ``reading``, so the source cannot be purged under it; the claim itself
+requires the source to still be ``transferred``.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from cax.paths import checked_location, dataset_name, dataset_path, scratch_path
 from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey
 from cax.runsdb.judgement import retry_conditions
-from cax.runsdb.origins import ORIGIN, Judgement, Proof, judge
 from cax.runsdb.ledger import Claim
+from cax.runsdb.origins import ORIGIN, Judgement, Proof, judge
 from cax.tasks.base import Context
 from cax.transport.base import Transport
 from cax.transport.pool import TransportPool

@@ -67,8 +67,8 @@ from cax.runsdb import (
     safe_component,
 )
 from cax.runsdb.judgement import retry_conditions
-from cax.runsdb.origins import PRODUCER, Proof, dataset_match, origin_record
 from cax.runsdb.ledger import Claim
+from cax.runsdb.origins import PRODUCER, Proof, dataset_match, origin_record
 from cax.tasks.base import Context, Task
 from cax.workers import Background
 

@@ -33,8 +33,8 @@ from cax.logcontext import log_context
 from cax.paths import entry_location
 from cax.runsdb import PURGING, TRANSFERRED, EntryKey, find_entry, run_label
 from cax.runsdb.judgement import is_good
-from cax.runsdb.origins import Judgement, dataset_match, judge
 from cax.runsdb.ledger import Claim
+from cax.runsdb.origins import Judgement, dataset_match, judge
 from cax.tasks.base import Context, Task
 from cax.transport import siteops
 

@@ -43,8 +43,8 @@ from cax.runsdb.judgement import (
     repair_due,
     retry_conditions,
 )
-from cax.runsdb.origins import DISK, Judgement, checksums, copies_of, judge, preferred
 from cax.runsdb.ledger import Claim
+from cax.runsdb.origins import DISK, Judgement, checksums, copies_of, judge, preferred
 from cax.schema import TRANSFER_METHODS
 from cax.tasks.base import Context, Task
 from cax.tasks.copyjob import CopyJob, CopyPlan, _kind, make_plan

@@ -35,8 +35,8 @@ from cax.errors import CaxError, ChecksumMismatchError, ConfigError
 from cax.paths import checked_location, scratch_path
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
 from cax.runsdb.judgement import is_good, needs_copy, needs_copy_query, retry_conditions
-from cax.runsdb.origins import ORIGIN, Proof, checksums, differs, judge, preferred
 from cax.runsdb.ledger import Claim
+from cax.runsdb.origins import ORIGIN, Proof, checksums, differs, judge, preferred
 from cax.schema import TAPE_METHODS
 from cax.tape.dsmc import Dsmc, TsmSetup
 from cax.tape.roundtrip import backup_and_verify, restore_and_verify
@@ -165,7 +165,8 @@ class TapeJob(ClaimedJob):
     def work(self, keeper: Keeper) -> None:
         fields = self.produce(keeper)
         self.register({"transfer_end": self.ctx.now(), "evidence": ORIGIN, **fields},
-                      ("reading", "adler32_checksum", "partial"), proof=Proof.against(self.judgement))
+                      ("reading", "adler32_checksum", "partial"),
+                      proof=Proof.against(self.judgement))
 
     def run(self) -> bool:
         """Do the claimed work and record its outcome; time it for the summary line."""
@@ -329,8 +330,8 @@ class TapeTask(Task):
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        self.tapes = tape_sites(ctx.config, self.push) if "raw" in (ctx.site.data_type or ("raw",)) \
-            else []
+        handles_raw = "raw" in (ctx.site.data_type or ("raw",))
+        self.tapes = tape_sites(ctx.config, self.push) if handles_raw else []
         self.results: list[TapeResult] = []
         if self.tapes:
             TsmSetup.of(ctx.site.tsm)  # refuse a bad setup before any claim

@@ -97,7 +97,7 @@ def _error_reply(exc):
             where = where.decode("utf-8", "backslashreplace")
         text = (exc.strerror or str(exc)) + (": " + str(where) if where is not None else "")
         return {"error": text, "errno": exc.errno}
-    return {"error": "%s: %s" % (type(exc).__name__, exc), "errno": None}
+    return {"error": f"{type(exc).__name__}: {exc}", "errno": None}
 
 
 def grow_pipe(fileobj):
@@ -156,11 +156,11 @@ def combine(rel, size, pieces):
         if not length:
             continue
         if offset != pos:
-            raise StreamError("not every byte of %s was written (at %d, %d)" % (rel, pos, offset))
+            raise StreamError(f"not every byte of {rel} was written (at {pos}, {offset})")
         adler = adler32_combine(adler, int(piece, 16), length)
         pos += length
     if pos != size:
-        raise StreamError("not every byte of %s was written (%d of %d)" % (rel, pos, size))
+        raise StreamError(f"not every byte of {rel} was written ({pos} of {size})")
     return _hex(adler)
 
 
@@ -515,7 +515,7 @@ def _read_file(rfile, size, progress):
     return data
 
 
-class _Writers(object):
+class _Writers:
     """Write small files on a few threads while the stream is read.
 
     On a busy disk, creating and writing a small file is mostly waiting (for the journal),
@@ -620,12 +620,12 @@ def receive_items(dest, listing, rfile, reply_fd=None, progress=None):
             path = _path(dest, rel)
             if offset >= 0:
                 if offset + length > size:
-                    raise StreamError("%s changed size while it was copied" % rel)
+                    raise StreamError(f"{rel} changed size while it was copied")
                 adler = _receive_range(rfile, path, offset, length, buf, progress, reply_fd)
                 ranges.setdefault(rel, []).append([offset, length, adler])
                 continue
             if length != size:
-                raise StreamError("%s changed size while it was copied" % rel)
+                raise StreamError(f"{rel} changed size while it was copied")
             if size <= SMALL_FILE:
                 writers.submit(rel, path, _read_file(rfile, size, progress), mode, mtime)
             else:
@@ -680,7 +680,7 @@ def complete(dest, listing, rels):
         fd = os.open(_path(dest, rel), os.O_WRONLY | os.O_NOFOLLOW)
         try:
             if os.fstat(fd).st_size != size:
-                raise StreamError("%s is %d bytes, not %d" % (rel, os.fstat(fd).st_size, size))
+                raise StreamError(f"{rel} is {os.fstat(fd).st_size} bytes, not {size}")
             _complete(fd, mode, mtime)
         finally:
             os.close(fd)
@@ -778,7 +778,7 @@ def _site(request, rfile, wfile):
             wfile.write(line)
             wfile.flush()
     else:
-        raise StreamError("unknown role %r" % role)
+        raise StreamError(f"unknown role {role!r}")
 
 
 def main():
@@ -789,7 +789,7 @@ def main():
     try:
         _site(json.loads(rfile.readline().decode("utf-8")), rfile, wfile)
     except (OSError, StreamError) as exc:
-        sys.stderr.write("cax stream: %s\n" % exc)
+        sys.stderr.write(f"cax stream: {exc}\n")
         return 1
     return 0
 

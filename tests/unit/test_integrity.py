@@ -337,7 +337,8 @@ def test_attempt_counts_in_messages_are_the_runs_dbs(sites, runsdb, tmp_path, ca
 
     sites = edit_site(sites, "daq", max_attempts=2)
     source = tmp_path / "daq/raw/170101_1400"  # registered, but gone: a transient failure
-    run_id = insert(runsdb, make_run(14, data=[copy_entry("daq", source, checksum="adler32:" + "1" * 64)]))
+    run_id = insert(runsdb, make_run(14, data=[copy_entry("daq", source,
+                                                          checksum="adler32:" + "1" * 64)]))
     for expected in (1, 2):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
