@@ -219,9 +219,11 @@ def run_page(db: RunsDB, config: Config, number: int) -> list[dict[str, Any]]:
     full = {(r.get("number"), r.get("name")): r for r in db.find_runs({"number": number})}
     for run in runs:
         raw = full.get((run["number"], run["name"]), {})
-        entries = [e for e in raw.get("data") or () if isinstance(e, dict)]
-        for view, entry in zip(run["data"], entries):
-            view["fields"] = entry
+        # by the copy's key, not its position: the run may have changed since run_view read it
+        entries = {(e.get("host"), e.get("type"), e.get("pax_version")): e
+                   for e in raw.get("data") or () if isinstance(e, dict)}
+        for view in run["data"]:
+            view["fields"] = entries.get((view["site"], view["type"], view["version"]), {})
             view["tape"] = view["site"] in tapes
     return runs
 
