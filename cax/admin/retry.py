@@ -27,7 +27,7 @@ class Target:
     number: Any
     name: Any
     key: EntryKey
-    status: str
+    status: str | None
 
     def label(self) -> str:
         return f"run {self.number} ({self.name}) {self.key}"

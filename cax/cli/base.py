@@ -61,22 +61,27 @@ LOG_FORMAT = "%(asctime)sZ %(levelname)-7s %(ctx)s%(message)s"
 FILE_FORMAT = "%(asctime)sZ %(levelname)-7s %(process)d %(name)s: %(ctx)s%(message)s"
 
 
+def _utc_formatter(fmt: str) -> logging.Formatter:
+    formatter = logging.Formatter(fmt, "%Y-%m-%d %H:%M:%S")
+    formatter.converter = time.gmtime
+    return formatter
+
+
 def setup_logging(level: str, log_file: str | None) -> None:
     """Human-readable records on stderr, and in ``log_file`` too when given; times in UTC."""
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(level.upper())
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    handlers[0].setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
+    handlers[0].setFormatter(_utc_formatter(LOG_FORMAT))
     if log_file:
         try:
             handlers.append(logging.FileHandler(log_file))
         except OSError as exc:
             raise ConfigError(f"--log-file {log_file}: cannot open it: "
                               f"{exc.strerror or exc}") from None
-        handlers[1].setFormatter(logging.Formatter(FILE_FORMAT, "%Y-%m-%d %H:%M:%S"))
+        handlers[1].setFormatter(_utc_formatter(FILE_FORMAT))
     for handler in handlers:
-        handler.formatter.converter = time.gmtime
         handler.addFilter(ContextFilter())
         root.addHandler(handler)
     logging.getLogger("paramiko").setLevel(max(root.level, logging.WARNING))

@@ -138,7 +138,7 @@ def run_massive(ctx: Any, opts: MassiveOptions, echo: Callable[[str], None]) -> 
             return status
 
 
-def _pass(ctx: Any, task: Any, backend: SlurmBackend, resources: Resources,
+def _pass(ctx: Any, task: ProcessBatchQueue, backend: SlurmBackend, resources: Resources,
           opts: MassiveOptions, since: dt.datetime | None, job_name: Callable,
           echo: Callable[[str], None]) -> int:
     query = {"$and": [task._candidates(ctx.now()), selection(opts, since)]}

@@ -89,8 +89,9 @@ def log_name(run: dict[str, Any], when: dt.datetime) -> str:
 
 def tape_tasks(config: Config) -> list[type[TapeTask]]:
     """The directions this site's configuration asks for: upload, restore, or both."""
-    found = [task for task, push in ((TapeUpload, True), (TapeRestore, False))
-             if tape_sites(config, push)]
+    found: list[type[TapeTask]] = [task for task, push in ((TapeUpload, True),
+                                                           (TapeRestore, False))
+                                   if tape_sites(config, push)]
     if not found:
         raise ConfigError(f"site {config.site.name} names no tape site (method tsm) in "
                           "upload_options or download_options")

@@ -176,7 +176,7 @@ class CopyPull(CopyBase):
             judgement = judge(run, data_type, version)
             for peer in self.peers():
                 there = find_entry(run, EntryKey(peer.name, data_type, version))
-                if is_good(judgement, there):
+                if there is not None and is_good(judgement, there):
                     self.schedule(self.plan(run, data_type, version, peer, there, self.site))
                     break
             else:

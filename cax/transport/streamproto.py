@@ -529,7 +529,7 @@ class _Writers:
         self.reply_fd = reply_fd
         self.budget, self.held = budget, 0
         self.room = threading.Condition()
-        self.todo = queue.Queue()
+        self.todo: queue.Queue = queue.Queue()
         self.written = {}  # rel: [size, adler32]
         self.failed = None
         self.threads = [threading.Thread(target=self._run, name="cax-stream-writer",
@@ -607,7 +607,7 @@ def receive_items(dest, listing, rfile, reply_fd=None, progress=None):
     progress = progress or (lambda n: None)
     dest = _fs(dest)
     files = listing["files"]
-    ranges = {}
+    ranges: dict = {}
     written = {}
     buf = bytearray(BLOCK)
     writers = _Writers(WRITERS, IN_FLIGHT, reply_fd)

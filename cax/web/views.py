@@ -22,7 +22,7 @@ import json
 import shlex
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, overload
 
 from cax.admin import cax_command
 from cax.admin import status as st
@@ -72,8 +72,15 @@ def command_prefix(config: Config) -> str:
             f"--host {shlex.quote(config.site.name)}")
 
 
+@overload
+def int_param(args: Mapping[str, str], name: str, default: int,
+              low: int | None = None, high: int | None = None) -> int: ...
+@overload
+def int_param(args: Mapping[str, str], name: str, default: None = None,
+              low: int | None = None, high: int | None = None) -> int | None: ...
 def int_param(args: Mapping[str, str], name: str, default: int | None = None,
-         low: int | None = None, high: int | None = None) -> int | None:
+              low: int | None = None, high: int | None = None) -> int | None:
+    """The whole number ``args[name]`` in ``low``..``high`` (else a 400), or ``default``."""
     raw = args.get(name, "")
     if raw == "":
         return default
