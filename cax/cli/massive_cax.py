@@ -32,6 +32,7 @@ from cax.cli.base import (
     build_context,
     default_config_path,
     guarded,
+    log_level_option,
     setup_logging,
 )
 from cax.config import load_config
@@ -197,8 +198,7 @@ def _pass(ctx: Any, task: ProcessBatchQueue, backend: SlurmBackend, resources: R
 @click.option("--sleep", "sleep_s", type=FiniteFloat(0, 7 * 86400), default=3600, show_default=True,
               help="Seconds between passes (iterative mode).")
 @click.option("--dry-run", is_flag=True, help="Print the scripts and commands; submit nothing.")
-@click.option("--log", "log_level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@log_level_option
 @click.option("--log-file", metavar="FILE", help="Also write the log to FILE.")
 @click.version_option(cax.__version__, prog_name="massive-cax")
 @guarded

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,9 @@ from cax.cli.base import (
     build_context,
     default_config_path,
     guarded,
+    log_level_option,
     setup_logging,
+    utc_formatter,
 )
 from cax.config import Config, load_config
 from cax.daemon import install_signal_handlers
@@ -181,8 +182,7 @@ def run_massive(ctx: Context, opts: MassiveOptions, formatter: logging.Formatter
 @click.option("--last-days", "--last_days", "last_days", type=FiniteFloat(0, 36525),
               metavar="D",
               help="Only runs started in the last D days.")
-@click.option("--log", "log_level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@log_level_option
 @click.option("--log-file", "--logfile", "log_file", metavar="FILE",
               help="Also write the summary log to FILE.")
 @click.option("--log-dir", metavar="DIR", default=None,
@@ -210,8 +210,7 @@ def massive_tsm(once: bool, config_path: str | None, host: str | None, run_numbe
     ctx.background.shutdown()
     ctx.background = None  # one dataset at a time, in this thread, with its own log file
     install_signal_handlers(ctx.stop)
-    formatter = logging.Formatter(FILE_FORMAT, "%Y-%m-%d %H:%M:%S")
-    formatter.converter = time.gmtime
+    formatter = utc_formatter(FILE_FORMAT)
     try:
         return run_massive(ctx, opts, formatter, click.echo)
     finally:

@@ -459,22 +459,29 @@ def _complete(fd, mode, mtime_ns):
     os.utime(fd, ns=(mtime_ns, mtime_ns))
 
 
+def _chunks(rfile, buf, length, reply_fd):
+    """Yield the next ``length`` bytes of ``rfile`` as they come, in views of ``buf`` (each
+    valid until the next is asked for)."""
+    view = memoryview(buf)
+    left = length
+    while left:
+        n = rfile.readinto(view[:min(left, len(buf))])
+        if not n:
+            raise StreamError("the stream ended in the middle of a file")
+        _check_sender(reply_fd)
+        yield view[:n]
+        left -= n
+
+
 def _receive_file(rfile, path, size, mode, mtime_ns, buf, progress, reply_fd=None):
     """Write ``size`` bytes from ``rfile`` to ``path`` as they come; return their adler32."""
-    view = memoryview(buf)
-    adler, left = 1, size
+    adler = 1
     fd = _create(path)
     try:
-        while left:
-            n = rfile.readinto(view[:min(left, len(buf))])
-            if not n:
-                raise StreamError("the stream ended in the middle of a file")
-            _check_sender(reply_fd)
-            chunk = view[:n]
+        for chunk in _chunks(rfile, buf, size, reply_fd):
             adler = zlib.adler32(chunk, adler)
             _write_all(fd, chunk)
-            left -= n
-            progress(n)
+            progress(len(chunk))
         _complete(fd, mode, mtime_ns)
     finally:
         os.close(fd)
@@ -484,22 +491,15 @@ def _receive_file(rfile, path, size, mode, mtime_ns, buf, progress, reply_fd=Non
 def _receive_range(rfile, path, offset, length, buf, progress, reply_fd=None):
     """Write ``length`` bytes from ``rfile`` into ``path`` at ``offset`` (the file is created
     if no other range did yet); return their adler32.  Not complete: see ``complete``."""
-    view = memoryview(buf)
-    adler, left = 1, length
+    adler = 1
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
-        while left:
-            n = rfile.readinto(view[:min(left, len(buf))])
-            if not n:
-                raise StreamError("the stream ended in the middle of a file")
-            _check_sender(reply_fd)
-            chunk = view[:n]
+        for chunk in _chunks(rfile, buf, length, reply_fd):
             adler = zlib.adler32(chunk, adler)
-            done = 0
+            done, n = 0, len(chunk)
             while done < n:
                 done += os.pwrite(fd, chunk[done:], offset + done)
             offset += n
-            left -= n
             progress(n)
     finally:
         os.close(fd)
