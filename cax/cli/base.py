@@ -65,6 +65,9 @@ LOG_FORMAT = "%(asctime)sZ %(levelname)-7s %(ctx)s%(message)s"
 FILE_FORMAT = "%(asctime)sZ %(levelname)-7s %(process)d %(name)s: %(ctx)s%(message)s"
 
 
+#: ``--host SITE`` of the commands that act as one site (the daemon's says more).
+host_option = click.option("--host", metavar="SITE",
+                           help="Act as this site [default: short host name].")
 #: ``--log LEVEL``, as every command spells it.
 log_level_option = click.option(
     "--log", "log_level", default="info", show_default=True,

@@ -32,6 +32,7 @@ from cax.cli.base import (
     build_context,
     default_config_path,
     guarded,
+    host_option,
     log_level_option,
     setup_logging,
 )
@@ -180,7 +181,7 @@ def _pass(ctx: Any, task: ProcessBatchQueue, backend: SlurmBackend, resources: R
 @click.option("--once", is_flag=True, help="One pass, then exit.")
 @click.option("--config", "config_path", metavar="FILE", default=None,
               help="Configuration file [default: $CAX_CONFIG or ./cax.json].")
-@click.option("--host", metavar="SITE", help="Act as this site [default: short host name].")
+@host_option
 @click.option("--run", "run_number", type=RUN_NUMBER, metavar="N", help="Only run N.")
 @click.option("--start", type=RUN_NUMBER, metavar="N", help="Only runs numbered N or higher.")
 @click.option("--stop", type=RUN_NUMBER, metavar="N", help="Only runs numbered N or lower.")

@@ -26,6 +26,7 @@ from cax.cli.base import (
     build_context,
     default_config_path,
     guarded,
+    host_option,
     log_level_option,
     setup_logging,
     utc_formatter,
@@ -171,7 +172,7 @@ def run_massive(ctx: Context, opts: MassiveOptions, formatter: logging.Formatter
 @click.option("--once", is_flag=True, help="Do one pass over the runs, then exit.")
 @click.option("--config", "config_path", metavar="FILE", default=None,
               help="Configuration file, e.g. the original's cax_tsm_upload.json.")
-@click.option("--host", metavar="SITE", help="Act as this site [default: short host name].")
+@host_option
 @click.option("--run", "run_number", type=RUN_NUMBER, metavar="N", help="Only run N.")
 @click.option("--name", metavar="NAME", help="Only the run(s) called NAME.")
 @click.option("--from-run", "--from_run", "from_run", type=RUN_NUMBER, metavar="N",

@@ -18,6 +18,7 @@ from cax.cli.base import (
     build_context,
     default_config_path,
     guarded,
+    host_option,
     log_level_option,
     open_db,
     setup_logging,
@@ -31,7 +32,7 @@ def _site_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--config", "config_path", metavar="FILE", default=None,
                      help="Configuration file [default: $CAX_CONFIG or ./cax.json]."),
-        click.option("--host", metavar="SITE", help="Act as this site [default: short host name]."),
+        host_option,
         log_level_option,
         click.option("--log-file", metavar="FILE", help="Also write the log to FILE."),
         click.option("--disable-database-update", "--disable_database_update", "no_db_update",

@@ -306,10 +306,9 @@ def send_items(root, listing, items, wfile, progress=None):
     os.write(out_fd, HEADER.pack(-1, 0, 0))
 
 
-def send(root, rfile, wfile, progress=None, listing=None):
-    """Be the sending end of one stream for the dataset at ``root``; return the receiver's
-    manifest."""
-    progress = progress or (lambda n: None)
+def _offer(root, rfile, wfile, listing=None):
+    """Send the listing of ``root`` (made here unless given; the error, if it cannot be
+    listed) and return it with the receiver's answer."""
     if listing is None:
         try:
             listing = list_tree(root)
@@ -317,7 +316,14 @@ def send(root, rfile, wfile, progress=None, listing=None):
             send_line(wfile, _error_reply(exc))
             raise
     send_line(wfile, listing)
-    reply = read_line(rfile)
+    return listing, read_line(rfile)
+
+
+def send(root, rfile, wfile, progress=None, listing=None):
+    """Be the sending end of one stream for the dataset at ``root``; return the receiver's
+    manifest."""
+    progress = progress or (lambda n: None)
+    listing, reply = _offer(root, rfile, wfile, listing)
     items = plan(root, listing, reply["have"], reply.get("partial", {}), progress)
     send_items(root, listing, items, wfile, progress)
     return read_line(rfile)["manifest"]
@@ -756,13 +762,7 @@ def _site(request, rfile, wfile):
     elif role == "prepare":
         prepare(path, rfile, wfile)
     elif role == "plan":
-        try:
-            listing = list_tree(path)
-        except OSError as exc:
-            send_line(wfile, _error_reply(exc))
-            raise
-        send_line(wfile, listing)
-        reply = read_line(rfile)
+        listing, reply = _offer(path, rfile, wfile)
         send_line(wfile, {"items": _answering(wfile, lambda: plan(
             path, listing, reply["have"], reply["partial"]))})
     elif role == "receive-part":
