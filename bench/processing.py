@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cax.daemon import Daemon  # noqa: E402 - after the sys.path line
 from cax.batch import JobSpec, Resources  # noqa: E402
+from cax.daemon import Daemon  # noqa: E402 - after the sys.path line
 from cax.runsdb import TRANSFERRED, TRANSFERRING, open_runsdb  # noqa: E402
 from cax.tasks import ProcessBatchQueue  # noqa: E402
 from cax.tasks.process import make_backend  # noqa: E402

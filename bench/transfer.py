@@ -393,8 +393,9 @@ def main() -> None:
                         f" (cax-rsync {res['cax-rsync']['wall'] / res['rsync-mux']['wall']:.2f})"
                         if "cax-rsync" in res else "")
         chosen = STREAMED if STREAMED in small else "cax-auto"
+        ratio = big[chosen]['wall'] / big['rsync-mux']['wall']
         say(f"large files (1GiB) {chosen}: {big[chosen]['wall']:.3f} s vs rsync-mux "
-            f"{big['rsync-mux']['wall']:.3f} s (ratio {big[chosen]['wall'] / big['rsync-mux']['wall']:.2f})")
+            f"{big['rsync-mux']['wall']:.3f} s (ratio {ratio:.2f})")
         cores = os.cpu_count() or 1
         say("cpu (1000 x 100 kB, busy core-seconds of the whole machine per copy, and the "
             f"share of its {cores} cores): " + ", ".join(

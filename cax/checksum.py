@@ -142,7 +142,7 @@ def _remote_main() -> int:
         path = json.loads(sys.stdin.buffer.readline().decode("utf-8"))["path"]
         if not isinstance(path, str) or not path.startswith("/"):
             raise ValueError("the request needs an absolute 'path' string")
-        reply = {"files": _manifest(path.encode("utf-8", "surrogateescape"), SCAN_THREADS)}
+        reply: dict = {"files": _manifest(path.encode("utf-8", "surrogateescape"), SCAN_THREADS)}
         status = 0
     except Exception as exc:  # noqa: BLE001 - every failure must become a reply line
         if isinstance(exc, OSError) and exc.strerror:

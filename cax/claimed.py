@@ -39,8 +39,8 @@ from typing import Any
 from cax.clock import when
 from cax.errors import CaxError, ConfigError, LeaseLostError, UnsafeNameError
 from cax.runsdb import EntryKey
-from cax.runsdb.origins import Proof
 from cax.runsdb.ledger import Claim
+from cax.runsdb.origins import Proof
 
 log = logging.getLogger(__name__)
 
@@ -359,9 +359,9 @@ class ClaimedJob:
         if stuck:
             self.on_stuck()
         try:
+            config_hash = None if kind == "transient" else self.ctx.config_hash
             self.db.record_failure(self.claim, reason, kind=kind, retry_at=retry_at,
-                                   config_hash=None if kind == "transient" else self.ctx.config_hash,
-                                   fields=fields)
+                                   config_hash=config_hash, fields=fields)
         except CaxError as exc:  # the lease expires and the work is taken over later
             log.error("%s: failure not recorded: %s", self.label, exc)
 

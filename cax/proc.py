@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any, AnyStr
 
 from cax.errors import CommandError, CommandTimeoutError
 
@@ -35,6 +35,7 @@ _live: set[subprocess.Popen] = set()
 _live_lock = threading.Lock()
 
 PR_SET_PDEATHSIG = 1
+_prctl: Callable[..., int] | None
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
 except (OSError, AttributeError):  # not Linux
@@ -188,6 +189,13 @@ def popen(
             _live.discard(proc)
 
 
+def pipe(stream: IO[AnyStr] | None) -> IO[AnyStr]:
+    """A pipe of a child ``popen`` started, which is never None: its stdout, its stderr
+    unless ``merge_stderr``, its stdin when given ``stdin=subprocess.PIPE``."""
+    assert stream is not None, "popen opened no such pipe"
+    return stream
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -206,15 +214,16 @@ def run(
     CommandError when ``check`` is set and the exit status is not in ``ok_codes``.
     """
     stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
-    with popen(argv, env=env, cwd=cwd, stdin=stdin, purpose=purpose) as proc:
+    args = [str(a) for a in argv]  # what popen runs
+    with popen(args, env=env, cwd=cwd, stdin=stdin, purpose=purpose) as proc:
         try:
             out, err = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
             _terminate(proc)
             out, err = proc.communicate()
-            raise CommandTimeoutError(proc.args, timeout, _tail(err or ""), host) from None
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            raise CommandTimeoutError(args, timeout, _tail(err or ""), host) from None
+    result = subprocess.CompletedProcess(args, proc.returncode, out, err)
     if check and proc.returncode not in ok_codes:
-        raise CommandError(proc.args, proc.returncode, _tail(err or out or ""), host)
+        raise CommandError(args, proc.returncode, _tail(err or out or ""), host)
     return result
 

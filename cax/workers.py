@@ -4,6 +4,7 @@ blocks the other tasks, and the next pass can start while it goes on."""
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -44,7 +45,7 @@ class Background:
             ctx = contextvars.copy_context()
             future = self._pool.submit(ctx.run, fn)
             self._running[key] = future
-        future.add_done_callback(lambda f, k=key: self._done(k, f))
+        future.add_done_callback(functools.partial(self._done, key))
         return True
 
     def wait_for_slot(self) -> None:

@@ -91,7 +91,8 @@ def ensure_login(name: str, shell: str, home: str) -> str:
             ["useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", home, "-s", shell, name],
             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
         if result.returncode != 0 and "already exists" not in result.stderr:
-            raise SshdUnavailableError(f"cannot add user {name}: {result.stderr.strip()}")
+            raise SshdUnavailableError(
+                f"cannot add user {name}: {result.stderr.strip()}") from None
         entry = pwd.getpwnam(name)
     # useradd locks the new account ("!" password), and sshd refuses locked accounts even for
     # keys; "*" is "no password" without the lock

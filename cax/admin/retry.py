@@ -27,7 +27,7 @@ class Target:
     number: Any
     name: Any
     key: EntryKey
-    status: str
+    status: str | None
 
     def label(self) -> str:
         return f"run {self.number} ({self.name}) {self.key}"
@@ -89,9 +89,7 @@ def retry(db: RunsDB, targets: list[Target], *, by: str, now: dt.datetime,
                 target.status != ERROR and not stuck):
             result.left.append((target, f"{target.status}, not stuck"))
             continue
-        if dry_run:
-            result.reset.append(target)
-        elif db.reset_entry(target.run_id, target.key, by=by, now=now):
+        if dry_run or db.reset_entry(target.run_id, target.key, by=by, now=now):
             result.reset.append(target)
         else:
             result.left.append((target, "changed meanwhile or under a live lease; not reset"))

@@ -142,7 +142,7 @@ class BatchBackend(ABC):
         """How many more jobs may be queued now (the throttle: ``max_jobs`` own jobs)."""
         return max(self.max_jobs - self.active_jobs(), 0)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook whose default does nothing, not abstract
         """Release what the backend holds (the local backend ends its jobs)."""
 
 

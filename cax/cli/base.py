@@ -39,6 +39,10 @@ from cax.workers import Background
 log = logging.getLogger("cax")
 
 EXIT_FAILED, EXIT_USAGE, EXIT_DB, EXIT_INTERNAL, EXIT_RUNNING = 1, 2, 3, 4, 5
+#: The exit code of each error said in one line (the first that matches: CaxError last).
+_ONE_LINE_ERRORS: tuple[tuple[type[CaxError], int], ...] = (
+    (UnsafeNameError, EXIT_USAGE), (RunsDBError, EXIT_DB), (AlreadyRunningError, EXIT_RUNNING),
+    (CaxError, EXIT_FAILED))
 #: Run numbers are stored as 64-bit integers (BSON): a larger one cannot name a run.
 MAX_RUN_NUMBER = 2 ** 63 - 1
 
@@ -61,22 +65,38 @@ LOG_FORMAT = "%(asctime)sZ %(levelname)-7s %(ctx)s%(message)s"
 FILE_FORMAT = "%(asctime)sZ %(levelname)-7s %(process)d %(name)s: %(ctx)s%(message)s"
 
 
+#: ``--host SITE`` of the commands that act as one site (the daemon's says more).
+host_option = click.option("--host", metavar="SITE", help="Act as this site [default: "
+                           "$CAX_HOST, $HOSTNAME if it names a site, else the short host "
+                           "name].")
+#: ``--log LEVEL``, as every command spells it.
+log_level_option = click.option(
+    "--log", "log_level", default="info", show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+
+
+def utc_formatter(fmt: str) -> logging.Formatter:
+    """A log formatter of ``fmt`` whose times are UTC."""
+    formatter = logging.Formatter(fmt, "%Y-%m-%d %H:%M:%S")
+    formatter.converter = time.gmtime
+    return formatter
+
+
 def setup_logging(level: str, log_file: str | None) -> None:
     """Human-readable records on stderr, and in ``log_file`` too when given; times in UTC."""
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(level.upper())
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    handlers[0].setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
+    handlers[0].setFormatter(utc_formatter(LOG_FORMAT))
     if log_file:
         try:
             handlers.append(logging.FileHandler(log_file))
         except OSError as exc:
             raise ConfigError(f"--log-file {log_file}: cannot open it: "
                               f"{exc.strerror or exc}") from None
-        handlers[1].setFormatter(logging.Formatter(FILE_FORMAT, "%Y-%m-%d %H:%M:%S"))
+        handlers[1].setFormatter(utc_formatter(FILE_FORMAT))
     for handler in handlers:
-        handler.formatter.converter = time.gmtime
         handler.addFilter(ContextFilter())
         root.addHandler(handler)
     logging.getLogger("paramiko").setLevel(max(root.level, logging.WARNING))
@@ -106,18 +126,9 @@ def guarded(fn: Callable[..., int]) -> Callable[..., None]:
             for problem in exc.problems:
                 click.echo(f"cax: {problem}", err=True)
             code = EXIT_USAGE
-        except UnsafeNameError as exc:
-            click.echo(f"cax: {exc}", err=True)
-            code = EXIT_USAGE
-        except RunsDBError as exc:
-            click.echo(f"cax: {exc}", err=True)
-            code = EXIT_DB
-        except AlreadyRunningError as exc:
-            click.echo(f"cax: {exc}", err=True)
-            code = EXIT_RUNNING
         except CaxError as exc:
             click.echo(f"cax: {exc}", err=True)
-            code = EXIT_FAILED
+            code = next(c for kind, c in _ONE_LINE_ERRORS if isinstance(exc, kind))
         except Exception as exc:  # the one place that must not let anything out
             log.exception("internal error")
             click.echo(f"cax: internal error: {exc!r} (details in the log)", err=True)

@@ -32,6 +32,8 @@ from cax.cli.base import (
     build_context,
     default_config_path,
     guarded,
+    host_option,
+    log_level_option,
     setup_logging,
 )
 from cax.config import load_config
@@ -138,7 +140,7 @@ def run_massive(ctx: Any, opts: MassiveOptions, echo: Callable[[str], None]) -> 
             return status
 
 
-def _pass(ctx: Any, task: Any, backend: SlurmBackend, resources: Resources,
+def _pass(ctx: Any, task: ProcessBatchQueue, backend: SlurmBackend, resources: Resources,
           opts: MassiveOptions, since: dt.datetime | None, job_name: Callable,
           echo: Callable[[str], None]) -> int:
     query = {"$and": [task._candidates(ctx.now()), selection(opts, since)]}
@@ -179,9 +181,7 @@ def _pass(ctx: Any, task: Any, backend: SlurmBackend, resources: Resources,
 @click.option("--once", is_flag=True, help="One pass, then exit.")
 @click.option("--config", "config_path", metavar="FILE", default=None,
               help="Configuration file [default: $CAX_CONFIG or ./cax.json].")
-@click.option("--host", metavar="SITE", help="Act as this site [default: "
-              "$CAX_HOST, $HOSTNAME if it names a site, "
-              "else the short host name].")
+@host_option
 @click.option("--run", "run_number", type=RUN_NUMBER, metavar="N", help="Only run N.")
 @click.option("--start", type=RUN_NUMBER, metavar="N", help="Only runs numbered N or higher.")
 @click.option("--stop", type=RUN_NUMBER, metavar="N", help="Only runs numbered N or lower.")
@@ -199,8 +199,7 @@ def _pass(ctx: Any, task: Any, backend: SlurmBackend, resources: Resources,
 @click.option("--sleep", "sleep_s", type=FiniteFloat(0, 7 * 86400), default=3600, show_default=True,
               help="Seconds between passes (iterative mode).")
 @click.option("--dry-run", is_flag=True, help="Print the scripts and commands; submit nothing.")
-@click.option("--log", "log_level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@log_level_option
 @click.option("--log-file", metavar="FILE", help="Also write the log to FILE.")
 @click.version_option(cax.__version__, prog_name="massive-cax")
 @guarded

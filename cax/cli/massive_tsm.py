@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,10 @@ from cax.cli.base import (
     build_context,
     default_config_path,
     guarded,
+    host_option,
+    log_level_option,
     setup_logging,
+    utc_formatter,
 )
 from cax.config import Config, load_config
 from cax.daemon import install_signal_handlers
@@ -89,8 +91,9 @@ def log_name(run: dict[str, Any], when: dt.datetime) -> str:
 
 def tape_tasks(config: Config) -> list[type[TapeTask]]:
     """The directions this site's configuration asks for: upload, restore, or both."""
-    found = [task for task, push in ((TapeUpload, True), (TapeRestore, False))
-             if tape_sites(config, push)]
+    found: list[type[TapeTask]] = [task for task, push in ((TapeUpload, True),
+                                                           (TapeRestore, False))
+                                   if tape_sites(config, push)]
     if not found:
         raise ConfigError(f"site {config.site.name} names no tape site (method tsm) in "
                           "upload_options or download_options")
@@ -169,9 +172,7 @@ def run_massive(ctx: Context, opts: MassiveOptions, formatter: logging.Formatter
 @click.option("--once", is_flag=True, help="Do one pass over the runs, then exit.")
 @click.option("--config", "config_path", metavar="FILE", default=None,
               help="Configuration file, e.g. the original's cax_tsm_upload.json.")
-@click.option("--host", metavar="SITE", help="Act as this site [default: "
-              "$CAX_HOST, $HOSTNAME if it names a site, "
-              "else the short host name].")
+@host_option
 @click.option("--run", "run_number", type=RUN_NUMBER, metavar="N", help="Only run N.")
 @click.option("--name", metavar="NAME", help="Only the run(s) called NAME.")
 @click.option("--from-run", "--from_run", "from_run", type=RUN_NUMBER, metavar="N",
@@ -182,8 +183,7 @@ def run_massive(ctx: Context, opts: MassiveOptions, formatter: logging.Formatter
 @click.option("--last-days", "--last_days", "last_days", type=FiniteFloat(0, 36525),
               metavar="D",
               help="Only runs started in the last D days.")
-@click.option("--log", "log_level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@log_level_option
 @click.option("--log-file", "--logfile", "log_file", metavar="FILE",
               help="Also write the summary log to FILE.")
 @click.option("--log-dir", metavar="DIR", default=None,
@@ -211,8 +211,7 @@ def massive_tsm(once: bool, config_path: str | None, host: str | None, run_numbe
     ctx.background.shutdown()
     ctx.background = None  # one dataset at a time, in this thread, with its own log file
     install_signal_handlers(ctx.stop)
-    formatter = logging.Formatter(FILE_FORMAT, "%Y-%m-%d %H:%M:%S")
-    formatter.converter = time.gmtime
+    formatter = utc_formatter(FILE_FORMAT)
     try:
         return run_massive(ctx, opts, formatter, click.echo)
     finally:

@@ -23,6 +23,7 @@ from cax.cli.base import (
     default_config_path,
     guarded,
     log,
+    log_level_option,
     run_selector,
     setup_logging,
 )
@@ -95,8 +96,7 @@ class DaemonOptions:
               "if it names a site, else the short host name].")
 @click.option("--runs-db", metavar="URI", help="The runs DB: mongodb://..., embedded:PATH "
               "[default: $CAX_RUNS_DB, else the config's runs_db].")
-@click.option("--log", "log_level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@log_level_option
 @click.option("--log-file", metavar="FILE", help="Also write the log to FILE.")
 @click.option("--dry-run", is_flag=True, help="Log what a pass would do; change nothing.")
 @click.option("--disable-database-update", "--disable_database_update", "no_db_update",
@@ -246,7 +246,6 @@ def _metrics(opts: DaemonOptions, config: Config) -> DaemonMetrics | None:
         return None
     from cax.clock import utcnow
     from cax.metrics import DaemonMetrics
-    from cax.tasks import Context
 
     metrics = DaemonMetrics(config.site.name, utcnow())
     if opts.metrics_port is not None:

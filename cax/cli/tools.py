@@ -18,6 +18,8 @@ from cax.cli.base import (
     build_context,
     default_config_path,
     guarded,
+    host_option,
+    log_level_option,
     open_db,
     setup_logging,
 )
@@ -30,12 +32,8 @@ def _site_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--config", "config_path", metavar="FILE", default=None,
                      help="Configuration file [default: $CAX_CONFIG or ./cax.json]."),
-        click.option("--host", metavar="SITE", help="Act as this site [default: "
-                     "$CAX_HOST, $HOSTNAME if it names a site, "
-                     "else the short host name]."),
-        click.option("--log", "log_level", default="info", show_default=True,
-                     type=click.Choice(["debug", "info", "warning", "error"],
-                                       case_sensitive=False)),
+        host_option,
+        log_level_option,
         click.option("--log-file", metavar="FILE", help="Also write the log to FILE."),
         click.option("--disable-database-update", "--disable_database_update", "no_db_update",
                      is_flag=True, help="Write nothing to the runs DB (cax-mv and cax-rm then "

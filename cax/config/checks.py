@@ -238,7 +238,7 @@ def _nested(a: str, b: str) -> bool:
 
 def check_site_links(sites: list[dict], label: str, problems: list[str]) -> None:
     """Cross-site checks: unique names, and upload/download options that name real sites."""
-    names = [s.get("name") for s in sites if isinstance(s.get("name"), str)]
+    names = [n for n in (s.get("name") for s in sites) if isinstance(n, str)]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{label}: site {short(name)!r}: duplicate site name")
     for site in sites:
@@ -265,8 +265,8 @@ def check_processing(value: Any, site: Any, where: str, config_path: Path,
     at = f"{where} key 'processing'"
     found = len(problems)
     values = check_section(value, PROCESSING_KEYS, (), at, problems, [])
-    command = values.get("command")
-    for name, argv in (("command", command), ("validate", values.get("validate"))):
+    command = values["command"]  # check_section gives every key a value
+    for name, argv in (("command", command), ("validate", values["validate"])):
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             continue
         fields_used = set()

@@ -116,7 +116,7 @@ class Sites:
 
     path: Path
     sites: tuple[Site, ...]
-    runs_db: str | None
+    runs_db: str  # the loader picks one or refuses (_choose_runs_db)
     runs_db_name: str
     runs_collection: str
     sleep_seconds: float

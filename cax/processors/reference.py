@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import zlib
+from typing import Any
 
 import click
 
@@ -62,18 +63,20 @@ def process(input_path: str, output_path: str, ncpus: int = 1) -> int:
     files = _files(input_path)
     if not files:
         raise ValueError(f"{input_path}: no raw files")
-    summary = {"processor": "cax.processors.reference", "input": os.path.basename(
-        input_path.rstrip("/")), "ncpus": ncpus, "files": [], "events": []}
+    listed: list[dict[str, Any]] = []
+    found: list[dict[str, Any]] = []
     for path in files:
         info, events = _events(path)
         rel = os.path.relpath(path, input_path) if path != input_path else "."
-        summary["files"].append({"path": rel, **info})
-        summary["events"] += [{"file": rel, **e} for e in events]
-    summary["total_events"] = len(summary["events"])
+        listed.append({"path": rel, **info})
+        found += [{"file": rel, **e} for e in events]
+    summary = {"processor": "cax.processors.reference", "input": os.path.basename(
+        input_path.rstrip("/")), "ncpus": ncpus, "files": listed, "events": found,
+        "total_events": len(found)}
     with open(output_path, "w") as fh:
         json.dump(summary, fh, separators=(",", ":"))
         fh.write("\n")
-    return summary["total_events"]
+    return len(found)
 
 
 def validate(output_path: str) -> None:

@@ -89,9 +89,10 @@ def repair_due(entry: dict[str, Any], max_attempts: int, now: dt.datetime) -> bo
 
 def is_good(judgement: Judgement, entry: dict[str, Any] | None) -> bool:
     """Whether ``entry`` is a verified copy whose bytes are its dataset's origin's."""
-    return bool(entry) and entry.get("status") == TRANSFERRED \
-        and not entry.get("checksum_problem") and not entry.get("disputed") \
-        and judgement.agrees(entry)
+    if not entry:
+        return False
+    return entry.get("status") == TRANSFERRED and not entry.get("checksum_problem") \
+        and not entry.get("disputed") and judgement.agrees(entry)
 
 
 def good_entry(run: dict[str, Any], key: EntryKey) -> dict[str, Any] | None:

@@ -270,10 +270,10 @@ class Ledger(Manifests):
             if self._skip("add entry", run_id, key):
                 added = self.runs.count_documents(query) == 1
             else:
-                update = {"$push": {"data": entry}}
+                push: dict[str, dict[str, Any]] = {"$push": {"data": entry}}
                 if location is not None:
-                    update["$addToSet"] = {"places": place_key(key.host, location)}
-                added = self.runs.update_one(query, update).modified_count == 1
+                    push["$addToSet"] = {"places": place_key(key.host, location)}
+                added = self.runs.update_one(query, push).modified_count == 1
             if added:
                 return Claim(run_id, key, owner, token, 1, entry, None)
         statuses = list(statuses)

@@ -92,7 +92,7 @@ class Manifests(Store):
         if not origin and not pending:
             return None
         doc = self.manifests.find_one({"_id": self._manifest_id(run_id, self._origin_key(key))})
-        if not doc or not pending and doc.get("checksum") != origin.get("checksum"):
+        if not doc or not pending and doc.get("checksum") != (origin or {}).get("checksum"):
             return None
         return {loaded_name(path): (size, adler) for path, size, adler in doc["files"]}
 

@@ -62,7 +62,7 @@ def checksums(doc: dict[str, Any]) -> dict[str, str]:
     for name in CHECKSUM_FIELDS:
         value = doc.get(name)
         kind = verifiable_kind(value)
-        if kind and kind not in found:
+        if kind and kind not in found and isinstance(value, str):  # a known kind is a str
             found[kind] = value
     return found
 
@@ -132,7 +132,14 @@ class Judgement:
         if self.origin is None:
             return "no origin yet"
         how = "recorded by its producer" if self.stored else "settled by its copies"
-        return f"origin {preferred(self.origin)[:20]}... at {self.origin.get('host')} ({how})"
+        # a stored origin may record a checksum of a kind cax cannot verify (written by hand)
+        shown = preferred(self.origin) or str(self.origin.get("checksum"))
+        return f"origin {shown[:20]}... at {self.origin.get('host')} ({how})"
+
+    @property
+    def stored_checksum(self) -> str | None:
+        """The checksum of the stored origin; None when the origin is not a stored one."""
+        return self.origin["checksum"] if self.stored and self.origin is not None else None
 
 
 def judge(run: dict[str, Any], data_type: str, version: str | None) -> Judgement:

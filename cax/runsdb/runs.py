@@ -19,9 +19,9 @@ from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from cax.clock import as_utc
 from cax.runsdb.base import (
-    LocationTakenError,
     NEWEST_FIRST,
     RUN_FIELDS,
+    LocationTakenError,
     db_call,
     dup_key,
 )

@@ -63,7 +63,7 @@ class StuckEntry:
     number: Any
     name: Any
     key: EntryKey
-    status: str
+    status: str | None  # None: a disputed entry the runs DB holds without one
     kind: str  # attempts | no-retry | permanent | config | no-source | dead-lease | disputed
     reason: str
     source: str | None = None
@@ -193,6 +193,7 @@ def _stuck_in(run: dict[str, Any], now: dt.datetime, limits: Mapping[str, int],
         if not isinstance(entry, dict) or "host" not in entry or "type" not in entry:
             continue
         status = entry.get("status")
+        judged: tuple[str, str] | None
         if entry.get("disputed"):
             judged = ("disputed", f"disputed: {entry['disputed']}; keep the right copy and "
                       "unregister the other with `cax run remove` (its data stay in place)")

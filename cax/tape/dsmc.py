@@ -6,7 +6,8 @@ list with a timeout and no stdin, in its own process group (``cax.proc``). The s
 from its ``tsm`` section in cax.json:
 
 ``dsmc``             path of the client (default ``dsmc`` on PATH)
-``env``              environment variables to set, e.g. ``{"DSM_DIR": "/opt/tivoli/tsm/client/ba/bin"}``
+``env``              environment variables to set, e.g.
+                     ``{"DSM_DIR": "/opt/tivoli/tsm/client/ba/bin"}``
 ``init_script``      a shell script that *exports* the client's variables (the original's
                      ``init_tsm.sh``); it is sourced once, by a fixed command, and its environment
                      is kept; its path is an argument, never part of a command string

@@ -33,7 +33,8 @@ SETUP_ERRORS = ("ANS1025E", "ANS1107E", "ANS1217E", "ANS1353E", "ANS1038S", "ANS
                 "ANS2050E", "ANS1503E")
 
 _MESSAGE = re.compile(r"\b(AN[SER])(\d{4})([IWES])\b\s*(.*)")
-_COUNTER = re.compile(r"^\s*Total number of (objects |subfile objects )?([A-Za-z ]+?)\s*:\s*(.+?)\s*$")
+_COUNTER = re.compile(
+    r"^\s*Total number of (objects |subfile objects )?([A-Za-z ]+?)\s*:\s*(.+?)\s*$")
 _FIELD = re.compile(r"^\s*([A-Z][A-Za-z ]+?)\s*:\s*(.+?)\s*$")
 _GROUPED_INT = r"\d{1,3}(?:[,. '\u00a0\u202f]\d{3})*|\d+"
 _OBJECT = re.compile(

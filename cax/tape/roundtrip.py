@@ -95,8 +95,9 @@ def _summary_line(what: str, run: DsmcRun) -> str:
     s = run.output.summary
     moved = s.bytes.get("transferred", 0)
     rate = s.rates.get("aggregate_data_transfer_rate", 0.0)
-    return (f"{what}: {sum(s.counts.get(k, 0) for k in ('backed_up', 'archived', 'restored', 'retrieved'))}"
-            f" object(s), {moved} bytes, {rate / 1e6:.1f} MB/s, {run.seconds:.1f} s")
+    objects = sum(s.counts.get(k, 0) for k in ('backed_up', 'archived', 'restored', 'retrieved'))
+    return (f"{what}: {objects} object(s), {moved} bytes, {rate / 1e6:.1f} MB/s, "
+            f"{run.seconds:.1f} s")
 
 
 def verify_source(staged_manifest: Manifest, sha512: dict[str, str], recorded: Manifest | None,

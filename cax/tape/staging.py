@@ -200,7 +200,7 @@ def unstage_names(directory: str, prefix: str) -> list[str]:
     Returns the names that did not carry the prefix (kept as they are).  A target name that
     exists already is an error (two staged names cannot map to one original).
     """
-    kept = []
+    kept: list[str] = []
     if not prefix:
         return kept
     for name in sorted(os.listdir(directory)):

@@ -38,6 +38,7 @@ from cax.errors import DatasetError, LeaseLostError, UnsafeNameError
 from cax.paths import entry_location
 from cax.runsdb import TRANSFERRED, VERIFYING, EntryKey, run_label
 from cax.runsdb.judgement import PROBLEM_FIELDS
+from cax.runsdb.ledger import Claim
 from cax.runsdb.origins import (
     DISK,
     ORIGIN,
@@ -53,7 +54,6 @@ from cax.runsdb.origins import (
     preferred,
     rank,
 )
-from cax.runsdb.ledger import Claim
 from cax.schema import DATA_TYPES
 from cax.tasks.base import Task
 from cax.tasks.repair import FILES_SHOWN, compare_token, mark_bad_copy, record_unreadable
@@ -328,7 +328,7 @@ def judge_state(entry: dict[str, Any], judgement: Judgement,
     """What a copy was judged against, recorded as ``compared_checksum`` and ``compared_with``:
     its own checksum with its stored origin's, and the other copies' checksums.  The Python twin
     of the state ``compare_query`` compares; a change of either selects the copy again."""
-    origin = judgement.origin["checksum"] if judgement.stored else ""
+    origin = judgement.stored_checksum if judgement.stored_checksum is not None else ""
     return compare_token(entry.get("checksum"), origin), \
         sorted({e.get("checksum") or "" for e in others})
 
@@ -388,8 +388,9 @@ class CompareChecksums(ChecksumTask):
                       others: list[dict[str, Any]]) -> bool:
         """The Python twin of ``compare_query``'s test."""
         ours = entry.get("checksum") or ""
-        if judgement.stored:
-            need = ours != judgement.origin["checksum"]
+        stored = judgement.stored_checksum
+        if stored is not None:
+            need = ours != stored
         else:
             need = any((e.get("checksum") or "") != ours for e in others)
         need = need or not ours or entry.get("disputed") is not None

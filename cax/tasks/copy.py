@@ -3,9 +3,10 @@
 For each data type this site handles, CopyPush sends this site's good copies to the sites in
 ``upload_options``, and CopyPull fetches good copies from the sites in ``download_options``
 (the first, in config order, that has one).  Good means agreeing with the dataset's origin
-(``runsdb.judgement``): a dataset whose copies are disputed, or not yet settled, is not copied.  A destination needs a copy when it has no entry,
-an ``error`` entry whose retry is due, or a ``transferring`` entry whose lease expired.  The
-same conditions are the runs-DB query, so an idle pass fetches no runs.
+(``runsdb.judgement``): a dataset whose copies are disputed, or not yet settled, is not
+copied.  A destination needs a copy when it has no entry, an ``error`` entry whose retry is
+due, or a ``transferring`` entry whose lease expired.  The same conditions are the runs-DB
+query, so an idle pass fetches no runs.
 
 Copies run in the background workers (``max_transfers`` at once); the task only claims and
 schedules them, so a slow copy never holds up the other tasks.
@@ -57,6 +58,18 @@ class CopyBase(Task):
                 for data_type in self.site.data_type
                 if data_type != "processed" or version]  # no version: warned per pass
 
+    def query(self) -> dict[str, Any] | None:
+        """Runs where one of this site's (data type, version) pairs has copying to do with a
+        peer (``kind_query``); None without peers."""
+        peers = self.peers()
+        parts = [self.kind_query(peers, data_type, version)
+                 for data_type, version in self.kinds()] if peers else []
+        return {"$or": parts} if parts else None
+
+    def kind_query(self, peers: list[Site], data_type: str,
+                   version: str | None) -> dict[str, Any]:
+        raise NotImplementedError  # push's and pull's own
+
     def needs_copy(self, key: EntryKey) -> list[dict[str, Any]]:
         """Query parts: the destination ``key`` has no entry, a due retry, or a dead lease."""
         return needs_copy_query(key, self.site.max_attempts, self.ctx.now())
@@ -107,20 +120,15 @@ class CopyPush(CopyBase):
 
     push = True
 
-    def query(self) -> dict[str, Any] | None:
-        peers = self.peers()
-        if not peers:
-            return None
-        parts = []
-        for data_type, version in self.kinds():
-            here = EntryKey(self.site.name, data_type, version)
-            wanted = [q for p in peers for q in self.needs_copy(EntryKey(p.name, data_type,
-                                                                         version))]
-            wanted += [{"data": EntryKey(p.name, data_type, version).elem_match(
-                **repair_conditions(self.site.max_attempts, self.ctx.now()))} for p in peers]
-            parts.append({"$and": [{"data": here.elem_match(status=TRANSFERRED)},
-                                   {"$or": wanted}]})
-        return {"$or": parts} if parts else None
+    def kind_query(self, peers: list[Site], data_type: str,
+                   version: str | None) -> dict[str, Any]:
+        """A verified copy here, and a peer that needs it or whose copy is due for repair."""
+        here = EntryKey(self.site.name, data_type, version)
+        wanted = [q for p in peers for q in self.needs_copy(EntryKey(p.name, data_type,
+                                                                     version))]
+        wanted += [{"data": EntryKey(p.name, data_type, version).elem_match(
+            **repair_conditions(self.site.max_attempts, self.ctx.now()))} for p in peers]
+        return {"$and": [{"data": here.elem_match(status=TRANSFERRED)}, {"$or": wanted}]}
 
     def each_run(self, run: dict[str, Any]) -> None:
         for data_type, version in self.kinds():
@@ -149,19 +157,15 @@ class CopyPull(CopyBase):
 
     push = False
 
-    def query(self) -> dict[str, Any] | None:
-        peers = self.peers()
-        if not peers:
-            return None
-        parts = []
-        for data_type, version in self.kinds():
-            have = [{"data": EntryKey(p.name, data_type, version).elem_match(status=TRANSFERRED)}
-                    for p in peers]
-            here = EntryKey(self.site.name, data_type, version)
-            conditions = [{"$or": have}, {"$or": self.needs_copy(here)}]
-            age = self.too_old_to_keep(data_type)
-            parts.append({"$and": conditions + ([age] if age else [])})
-        return {"$or": parts} if parts else None
+    def kind_query(self, peers: list[Site], data_type: str,
+                   version: str | None) -> dict[str, Any]:
+        """A verified copy at a peer, a copy needed here, and no run this site would purge."""
+        have = [{"data": EntryKey(p.name, data_type, version).elem_match(status=TRANSFERRED)}
+                for p in peers]
+        here = EntryKey(self.site.name, data_type, version)
+        conditions = [{"$or": have}, {"$or": self.needs_copy(here)}]
+        age = self.too_old_to_keep(data_type)
+        return {"$and": conditions + ([age] if age else [])}
 
     def each_run(self, run: dict[str, Any]) -> None:
         for data_type, version in self.kinds():
@@ -175,7 +179,7 @@ class CopyPull(CopyBase):
             judgement = judge(run, data_type, version)
             for peer in self.peers():
                 there = find_entry(run, EntryKey(peer.name, data_type, version))
-                if is_good(judgement, there):
+                if there is not None and is_good(judgement, there):
                     self.schedule(self.plan(run, data_type, version, peer, there, self.site))
                     break
             else:

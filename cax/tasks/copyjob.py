@@ -20,9 +20,9 @@ the source's judgement ties to the origin; the registration re-checks the origin
 write.  Paths are owned: the destination's name derives from the run (``paths.dataset_name``),
 and data already at the destination is removed only when the runs DB shows that no other entry
 claims that path -- unless it is this copy, verified and renamed into place by an attempt whose
-registration failed: that copy is registered, not sent again.  While it runs, the copy's entry names the source copy in ``reading``, so
-the source cannot be purged under it; the claim itself requires the source to still be
-``transferred``.
+registration failed: that copy is registered, not sent again.  While it runs, the copy's entry
+names the source copy in ``reading``, so the source cannot be purged under it; the claim itself
+requires the source to still be ``transferred``.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from cax.paths import checked_location, dataset_name, dataset_path, scratch_path
 from cax.progress import ProgressBoard
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey
 from cax.runsdb.judgement import retry_conditions
-from cax.runsdb.origins import ORIGIN, Judgement, Proof, judge
 from cax.runsdb.ledger import Claim
+from cax.runsdb.origins import ORIGIN, Judgement, Proof, judge
 from cax.tasks.base import Context
 from cax.transport.base import Transport
 from cax.transport.pool import TransportPool
@@ -179,23 +179,24 @@ class CopyJob(ClaimedJob):
     def dest_ops(self, transport: Transport) -> Transport:
         return transport if self.plan.push else self.transports.local(self.ctx.site)
 
-    def prepare(self, keeper: Keeper) -> tuple[Transport, Transport, Manifest]:
+    def prepare(self, keeper: Keeper) -> tuple[Transport, Transport, Manifest, str]:
         """Connect (the keeper may abort the transport), name our scratch, and return the
-        transport, the destination's operations and the checksums the copy must have."""
+        transport, the destination's operations, the checksums the copy must have and the
+        scratch path (also ``self.scratch``, for the failure's clean-up)."""
         assert self.claim is not None
         transport = self.transports.get(self.plan.remote)
         keeper.add_stopper(transport.abort)
         dest_ops = self.dest_ops(transport)
         expected = self._expected_manifest(transport, self.transports.local(self.ctx.site))
-        self.scratch = scratch_path(self.dest_path, self.claim.token)
-        return transport, dest_ops, expected
+        scratch = self.scratch = scratch_path(self.dest_path, self.claim.token)
+        return transport, dest_ops, expected, scratch
 
     def work(self, keeper: Keeper) -> None:
         plan = self.plan
         self.refuse_own_source()
-        transport, dest_ops, expected = self.prepare(keeper)
+        transport, dest_ops, expected, scratch = self.prepare(keeper)
         self.require_data_dir(dest_ops)
-        self.adopt_previous_scratch(dest_ops)
+        self.adopt_previous_scratch(dest_ops, scratch)
         if dest_ops.exists(self.dest_path):
             self.clear_destination(dest_ops)
             if self.adopt_final(dest_ops, expected):
@@ -212,9 +213,9 @@ class CopyJob(ClaimedJob):
         self.writing = True
         try:
             if plan.push:
-                read = transport.put(Path(self.source_path), self.scratch, progress)
+                read = transport.put(Path(self.source_path), scratch, progress)
             else:
-                read = transport.get(self.source_path, Path(self.scratch), progress)
+                read = transport.get(self.source_path, Path(scratch), progress)
         except TransferError:
             keeper.check()  # an abort by the keeper reads as the lease lost, not a failure
             raise
@@ -225,21 +226,21 @@ class CopyJob(ClaimedJob):
             actual, read = read, None  # the receiver checksummed the bytes as it wrote them
             if self.ctx.config.legacy_checksums:  # mixed operation: the original's checksum too
                 self.legacy_hash = scan_with_dirhash(
-                    self.source_path if plan.push else self.scratch)[1]
+                    self.source_path if plan.push else scratch)[1]
         else:
-            actual, self.legacy_hash = self._read_back(dest_ops)
+            actual, self.legacy_hash = self._read_back(dest_ops, scratch)
         bad = diff_manifests(expected, actual)
         if bad:
             source_bad = read is not None and diff_manifests(expected, read)
-            dest_ops.remove(self.scratch)
+            dest_ops.remove(scratch)
             where = "the source copy" if source_bad else "the copy"
             raise ChecksumMismatchError(
                 f"{plan.describe()}: {len(bad)} file(s) of {where} differ from the reference "
                 f"checksums: {', '.join(bad[:5])}", files=bad)
-        self._check_legacy(self.scratch, dest_ops)
+        self._check_legacy(scratch, dest_ops)
         self._save_manifest(actual)  # before the rename: a copy in place has its manifest
         keeper.check(0.15)
-        dest_ops.rename(self.scratch, self.dest_path)
+        dest_ops.rename(scratch, self.dest_path)
         self.scratch = None
         self._register(actual)
         if self.adopted:  # the previous attempt's tree, no longer anybody's
@@ -270,9 +271,9 @@ class CopyJob(ClaimedJob):
                                   f"the source {self.source_path} on the same machine; check "
                                   "the data directories of both sites")
 
-    def adopt_previous_scratch(self, dest_ops: Transport) -> None:
-        """Resume from the bytes of the previous attempt (rsync), without sharing them; other
-        methods start afresh, and the old bytes are removed after success.
+    def adopt_previous_scratch(self, dest_ops: Transport, scratch: str) -> None:
+        """Resume from the bytes of the previous attempt (rsync) in ``scratch``, without
+        sharing them; other methods start afresh, and the old bytes are removed after success.
 
         The previous owner has stopped its own processes (it let its lease expire, and stops
         its work well before that, or it recorded its failure), but a process on the far side
@@ -290,7 +291,7 @@ class CopyJob(ClaimedJob):
             return
         old = prev.get("partial") or (prev.get("lease_token") and
                                       scratch_path(self.dest_path, prev["lease_token"]))
-        if not old or old == self.scratch or posixpath.dirname(old) != posixpath.dirname(
+        if not old or old == scratch or posixpath.dirname(old) != posixpath.dirname(
                 self.dest_path) or not dest_ops.exists(old):
             return
         if posixpath.normpath(old) != posixpath.normpath(self.dest_path):
@@ -299,11 +300,11 @@ class CopyJob(ClaimedJob):
             return
         log.info("%s: resuming from the bytes of the previous attempt", self.plan.route())
         try:
-            dest_ops.link_tree(old, self.scratch)
+            dest_ops.link_tree(old, scratch)
         except (OSError, TransferError) as exc:  # a fresh start is always correct
             log.info("%s: not resuming (%s)", self.plan.route(), exc)
-            if dest_ops.exists(self.scratch):
-                dest_ops.remove(self.scratch)
+            if dest_ops.exists(scratch):
+                dest_ops.remove(scratch)
 
     def adopt_final(self, dest_ops: Transport, expected: Manifest) -> bool:
         """Register the copy already at the destination if it is this copy, verified: an
@@ -404,17 +405,18 @@ class CopyJob(ClaimedJob):
                                         "dataset's origin; not copying them")
         return expected
 
-    def _read_back(self, dest_ops: Transport) -> tuple[Manifest, str | None]:
-        """The copy's manifest and, in mixed operation (``legacy_checksums``), its sha512 dirhash.
+    def _read_back(self, dest_ops: Transport, scratch: str) -> tuple[Manifest, str | None]:
+        """The manifest of the copy at ``scratch`` and, in mixed operation
+        (``legacy_checksums``), its sha512 dirhash.
 
         On a local destination both come from one read of each file; a push to a remote site
         hashes the local source instead (the per-file adler32 comparison ties the two).
         """
         if not self.ctx.config.legacy_checksums:
-            return dest_ops.manifest(self.scratch), None
+            return dest_ops.manifest(scratch), None
         if not self.plan.push or self.plan.remote.method == "local":
-            return scan_with_dirhash(self.scratch)
-        return dest_ops.manifest(self.scratch), scan_with_dirhash(self.source_path)[1]
+            return scan_with_dirhash(scratch)
+        return dest_ops.manifest(scratch), scan_with_dirhash(self.source_path)[1]
 
     def _check_legacy(self, temp: str, dest_ops: Transport) -> None:
         """Verify a copy of a source registered by the original cax against its sha512 dirhash."""

@@ -155,7 +155,7 @@ class SetPermission(Task):
         return {"$or": parts} if parts else None
 
     def each_location(self, run: dict[str, Any], entry: dict[str, Any]) -> None:
-        settings = self.settings().get(entry.get("type"))
+        settings = self.settings().get(entry.get("type", ""))
         if not settings or entry.get("host") != self.site.name \
                 or entry.get("status") != TRANSFERRED:
             return

@@ -67,8 +67,8 @@ from cax.runsdb import (
     safe_component,
 )
 from cax.runsdb.judgement import retry_conditions
-from cax.runsdb.origins import PRODUCER, Proof, dataset_match, origin_record
 from cax.runsdb.ledger import Claim
+from cax.runsdb.origins import PRODUCER, Proof, dataset_match, origin_record
 from cax.tasks.base import Context, Task
 from cax.workers import Background
 
@@ -283,6 +283,7 @@ class ProcessJob(ClaimedJob):
         if token:
             self.scratch = scratch_output(self.final, token)
         job_id = entry.get("job_id")
+        status: JobStatus | None
         if job_id and entry.get("job_backend") == backend.kind:
             status = backend.poll([job_id]).get(job_id) or JobStatus(job_id, JobState.LOST)
         elif job_id:  # recorded under another backend (the configuration changed)
@@ -442,16 +443,18 @@ class ProcessBatchQueue(Task):
         """Runs that may need a new attempt: verified raw here, not excluded, fields present,
         no origin of this version anywhere, and no processed entry of our version here, or one
         in error whose retry is due."""
+        processing = self.processing
+        assert processing is not None, "asked of a site with a processing section only"
         query: dict[str, Any] = {
             "data": self.raw_key.elem_match(status=TRANSFERRED),
             "tags.name": {"$ne": DONOTPROCESS},
             "origins": {"$not": {"$elemMatch": dataset_match("processed",
-                                                             self.processing.version)}},
+                                                             processing.version)}},
             "$or": [{"data": {"$not": self.key.elem_match()}},
                     {"data": self.key.elem_match(
                         status=ERROR, **retry_conditions(self.site.max_attempts, now))}],
         }
-        for name in self.processing.required_fields:
+        for name in processing.required_fields:
             query[name] = {"$exists": True, "$ne": None}
         return query
 
@@ -468,15 +471,16 @@ class ProcessBatchQueue(Task):
 
     @property
     def processor(self) -> Processor:
-        ctx = self.ctx
+        ctx, processing = self.ctx, self.processing
+        assert processing is not None, "only a site with a processing section has a processor"
         if ctx.batch is None:
-            ctx.batch = make_backend(self.processing, ctx.ncpu)
+            ctx.batch = make_backend(processing, ctx.ncpu)
         if ctx.watcher is None:
             ctx.watcher = JobWatcher(ctx.batch, POLL_S.get(ctx.batch.kind, 15.0))
         if ctx.jobs is None:
-            ctx.jobs = Background(1 if ctx.ncpu is not None else self.processing.max_jobs,
+            ctx.jobs = Background(1 if ctx.ncpu is not None else processing.max_jobs,
                                   prefix="cax-job")
-        return Processor(self.site, self.processing, ctx.batch, ctx.watcher, ctx.ncpu)
+        return Processor(self.site, processing, ctx.batch, ctx.watcher, ctx.ncpu)
 
     def finish(self) -> None:
         if self.processing is None or not self._runs:

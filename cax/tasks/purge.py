@@ -33,8 +33,8 @@ from cax.logcontext import log_context
 from cax.paths import entry_location
 from cax.runsdb import PURGING, TRANSFERRED, EntryKey, find_entry, run_label
 from cax.runsdb.judgement import is_good
-from cax.runsdb.origins import Judgement, dataset_match, judge
 from cax.runsdb.ledger import Claim
+from cax.runsdb.origins import Judgement, dataset_match, judge
 from cax.tasks.base import Context, Task
 from cax.transport import siteops
 
@@ -106,10 +106,11 @@ def verified_others(run: dict[str, Any], policy: PurgePolicy,
 def origin_unchanged(judgement: Judgement, data_type: str,
                      version: str | None) -> tuple[dict[str, Any], ...]:
     """Run conditions of a purge claim: the origin the decision judged by is still the one."""
-    if not judgement.stored:
+    checksum = judgement.stored_checksum
+    if checksum is None:
         return ({"origins": {"$not": {"$elemMatch": dataset_match(data_type, version)}}},)
     return ({"origins": {"$elemMatch": {**dataset_match(data_type, version),
-                                        "checksum": judgement.origin["checksum"]}}},)
+                                        "checksum": checksum}}},)
 
 
 def decide_raw_purge(run: dict[str, Any], policy: PurgePolicy,
@@ -168,7 +169,7 @@ def decide_processed_purge(run: dict[str, Any], site: str, version: str) -> Purg
              and is_good(judge(run, "processed", e.get("pax_version")), e)]
     if not newer:
         return _no("no newer version here")
-    best = max(newer, key=lambda e: parse_version(e["pax_version"]))
+    best = max(newer, key=lambda e: parse_version(e["pax_version"]) or ())  # each has one
     return PurgeDecision(True, f"{best['pax_version']} is here", (_keep(best),),
                          origin_unchanged(judge(run, "processed", best["pax_version"]),
                                           "processed", best["pax_version"]))
@@ -289,10 +290,10 @@ class BufferPurger(Task):
 
     def enough_free(self) -> bool:
         """Whether the raw disk already has the free fraction ``purge_free_below`` asks for."""
-        limit = self.site.purge_free_below
-        if limit is None:
+        limit, raw_dir = self.site.purge_free_below, self.site.dir_raw
+        if limit is None or not raw_dir:  # without a raw directory query() purges nothing
             return False
-        usage = shutil.disk_usage(self.site.dir_raw)
+        usage = shutil.disk_usage(raw_dir)
         return usage.free / usage.total >= limit
 
     def each_run(self, run: dict[str, Any]) -> None:

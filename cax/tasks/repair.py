@@ -43,8 +43,8 @@ from cax.runsdb.judgement import (
     repair_due,
     retry_conditions,
 )
-from cax.runsdb.origins import DISK, Judgement, checksums, copies_of, judge, preferred
 from cax.runsdb.ledger import Claim
+from cax.runsdb.origins import DISK, Judgement, checksums, copies_of, judge, preferred
 from cax.schema import TRANSFER_METHODS
 from cax.tasks.base import Context, Task
 from cax.tasks.copyjob import CopyJob, CopyPlan, _kind, make_plan
@@ -85,7 +85,7 @@ def good_copies(config: Config, run: dict[str, Any], key: EntryKey,
             continue
         seen.add(site.name)
         entry = find_entry(run, EntryKey(site.name, key.type, key.version))
-        if is_good(judgement, entry):
+        if entry is not None and is_good(judgement, entry):
             found.append((site, entry))
     return found
 
@@ -214,32 +214,32 @@ class RepairJob(CopyJob):
         if not self.expected:
             raise CaxError(f"{plan.describe()}: its dataset has no settled origin "
                            f"({plan.judgement.describe()}); nothing to repair towards")
-        transport, dest_ops, expected = self.prepare(keeper)
+        transport, dest_ops, expected, scratch = self.prepare(keeper)
         self.expected_manifest = expected
-        self._stage(dest_ops)
-        current = dest_ops.manifest(self.scratch)
-        self._refuse_vouched(current, dest_ops)
+        self._stage(dest_ops, scratch)
+        current = dest_ops.manifest(scratch)
+        self._refuse_vouched(current, scratch)
         bad = diff_manifests(expected, current)
         log.info("%s: re-fetching %d of %d file(s) (attempt %d of %d): %s", self.label,
                  len(bad), len(expected), self.attempts, self.max_attempts,
                  ", ".join(bad[:FILES_SHOWN]) + (" ..." if len(bad) > FILES_SHOWN else ""))
         for rel in bad:
-            self._refetch(transport, dest_ops, rel, rel in expected)
+            self._refetch(transport, dest_ops, scratch, rel, rel in expected)
             keeper.check()
-        actual = dest_ops.manifest(self.scratch)
+        actual = dest_ops.manifest(scratch)
         still = diff_manifests(expected, actual)
         if still:
             raise ChecksumMismatchError(f"{plan.describe()}: {len(still)} file(s) still "
                                         f"differ after repair: {', '.join(still[:5])}", still)
-        self._check_expected(self.scratch, actual, dest_ops)
-        self.legacy_hash = self._legacy_hash_of(self.scratch)
+        self._check_expected(scratch, actual, dest_ops)
+        self.legacy_hash = self._legacy_hash_of(scratch)
         self._save_manifest(actual)
         keeper.check(0.15)
-        dest_ops.rename(self.scratch, self.dest_path)
+        dest_ops.rename(scratch, self.dest_path)
         self.scratch = None
         self._register(actual)
 
-    def _refuse_vouched(self, current: Manifest, ops: Transport) -> None:
+    def _refuse_vouched(self, current: Manifest, scratch: str) -> None:
         """Never overwrite a copy whose own recorded checksum verifies on its disk: whoever
         recorded it vouched for those bytes, so their differing from the origin is a dispute
         for a person, not rot to repair.  (A checksum cax computed from the bytes as it found
@@ -253,7 +253,7 @@ class RepairJob(CopyJob):
         elif self.plan.push:
             vouched = True  # cannot be read from here: never overwrite what may be vouched for
         else:
-            vouched = legacy_dirhash(self.scratch) == recorded["sha512-dirhash"]
+            vouched = legacy_dirhash(scratch) == recorded["sha512-dirhash"]
         if vouched:
             self.vouched = (f"its own recorded checksum verifies on disk but differs from the "
                             f"dataset's origin ({self.plan.judgement.describe()}): disputed, "
@@ -266,27 +266,28 @@ class RepairJob(CopyJob):
         else:
             super().fail(exc)
 
-    def _stage(self, ops: Transport) -> None:
+    def _stage(self, ops: Transport, scratch: str) -> None:
         """Move the copy to our scratch name (an earlier attempt may have staged it)."""
-        assert self.scratch is not None
+        assert self.claim is not None  # work() runs under the claim
         if ops.exists(self.dest_path):
-            ops.rename(self.dest_path, self.scratch)
+            ops.rename(self.dest_path, scratch)
             return
         for old in staged_copy(self.claim.previous or {}, self.dest_path):
             if ops.exists(old):
-                ops.rename(old, self.scratch)
+                ops.rename(old, scratch)
                 return
         raise FileNotFoundError(2, "copy to repair is gone", self.dest_path)
 
-    def _refetch(self, transport: Transport, ops: Transport, rel: str, wanted: bool) -> None:
-        """Replace one bad file of the staged copy by the good one (or delete an extra one).
+    def _refetch(self, transport: Transport, ops: Transport, scratch: str, rel: str,
+                 wanted: bool) -> None:
+        """Replace one bad file of the copy staged at ``scratch`` by the good one (or delete an
+        extra one).
 
         The good file arrives under a hidden name first, so a failed fetch leaves the bad file
         in place; the next attempt finds the leftover as an extra file and deletes it.
         """
         check_relpath(rel)
-        assert self.scratch is not None
-        target = self.scratch if rel == "." else posixpath.join(self.scratch, rel)
+        target = scratch if rel == "." else posixpath.join(scratch, rel)
         if not wanted:
             ops.remove(target)
             return
@@ -311,6 +312,7 @@ class RepairJob(CopyJob):
 
     def on_stuck(self) -> None:
         """A repair that will not be retried puts the data back in place first."""
+        assert self.claim is not None  # called when a failure is recorded under the claim
         ops = self.dest_ops(self.transports.get(self.plan.remote))
         staged = [self.scratch] if self.scratch else staged_copy(self.claim.previous or {},
                                                                  self.dest_path)

@@ -216,7 +216,7 @@ class RetryStalledTransfer(Task):
         this site's problem)."""
         hosts, now = self.hosts(), self.ctx.now()
         dead = now - dt.timedelta(seconds=2 * self.ctx.config.lease_seconds)
-        where = [{"host": {"$in": hosts}}, {"source": self.site.name}]
+        where: list[dict[str, Any]] = [{"host": {"$in": hosts}}, {"source": self.site.name}]
         query = {"$or": [
             {"data": {"$elemMatch": {**place, "status": ERROR, **condition}}}
             for place in where for condition in (

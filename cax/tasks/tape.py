@@ -34,9 +34,15 @@ from cax.config import Config, Site
 from cax.errors import CaxError, ChecksumMismatchError, ConfigError
 from cax.paths import checked_location, scratch_path
 from cax.runsdb import ERROR, TRANSFERRED, TRANSFERRING, EntryKey, find_entry, run_label
-from cax.runsdb.judgement import is_good, needs_copy, needs_copy_query, retry_conditions
-from cax.runsdb.origins import ORIGIN, Proof, checksums, differs, judge, preferred
+from cax.runsdb.judgement import (
+    good_entry,
+    is_good,
+    needs_copy,
+    needs_copy_query,
+    retry_conditions,
+)
 from cax.runsdb.ledger import Claim
+from cax.runsdb.origins import ORIGIN, Proof, checksums, differs, judge, preferred
 from cax.schema import TAPE_METHODS
 from cax.tape.dsmc import Dsmc, TsmSetup
 from cax.tape.roundtrip import backup_and_verify, restore_and_verify
@@ -165,7 +171,8 @@ class TapeJob(ClaimedJob):
     def work(self, keeper: Keeper) -> None:
         fields = self.produce(keeper)
         self.register({"transfer_end": self.ctx.now(), "evidence": ORIGIN, **fields},
-                      ("reading", "adler32_checksum", "partial"), proof=Proof.against(self.judgement))
+                      ("reading", "adler32_checksum", "partial"),
+                      proof=Proof.against(self.judgement))
 
     def run(self) -> bool:
         """Do the claimed work and record its outcome; time it for the summary line."""
@@ -281,6 +288,8 @@ class RestoreJob(TapeJob):
         origin_manifest = self.db.find_origin_manifest(self.run_id, self.key, origin) \
             if self.judgement.stored else None
         reference = preferred(origin)
+        # the tape copy agreed with the origin (is_good), so they share a checksum cax verifies
+        assert reference is not None
         adopted = self.adopt_final(origin)
         if adopted is not None:
             return adopted
@@ -329,8 +338,8 @@ class TapeTask(Task):
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        self.tapes = tape_sites(ctx.config, self.push) if "raw" in (ctx.site.data_type or ("raw",)) \
-            else []
+        handles_raw = "raw" in (ctx.site.data_type or ("raw",))
+        self.tapes = tape_sites(ctx.config, self.push) if handles_raw else []
         self.results: list[TapeResult] = []
         if self.tapes:
             TsmSetup.of(ctx.site.tsm)  # refuse a bad setup before any claim
@@ -383,8 +392,8 @@ class TapeUpload(TapeTask):
         return {"$and": [{"data": here.elem_match(status=TRANSFERRED)}, {"$or": wanted}]}
 
     def jobs(self, run: dict[str, Any]) -> list[TapeJob]:
-        here = find_entry(run, EntryKey(self.site.name, "raw"))
-        if not is_good(judge(run, "raw", None), here):
+        here = good_entry(run, EntryKey(self.site.name, "raw"))
+        if here is None:
             return []
         now = self.ctx.now()
         return [UploadJob(self.ctx, run, t, here) for t in self.tapes
@@ -413,6 +422,6 @@ class TapeRestore(TapeTask):
         judgement = judge(run, "raw", None)
         for tape in self.tapes:
             there = find_entry(run, EntryKey(tape.name, "raw"))
-            if is_good(judgement, there):
+            if there is not None and is_good(judgement, there):
                 return [RestoreJob(self.ctx, run, tape, there)]
         return []

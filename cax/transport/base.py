@@ -312,7 +312,7 @@ def _abortable(what: str, method: Callable) -> Callable:
     @functools.wraps(method)
     def run(self: Transport, *args: object, **kwargs: object) -> Manifest | None:
         me = threading.get_ident()
-        path = args[0] if args else "?"
+        path = str(args[0]) if args else "?"  # a str or Path: as the message shows it
         with self._ops:
             if self._aborted.is_set():
                 raise self.fail(what, path, "aborted", retryable=True)

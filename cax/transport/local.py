@@ -83,10 +83,7 @@ class LocalTransport(Transport):
         copier = _Copier(watch, self._aborted)
         try:
             siteops.prepare(str(dst), "dir" if is_dir else "file", replace=True)
-            if is_dir:
-                manifest = _copy_tree(src, dst, copier)
-            else:
-                manifest = {".": copier.copy_file(src, dst)}
+            manifest = _copy_tree(src, dst, copier) if is_dir else {".": copier.copy_file(src, dst)}
             copier.sync_later(os.open(dst.parent, os.O_RDONLY | os.O_DIRECTORY))
             copier.finish()
             return manifest

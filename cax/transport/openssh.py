@@ -123,7 +123,7 @@ class OpenSSHTransport(RsyncTransport):
         watch = StallWatch(self.stall_timeout_s + 2 * period, progress)
         limit_s = transfer_timeout_s(info["size"])
         with proc.popen(argv, merge_stderr=True) as child, self._tracked(child):
-            reader = _OutputReader(child.stdout)
+            reader = _OutputReader(proc.pipe(child.stdout))
             poller = _SizePoller(measure, period)
             try:
                 aborted = _follow(child, poller, watch, limit_s)

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import IO, TYPE_CHECKING, Protocol
 
 from cax import proc
 from cax.checksum import Manifest
@@ -80,7 +80,7 @@ def reap_socket_dirs(parent: str | None = None) -> list[str]:
         return []
     _reaped = True
     parent = parent or tempfile.gettempdir()
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(parent)
     except OSError:
@@ -170,7 +170,7 @@ class RsyncTransport(ssh.SiteScripts, Transport):
         watch = StallWatch(self.stall_timeout_s + PROGRESS_PERIOD_S, progress)
         limit_s = transfer_timeout_s(info["size"])
         with proc.popen([*argv, "--", *args], merge_stderr=True) as child, self._tracked(child):
-            reader = _OutputReader(child.stdout)
+            reader = _OutputReader(proc.pipe(child.stdout))
             try:
                 aborted = _follow(child, reader, watch, limit_s)
             finally:
@@ -301,7 +301,7 @@ class RsyncTransport(ssh.SiteScripts, Transport):
             if child.poll() is not None or time.monotonic() > deadline:
                 if child.poll() is None:
                     child.kill()
-                code, stderr = child.wait(), child.stderr.read()
+                code, stderr = child.wait(), proc.pipe(child.stderr).read()
                 self._master.close()
                 raise self._script_error("connect to", "", code or SSH_FAILURE_EXIT, stderr)
             time.sleep(0.01)
@@ -329,7 +329,7 @@ class RsyncTransport(ssh.SiteScripts, Transport):
 class _OutputReader(threading.Thread):
     """Read rsync's merged output: progress totals, plus the last lines for error messages."""
 
-    def __init__(self, stream: TextIO):  # text mode: universal newlines split rsync's \r lines
+    def __init__(self, stream: IO[str]):  # text mode: universal newlines split rsync's \r lines
         super().__init__(name="cax-rsync-output", daemon=True)
         self.stream, self.total, self.messages = stream, 0, 0
         self.tail: deque[str] = deque(maxlen=25)
@@ -360,7 +360,13 @@ def _release(master: ExitStack, directory: str) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _follow(child: Popen, reader: _OutputReader, watch: StallWatch, limit_s: float) -> str:
+class _Forwarder(Protocol):
+    """What hands a copy's progress to its StallWatch (rsync's output, scp's size poller)."""
+
+    def forward(self, watch: StallWatch) -> None: ...
+
+
+def _follow(child: Popen, reader: _Forwarder, watch: StallWatch, limit_s: float) -> str:
     """Forward progress until rsync exits; return "" or why it was stopped (stalled, timeout)."""
     started = time.monotonic()
     while child.poll() is None:

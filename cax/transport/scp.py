@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import paramiko
 from scp import SCPClient, SCPException
@@ -75,7 +75,13 @@ class _HashingSCPClient(SCPClient):
 
     def __init__(self, transport: paramiko.Transport, root: Path, watch: StallWatch, **kw):
         super().__init__(transport, **kw)
-        self.root, self.watch, self.manifest = os.fsencode(root), watch, {}
+        self.root, self.watch = os.fsencode(root), watch
+        self.manifest: Manifest = {}
+
+    if TYPE_CHECKING:  # SCPClient's private helpers the loop below calls (the stubs omit them)
+        def _read_stats(self, name: str | bytes) -> tuple[str, int, int, int]: ...
+        def _send_time(self, mtime: int, atime: int) -> None: ...
+        def _send_file(self, fl: Any, name: str | bytes, mode: str, size: int) -> None: ...
 
     def _send_files(self, files: list) -> None:
         for name in files:
@@ -118,9 +124,9 @@ class ScpTransport(ssh.SiteScripts, Transport):
     def get(self, remote: str, local: Path, progress: Progress | None = None) -> Manifest | None:
         local, info = self._prepare_get(remote, local, replace=True)
         watch = StallWatch(self.stall_timeout_s, progress)
-        seen: dict[bytes, int] = {}
+        seen: dict[str | bytes, int] = {}
 
-        def on_progress(path: bytes, size: int, pos: int) -> None:
+        def on_progress(path: str | bytes, size: int, pos: int) -> None:
             if path not in seen and size == pos == 1:  # the scp package's marker for empty files
                 pos = 0
             watch.add(pos - seen.get(path, 0))
@@ -175,7 +181,7 @@ class ScpTransport(ssh.SiteScripts, Transport):
             done.set()
             thread.join()
 
-    def _copy_error(self, what: str, remote: str, exc: BaseException) -> TransferError:
+    def _copy_error(self, what: str, remote: str, exc: BaseException) -> BaseException:
         text = str(exc) or type(exc).__name__
         if isinstance(exc, SCPException | OSError) and PERMANENT_ERROR_RE.search(text):
             return self.fail(what, remote, text.strip(), retryable=False)
@@ -220,6 +226,7 @@ class ScpTransport(ssh.SiteScripts, Transport):
             self._drop()
             self._client = ssh.connect_paramiko(self.endpoint)
             transport = self._client.get_transport()
+            assert transport is not None  # connect_paramiko returns a connected client
         return transport
 
     def _drop(self) -> None:

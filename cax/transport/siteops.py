@@ -134,8 +134,8 @@ def free_space(path: str) -> dict:
     return {"free": info.f_bavail * info.f_frsize, "total": info.f_blocks * info.f_frsize}
 
 
-OPS = {"prepare": prepare, "stat": stat_tree, "rename": rename, "remove": remove, "exists": exists,
-       "link_tree": link_tree, "free": free_space}
+OPS: dict = {"prepare": prepare, "stat": stat_tree, "rename": rename, "remove": remove,
+             "exists": exists, "link_tree": link_tree, "free": free_space}
 
 
 def handle(request: dict) -> dict:

@@ -18,6 +18,7 @@ import shlex
 import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import paramiko
 from scp import SCPException
@@ -210,7 +211,7 @@ class UnknownHostKeyError(paramiko.SSHException):
 class _RefuseUnknownHostKey(paramiko.RejectPolicy):
     def missing_host_key(
         self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
-    ) -> None:
+    ) -> NoReturn:
         raise UnknownHostKeyError(f"{hostname} {key.get_name()} not in known_hosts")
 
 
@@ -218,21 +219,24 @@ class _AcceptNewHostKey(paramiko.MissingHostKeyPolicy):
     """OpenSSH's ``accept-new`` for sites that opted in: remember an unknown key, say so.
 
     A key that differs from the one on record is still refused (paramiko raises
-    BadHostKeyException before asking this policy).
+    BadHostKeyException before asking this policy).  New keys are saved to ``known_hosts``,
+    the file the client loaded its keys from.
     """
+
+    def __init__(self, known_hosts: str):
+        self.known_hosts = known_hosts
 
     def missing_host_key(
         self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
     ) -> None:
         client.get_host_keys().add(hostname, key.get_name(), key)
-        if client._host_keys_filename:  # noqa: SLF001 - the file load_host_keys() named
-            client.save_host_keys(client._host_keys_filename)  # noqa: SLF001
+        client.save_host_keys(self.known_hosts)
         log.warning("accepted new host key of %s: %s %s", hostname, key.get_name(),
                     key.fingerprint)
 
 
 def _transport_factory(ep: Endpoint):
-    def make(sock: socket.socket, **kwargs: object) -> paramiko.Transport:
+    def make(sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
         t = paramiko.Transport(
             sock,
             default_window_size=WINDOW_BYTES,
@@ -262,7 +266,7 @@ def connect_paramiko(ep: Endpoint) -> paramiko.SSHClient:
             os.makedirs(os.path.dirname(known_hosts) or ".", mode=0o700, exist_ok=True)
             Path(known_hosts).touch(mode=0o600)
         client.load_host_keys(known_hosts)  # new keys are saved back to this file
-        client.set_missing_host_key_policy(_AcceptNewHostKey())
+        client.set_missing_host_key_policy(_AcceptNewHostKey(known_hosts))
     else:
         if os.path.exists(known_hosts):
             client.load_host_keys(known_hosts)
@@ -287,10 +291,13 @@ def connect_paramiko(ep: Endpoint) -> paramiko.SSHClient:
         client.close()
         raise paramiko_error(ep, "connect to", "", exc) from exc
     transport = client.get_transport()
+    assert transport is not None  # connect() returned: the client is connected
     transport.set_keepalive(SERVER_ALIVE_INTERVAL_S)
     # paramiko leaves Nagle on: every small request (scp's per-file headers and acks, command
-    # start and exit) then waits for a delayed ACK; OpenSSH sets TCP_NODELAY too
-    transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # start and exit) then waits for a delayed ACK; OpenSSH sets TCP_NODELAY too.  (Its sock
+    # is the TCP socket connect() opened: cax passes no proxy channel.)
+    if isinstance(transport.sock, socket.socket):
+        transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return client
 
 
@@ -341,6 +348,13 @@ class SiteScripts:
     """
 
     endpoint: Endpoint
+
+    def _run_script(self, script: str, stdin: str, timeout_s: float, path: str,
+                    purpose: str) -> tuple[int, str, str]:
+        raise NotImplementedError  # the backend's
+
+    def _script_error(self, what: str, path: str, status: int, err: str) -> TransferError:
+        raise NotImplementedError  # the backend's
 
     def manifest(self, remote: str) -> Manifest:
         request = json.dumps({"path": remote}) + "\n"

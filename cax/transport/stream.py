@@ -39,6 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any, Generic, TypeVar
 
 from cax import proc
 from cax.checksum import Manifest
@@ -54,6 +55,12 @@ from cax.transport.base import (
 from cax.transport.rsync import RsyncTransport
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+#: Our end of a site command, ``run(rfile, wfile, add)``: it reads the site's answers from
+#: ``rfile``, writes to ``wfile``, hands the bytes it moved to ``add``; what it returns is
+#: the command's result.
+SiteRun = Callable[[IO[bytes], IO[bytes], Callable[[int], None]], _T]
 
 WATCH_PERIOD_S = 0.2
 STREAM_SOURCE = Path(streamproto.__file__).read_text()
@@ -209,7 +216,7 @@ class StreamTransport(RsyncTransport):
     # ---------------------------------------------------------------- one stream
 
     def _stream(self, what: str, remote: str, request: dict, nbytes: int,
-                progress: Progress | None, run) -> Manifest:
+                progress: Progress | None, run: SiteRun[dict[str, Any]]) -> Manifest:
         """Run the site's end with ``request`` and ours (``run(rfile, wfile, add)``)."""
         watch = StallWatch(self.stall_timeout_s, progress)
         try:
@@ -219,7 +226,7 @@ class StreamTransport(RsyncTransport):
         return {rel: (size, adler) for rel, (size, adler) in manifest.items()}
 
     def _site_end(self, conn: RsyncTransport, what: str, remote: str, request: dict,
-                  nbytes: int, watch: StallWatch, run) -> _Done:
+                  nbytes: int, watch: StallWatch, run: SiteRun[_T]) -> _Done[_T]:
         """Run one site command over ``conn``'s connection and ``run`` against it.
 
         Kills it when ``watch`` saw no progress for the stall timeout or the size-based limit
@@ -236,12 +243,14 @@ class StreamTransport(RsyncTransport):
         done = threading.Event()
         with proc.popen(argv, stdin=subprocess.PIPE, binary=True) as child, \
                 conn._tracked(child):  # noqa: SLF001
+            to_site, from_site = proc.pipe(child.stdin), proc.pipe(child.stdout)
+            site_errors = proc.pipe(child.stderr)
             errors: deque[bytes] = deque(maxlen=25)
-            drain = threading.Thread(target=lambda: errors.extend(child.stderr), daemon=True,
+            drain = threading.Thread(target=lambda: errors.extend(site_errors), daemon=True,
                                      name="cax-stream-stderr")
             drain.start()
-            streamproto.grow_pipe(child.stdin)
-            streamproto.grow_pipe(child.stdout)
+            streamproto.grow_pipe(to_site)
+            streamproto.grow_pipe(from_site)
 
             def watchdog() -> None:
                 started = time.monotonic()
@@ -257,10 +266,10 @@ class StreamTransport(RsyncTransport):
             guard.start()
             failure: BaseException | None = None
             try:
-                child.stdin.write(ssh.script_input(STREAM_SOURCE, "").encode("ascii"))
-                streamproto.send_line(child.stdin, request)
-                result = run(child.stdout, child.stdin, watch.add)
-                child.stdin.close()
+                to_site.write(ssh.script_input(STREAM_SOURCE, "").encode("ascii"))
+                streamproto.send_line(to_site, request)
+                result = run(from_site, to_site, watch.add)
+                to_site.close()
                 child.wait(proc.KILL_GRACE_S)
             except (OSError, ValueError, KeyError, streamproto.StreamError,
                     subprocess.TimeoutExpired) as exc:
@@ -416,7 +425,7 @@ class StreamTransport(RsyncTransport):
             raise self.fail("get to", local, exc, retryable=True) from exc
         return manifest
 
-    def _command(self, what: str, remote: str, request: dict, run) -> object:
+    def _command(self, what: str, remote: str, request: dict, run: SiteRun[_T]) -> _T:
         """Run a short site command of a parallel copy over the first connection."""
         try:
             return self._site_end(self, what, remote, request, 0,
@@ -510,8 +519,8 @@ class StreamTransport(RsyncTransport):
         super().close()
 
 
-class _Done:
+class _Done(Generic[_T]):
     """What ``run`` returned (a value, so that a None result is not a failure)."""
 
-    def __init__(self, result: object):
+    def __init__(self, result: _T):
         self.result = result

@@ -97,7 +97,7 @@ def _error_reply(exc):
             where = where.decode("utf-8", "backslashreplace")
         text = (exc.strerror or str(exc)) + (": " + str(where) if where is not None else "")
         return {"error": text, "errno": exc.errno}
-    return {"error": "%s: %s" % (type(exc).__name__, exc), "errno": None}
+    return {"error": f"{type(exc).__name__}: {exc}", "errno": None}
 
 
 def grow_pipe(fileobj):
@@ -156,11 +156,11 @@ def combine(rel, size, pieces):
         if not length:
             continue
         if offset != pos:
-            raise StreamError("not every byte of %s was written (at %d, %d)" % (rel, pos, offset))
+            raise StreamError(f"not every byte of {rel} was written (at {pos}, {offset})")
         adler = adler32_combine(adler, int(piece, 16), length)
         pos += length
     if pos != size:
-        raise StreamError("not every byte of %s was written (%d of %d)" % (rel, pos, size))
+        raise StreamError(f"not every byte of {rel} was written ({pos} of {size})")
     return _hex(adler)
 
 
@@ -306,10 +306,9 @@ def send_items(root, listing, items, wfile, progress=None):
     os.write(out_fd, HEADER.pack(-1, 0, 0))
 
 
-def send(root, rfile, wfile, progress=None, listing=None):
-    """Be the sending end of one stream for the dataset at ``root``; return the receiver's
-    manifest."""
-    progress = progress or (lambda n: None)
+def _offer(root, rfile, wfile, listing=None):
+    """Send the listing of ``root`` (made here unless given; the error, if it cannot be
+    listed) and return it with the receiver's answer."""
     if listing is None:
         try:
             listing = list_tree(root)
@@ -317,7 +316,14 @@ def send(root, rfile, wfile, progress=None, listing=None):
             send_line(wfile, _error_reply(exc))
             raise
     send_line(wfile, listing)
-    reply = read_line(rfile)
+    return listing, read_line(rfile)
+
+
+def send(root, rfile, wfile, progress=None, listing=None):
+    """Be the sending end of one stream for the dataset at ``root``; return the receiver's
+    manifest."""
+    progress = progress or (lambda n: None)
+    listing, reply = _offer(root, rfile, wfile, listing)
     items = plan(root, listing, reply["have"], reply.get("partial", {}), progress)
     send_items(root, listing, items, wfile, progress)
     return read_line(rfile)["manifest"]
@@ -459,22 +465,29 @@ def _complete(fd, mode, mtime_ns):
     os.utime(fd, ns=(mtime_ns, mtime_ns))
 
 
+def _chunks(rfile, buf, length, reply_fd):
+    """Yield the next ``length`` bytes of ``rfile`` as they come, in views of ``buf`` (each
+    valid until the next is asked for)."""
+    view = memoryview(buf)
+    left = length
+    while left:
+        n = rfile.readinto(view[:min(left, len(buf))])
+        if not n:
+            raise StreamError("the stream ended in the middle of a file")
+        _check_sender(reply_fd)
+        yield view[:n]
+        left -= n
+
+
 def _receive_file(rfile, path, size, mode, mtime_ns, buf, progress, reply_fd=None):
     """Write ``size`` bytes from ``rfile`` to ``path`` as they come; return their adler32."""
-    view = memoryview(buf)
-    adler, left = 1, size
+    adler = 1
     fd = _create(path)
     try:
-        while left:
-            n = rfile.readinto(view[:min(left, len(buf))])
-            if not n:
-                raise StreamError("the stream ended in the middle of a file")
-            _check_sender(reply_fd)
-            chunk = view[:n]
+        for chunk in _chunks(rfile, buf, size, reply_fd):
             adler = zlib.adler32(chunk, adler)
             _write_all(fd, chunk)
-            left -= n
-            progress(n)
+            progress(len(chunk))
         _complete(fd, mode, mtime_ns)
     finally:
         os.close(fd)
@@ -484,22 +497,15 @@ def _receive_file(rfile, path, size, mode, mtime_ns, buf, progress, reply_fd=Non
 def _receive_range(rfile, path, offset, length, buf, progress, reply_fd=None):
     """Write ``length`` bytes from ``rfile`` into ``path`` at ``offset`` (the file is created
     if no other range did yet); return their adler32.  Not complete: see ``complete``."""
-    view = memoryview(buf)
-    adler, left = 1, length
+    adler = 1
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
-        while left:
-            n = rfile.readinto(view[:min(left, len(buf))])
-            if not n:
-                raise StreamError("the stream ended in the middle of a file")
-            _check_sender(reply_fd)
-            chunk = view[:n]
+        for chunk in _chunks(rfile, buf, length, reply_fd):
             adler = zlib.adler32(chunk, adler)
-            done = 0
+            done, n = 0, len(chunk)
             while done < n:
                 done += os.pwrite(fd, chunk[done:], offset + done)
             offset += n
-            left -= n
             progress(n)
     finally:
         os.close(fd)
@@ -515,7 +521,7 @@ def _read_file(rfile, size, progress):
     return data
 
 
-class _Writers(object):
+class _Writers:
     """Write small files on a few threads while the stream is read.
 
     On a busy disk, creating and writing a small file is mostly waiting (for the journal),
@@ -529,7 +535,7 @@ class _Writers(object):
         self.reply_fd = reply_fd
         self.budget, self.held = budget, 0
         self.room = threading.Condition()
-        self.todo = queue.Queue()
+        self.todo: queue.Queue = queue.Queue()
         self.written = {}  # rel: [size, adler32]
         self.failed = None
         self.threads = [threading.Thread(target=self._run, name="cax-stream-writer",
@@ -607,7 +613,7 @@ def receive_items(dest, listing, rfile, reply_fd=None, progress=None):
     progress = progress or (lambda n: None)
     dest = _fs(dest)
     files = listing["files"]
-    ranges = {}
+    ranges: dict = {}
     written = {}
     buf = bytearray(BLOCK)
     writers = _Writers(WRITERS, IN_FLIGHT, reply_fd)
@@ -620,12 +626,12 @@ def receive_items(dest, listing, rfile, reply_fd=None, progress=None):
             path = _path(dest, rel)
             if offset >= 0:
                 if offset + length > size:
-                    raise StreamError("%s changed size while it was copied" % rel)
+                    raise StreamError(f"{rel} changed size while it was copied")
                 adler = _receive_range(rfile, path, offset, length, buf, progress, reply_fd)
                 ranges.setdefault(rel, []).append([offset, length, adler])
                 continue
             if length != size:
-                raise StreamError("%s changed size while it was copied" % rel)
+                raise StreamError(f"{rel} changed size while it was copied")
             if size <= SMALL_FILE:
                 writers.submit(rel, path, _read_file(rfile, size, progress), mode, mtime)
             else:
@@ -680,7 +686,7 @@ def complete(dest, listing, rels):
         fd = os.open(_path(dest, rel), os.O_WRONLY | os.O_NOFOLLOW)
         try:
             if os.fstat(fd).st_size != size:
-                raise StreamError("%s is %d bytes, not %d" % (rel, os.fstat(fd).st_size, size))
+                raise StreamError(f"{rel} is {os.fstat(fd).st_size} bytes, not {size}")
             _complete(fd, mode, mtime)
         finally:
             os.close(fd)
@@ -756,13 +762,7 @@ def _site(request, rfile, wfile):
     elif role == "prepare":
         prepare(path, rfile, wfile)
     elif role == "plan":
-        try:
-            listing = list_tree(path)
-        except OSError as exc:
-            send_line(wfile, _error_reply(exc))
-            raise
-        send_line(wfile, listing)
-        reply = read_line(rfile)
+        listing, reply = _offer(path, rfile, wfile)
         send_line(wfile, {"items": _answering(wfile, lambda: plan(
             path, listing, reply["have"], reply["partial"]))})
     elif role == "receive-part":
@@ -778,7 +778,7 @@ def _site(request, rfile, wfile):
             wfile.write(line)
             wfile.flush()
     else:
-        raise StreamError("unknown role %r" % role)
+        raise StreamError(f"unknown role {role!r}")
 
 
 def main():
@@ -789,7 +789,7 @@ def main():
     try:
         _site(json.loads(rfile.readline().decode("utf-8")), rfile, wfile)
     except (OSError, StreamError) as exc:
-        sys.stderr.write("cax stream: %s\n" % exc)
+        sys.stderr.write(f"cax stream: {exc}\n")
         return 1
     return 0
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-import waitress
+from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
 
 from cax.config import Config
 from cax.errors import ConfigError
@@ -34,6 +34,23 @@ THREADS = 4
 def url_of(bind: str, port: int) -> str:
     host = f"[{bind}]" if ":" in bind and not bind.startswith("[") else bind
     return f"http://{host}:{port}/"
+
+
+def listening(server: MultiSocketServer | BaseWSGIServer) -> list[tuple[str, int]]:
+    """(host, port) of each socket ``server`` listens on: several where the bind name has
+    several addresses (``localhost``: 127.0.0.1 and ::1 on most machines)."""
+    if isinstance(server, MultiSocketServer):
+        return list(server.effective_listen)
+    # waitress sets these on every single server; types-waitress does not declare them
+    return [(server.effective_host, server.effective_port)]  # type: ignore[attr-defined]
+
+
+def urls_of(bind: str, sockets: list[tuple[str, int]]) -> str:
+    """Where to browse: ``bind`` and the port, or each address when their ports differ."""
+    ports = {port for _, port in sockets}
+    if len(ports) == 1:
+        return url_of(bind, ports.pop())
+    return " and ".join(url_of(host, port) for host, port in sockets)
 
 
 def warm(db: RunsDB) -> float:
@@ -94,13 +111,13 @@ def serve(config: Config, *, bind: str, port: int, announce: Callable[[str], Non
         app = create_app(config, db, credentials, slow_db=slow_db,
                          loopback_only=is_loopback(bind))
         try:
-            server = waitress.create_server(app, host=bind, port=port, threads=threads,
-                                            ident="cax", clear_untrusted_proxy_headers=True)
+            server = create_server(app, host=bind, port=port, threads=threads,
+                                   ident="cax", clear_untrusted_proxy_headers=True)
         except OSError as exc:
             raise ConfigError(f"--bind {bind} --port {port}: cannot listen there: "
                               f"{exc.strerror or exc}") from None
         announce(f"cax web: serving the runs DB {redact(config.runs_db)} read-only on "
-                 f"{url_of(bind, server.effective_port)}")
+                 f"{urls_of(bind, listening(server))}")
         announce(f"cax web: {credentials.describe()}")
         warmer = DailyWarmer(db)
         warmer.start()

@@ -22,7 +22,7 @@ import json
 import shlex
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, overload
 
 from cax.admin import cax_command
 from cax.admin import status as st
@@ -72,8 +72,15 @@ def command_prefix(config: Config) -> str:
             f"--host {shlex.quote(config.site.name)}")
 
 
+@overload
+def int_param(args: Mapping[str, str], name: str, default: int,
+              low: int | None = None, high: int | None = None) -> int: ...
+@overload
+def int_param(args: Mapping[str, str], name: str, default: None = None,
+              low: int | None = None, high: int | None = None) -> int | None: ...
 def int_param(args: Mapping[str, str], name: str, default: int | None = None,
-         low: int | None = None, high: int | None = None) -> int | None:
+              low: int | None = None, high: int | None = None) -> int | None:
+    """The whole number ``args[name]`` in ``low``..``high`` (else a 400), or ``default``."""
     raw = args.get(name, "")
     if raw == "":
         return default
@@ -219,9 +226,11 @@ def run_page(db: RunsDB, config: Config, number: int) -> list[dict[str, Any]]:
     full = {(r.get("number"), r.get("name")): r for r in db.find_runs({"number": number})}
     for run in runs:
         raw = full.get((run["number"], run["name"]), {})
-        entries = [e for e in raw.get("data") or () if isinstance(e, dict)]
-        for view, entry in zip(run["data"], entries):
-            view["fields"] = entry
+        # by the copy's key, not its position: the run may have changed since run_view read it
+        entries = {(e.get("host"), e.get("type"), e.get("pax_version")): e
+                   for e in raw.get("data") or () if isinstance(e, dict)}
+        for view in run["data"]:
+            view["fields"] = entries.get((view["site"], view["type"], view["version"]), {})
             view["tape"] = view["site"] in tapes
     return runs
 

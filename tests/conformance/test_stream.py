@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cax.checksum import scan_dataset
-from cax.transport.base import open_transport
 from cax.transport import streamproto
+from cax.transport.base import open_transport
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -60,7 +60,8 @@ def register(runsdb: Any, number: int, site: str, location: Path, *, data_type: 
 
 
 @pytest.fixture
-def ssh_sites(tmp_path: Path, sshd: Any, runsdb_uri: tuple[str, str]) -> Any:
+def ssh_sites(tmp_path: Path, sshd: Any,  # noqa: F811 - the fixture imported above
+              runsdb_uri: tuple[str, str]) -> Any:
     """Write a config with local sites ``daq`` and ``lab`` and an SSH site ``remote``.
 
     Returns a function ``(method, **remote_overrides) -> config path``; ``daq`` pushes to

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from cax.checksum import dataset_checksum, scan_dataset
-from cax.clock import utcnow
 from cax.cli import cli
+from cax.clock import utcnow
 from cax.daemon import Daemon
 from cax.runsdb import ERROR, PURGING, TRANSFERRED, TRANSFERRING, VERIFYING, EntryKey, find_entry
 from cax.tasks import select_tasks

@@ -19,8 +19,7 @@ from cax.runsdb import ERROR, TRANSFERRED, EntryKey, find_entry
 from cax.tasks import CopyPull, CopyPush, RetryStalledTransfer
 from cax.tasks.copyjob import RESUMING_METHODS
 from tests.conftest import advance_clock, edit_site, make_context
-from tests.integration.conftest import make_dataset, register, scratches, \
-    wait_for_partial_bytes
+from tests.integration.conftest import make_dataset, register, scratches, wait_for_partial_bytes
 
 METHODS = ["scp", "rsync", "openssh"]
 

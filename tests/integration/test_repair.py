@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from cax.clock import utcnow
 from cax.daemon import Daemon
 from cax.runsdb import TRANSFERRED, EntryKey, find_entry
-from cax.clock import utcnow
 from cax.tasks.repair import RetryBadChecksumTransfer
 from cax.tasks.scrub import Scrub
 from cax.transport.rsync import RsyncTransport

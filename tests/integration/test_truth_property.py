@@ -29,8 +29,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from cax.checksum import dataset_checksum, scan_dataset
 from cax.cli import cax_mv, cax_rm, cli
-from cax.processors.reference import validate
 from cax.daemon import Daemon
+from cax.processors.reference import validate
 from cax.runsdb import TRANSFERRED, EntryKey, open_runsdb
 from cax.runsdb.origins import differs, judge
 from cax.tasks import select_tasks

@@ -4,8 +4,8 @@ client's documented output formats, and fails on demand.
 
 The tests install it as ``dsmc`` in a temporary bin directory on PATH.  ``$FAKE_DSMC_TAPE`` is
 the tape folder: objects live under ``store/<absolute path>``, every call is appended to
-``calls.log`` (one JSON argv per line), bytes the client read from the site's disk (backups) are added up in ``reads``, bytes read
-from tape (restores) in ``tape_reads``.
+``calls.log`` (one JSON argv per line), bytes the client read from the site's disk (backups)
+are added up in ``reads``, bytes read from tape (restores) in ``tape_reads``.
 ``control.json`` there (re-read on every call) switches failure modes per command
 (``{"modes": {"*": [...], "restore": [...]}, "sep": "."}``):
 
@@ -208,7 +208,7 @@ def restore(args: list) -> int:
     out("Restore function invoked.")
     out("")
     if not found:
-        out(f"ANS1302E No objects on server match query")
+        out("ANS1302E No objects on server match query")
         return 12
     start, total, restored = time.monotonic(), 0, 0
     base = os.path.join(dest, os.path.basename(source))

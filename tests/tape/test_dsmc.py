@@ -186,7 +186,8 @@ def test_every_failure_mode_fails_the_upload_and_cleans_up(sites, fake_tape, com
     source = make_dataset(raw / "170101_0000")
     fake_tape.set({command: [mode]})
     with pytest.raises(error, match=match):
-        backup_and_verify(client(timeout=5 if mode == "hang" else 600), str(source), str(tsm), "170101_0000", "t")
+        backup_and_verify(client(timeout=5 if mode == "hang" else 600), str(source), str(tsm),
+                          "170101_0000", "t")
     assert os.listdir(tsm) == []
 
 

@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 
-from cax.errors import ConfigError
 from cax.cli.massive_tsm import MassiveOptions, log_name, selection
+from cax.errors import ConfigError
 
 NOW = dt.datetime(2026, 12, 3, 10, 0, tzinfo=dt.timezone.utc)
 

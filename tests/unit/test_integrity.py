@@ -337,7 +337,8 @@ def test_attempt_counts_in_messages_are_the_runs_dbs(sites, runsdb, tmp_path, ca
 
     sites = edit_site(sites, "daq", max_attempts=2)
     source = tmp_path / "daq/raw/170101_1400"  # registered, but gone: a transient failure
-    run_id = insert(runsdb, make_run(14, data=[copy_entry("daq", source, checksum="adler32:" + "1" * 64)]))
+    run_id = insert(runsdb, make_run(14, data=[copy_entry("daq", source,
+                                                          checksum="adler32:" + "1" * 64)]))
     for expected in (1, 2):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
@@ -358,3 +359,16 @@ def test_attempt_counts_in_messages_are_the_runs_dbs(sites, runsdb, tmp_path, ca
     got = entry(runsdb, run_id)
     assert got["status"] == ERROR and "gave up after 2 attempt(s)" in got["error"]
     assert _attempts_said(caplog) == [2, 2] and got["attempts"] == 2
+
+
+def test_a_stored_origin_whose_checksum_cax_cannot_verify_is_described_not_a_crash():
+    """An origin written by hand or another tool with a checksum of a kind cax does not know:
+    describing its judgement (the logs, the ``disputed`` field) must not raise TypeError."""
+    from cax.runsdb.origins import judge
+
+    run = make_run(1, origins=[{"type": "raw", "checksum": "md5:0123456789abcdef0123",
+                                "host": "daq", "evidence": "producer"}])
+    judgement = judge(run, "raw", None)
+    assert judgement.stored
+    assert judgement.describe() == \
+        "origin md5:0123456789abcdef... at daq (recorded by its producer)"

@@ -206,6 +206,12 @@ def dataset(tmp_path, site, name="run1"):
     return make_dataset(tmp_path / site / "raw" / name)
 
 
+def run_on_a_and_b(number, here, start=OLD):
+    """Run ``number``: its copy ``here`` on site a, and a like one on site b."""
+    return raw_run(number, copy_entry("a", here),
+                   copy_entry("b", f"/b/raw/run{number}", like=here), start=start)
+
+
 def test_buffer_purger_enough_copies_deletes_data_then_entry_and_manifest(
         sites, runsdb, tmp_path):
     here, there = dataset(tmp_path, "c"), dataset(tmp_path, "b")
@@ -226,7 +232,8 @@ def test_buffer_purger_too_few_copies_or_young_run_keeps_data(sites, runsdb, tmp
     lonely = dataset(tmp_path, "c", "lonely")
     insert(runsdb, raw_run(1, copy_entry("c", young), copy_entry("b", "/b/raw/young", like=young),
                            copy_entry("a", "/a/raw/young", like=young), start=utcnow()))
-    insert(runsdb, raw_run(2, copy_entry("c", lonely), copy_entry("b", "/b/raw/lonely", like=lonely)))
+    insert(runsdb, raw_run(2, copy_entry("c", lonely),
+                           copy_entry("b", "/b/raw/lonely", like=lonely)))
     ctx = make_context(sites, "c", runsdb)
     Daemon(ctx, [BufferPurger]).run_pass()
     assert young.exists() and lonely.exists()
@@ -252,7 +259,7 @@ def test_buffer_purger_two_sites_purging_each_others_copy_only_one_wins(
 
 def test_buffer_purger_crash_after_claim_resumes_after_lease_expiry(sites, runsdb, tmp_path):
     here = dataset(tmp_path, "a")
-    run_id = insert(runsdb, raw_run(1, copy_entry("a", here), copy_entry("b", "/b/raw/run1", like=here)))
+    run_id = insert(runsdb, run_on_a_and_b(1, here))
     ctx = make_context(sites, "a", runsdb)
     decision = decide_raw_purge(runsdb.find_run(run_id), BufferPurger(ctx).policy, utcnow())
     assert runsdb.claim_purge(run_id, EntryKey("a", "raw"), keep=decision.keep,
@@ -270,7 +277,7 @@ def test_buffer_purger_crash_after_claim_resumes_after_lease_expiry(sites, runsd
 def test_buffer_purger_failed_delete_keeps_purging_and_next_pass_finishes(
         sites, runsdb, tmp_path, monkeypatch):
     here = dataset(tmp_path, "a")
-    run_id = insert(runsdb, raw_run(1, copy_entry("a", here), copy_entry("b", "/b/raw/run1", like=here)))
+    run_id = insert(runsdb, run_on_a_and_b(1, here))
     ctx = make_context(sites, "a", runsdb)
     real_remove = purge_module.siteops.remove
 
@@ -290,7 +297,7 @@ def test_buffer_purger_failed_delete_keeps_purging_and_next_pass_finishes(
 def test_buffer_purger_dry_run_or_no_db_update_deletes_nothing(
         sites, runsdb, runsdb_uri, tmp_path, caplog, mode):
     here = dataset(tmp_path, "a")
-    run_id = insert(runsdb, raw_run(1, copy_entry("a", here), copy_entry("b", "/b/raw/run1", like=here)))
+    run_id = insert(runsdb, run_on_a_and_b(1, here))
     before = runsdb.find_run(run_id)
     read_only = open_runsdb(*runsdb_uri, read_only=True)
     caplog.set_level(logging.INFO)
@@ -310,8 +317,8 @@ def test_buffer_purger_free_space_target_purges_oldest_first_then_stops(
                         a={"purge": 7, "min_copies": 1, "purge_free_below": 0.25})
     paths = {n: dataset(tmp_path, "a", f"run{n}") for n in (1, 2, 3)}
     for n, path in paths.items():
-        insert(runsdb, raw_run(n, copy_entry("a", path), copy_entry("b", f"/b/raw/run{n}", like=path),
-                               start=OLD - dt.timedelta(days=10 * n)))  # run 3 is the oldest
+        # run 3 is the oldest
+        insert(runsdb, run_on_a_and_b(n, path, start=OLD - dt.timedelta(days=10 * n)))
     usage = namedtuple("usage", "total used free")
 
     def disk_usage(path):  # 10% free, plus 10% per purged dataset

@@ -186,12 +186,12 @@ def test_assemble_refuses_a_file_with_a_missing_or_doubled_range():
     data = os.urandom(1000)
 
     def piece(lo, hi):
-        return [lo, hi - lo, "%08x" % zlib.adler32(data[lo:hi])]
+        return [lo, hi - lo, f"{zlib.adler32(data[lo:hi]):08x}"]
 
     listing = {"files": [["f", 1000, 0o644, 0]], "dirs": [[".", 0o755, 0]], "kind": "dir"}
     manifest, rels = streamproto.assemble(listing, {}, {}, {}, {"f": [piece(400, 1000),
                                                                       piece(0, 400)]})
-    assert manifest == {"f": [1000, "%08x" % zlib.adler32(data)]} and rels == ["f"]
+    assert manifest == {"f": [1000, f"{zlib.adler32(data):08x}"]} and rels == ["f"]
     for pieces in ([piece(0, 400)], [piece(0, 400), piece(300, 1000)],
                    [piece(0, 400), piece(400, 1000), piece(400, 1000)]):
         with pytest.raises(streamproto.StreamError):

@@ -123,3 +123,32 @@ def test_a_missing_runs_db_is_an_outage_not_an_empty_world(world, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 3 and "Traceback" not in done.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_bind_name_of_two_addresses_is_served_on_both_and_said(world, monkeypatch):
+    """``--bind localhost`` where localhost is 127.0.0.1 and ::1 (most machines' /etc/hosts):
+    waitress listens on each address, and cax web says where (it raised AttributeError)."""
+    import waitress.server
+
+    from cax.config import load_config
+    from cax.web.server import serve
+
+    real_getaddrinfo = socket.getaddrinfo
+
+    def two_addresses(host, *args, **kwargs):
+        if host != "localhost":
+            return real_getaddrinfo(host, *args, **kwargs)
+        return real_getaddrinfo("127.0.0.1", *args, **kwargs) + \
+            real_getaddrinfo("127.0.0.2", *args, **kwargs)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    monkeypatch.setattr(waitress.server.MultiSocketServer, "run", interrupted)
+    said: list[str] = []
+    assert serve(load_config(world, "daq"), bind="localhost", port=0, announce=said.append,
+                 env={}) == 0
+    where = said[0].rsplit(" read-only on ", 1)[1]
+    first, second = where.split(" and ")
+    assert first.startswith("http://127.0.0.1:") and second.startswith("http://127.0.0.2:")

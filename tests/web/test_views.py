@@ -170,3 +170,26 @@ def test_cax_web_refuses_a_network_address_without_a_secret(two_sites, monkeypat
                                       "--bind", "0.0.0.0", "--port", "0"])
     assert result.exit_code == 2
     assert "not a loopback address" in result.output and "CAX_WEB_TOKEN" in result.output
+
+
+def test_run_page_pairs_each_copy_with_its_own_fields_though_the_run_changed_between_reads(
+        two_sites, runsdb, monkeypatch):
+    """The page reads the run twice (the status view, then every field): a copy purged in
+    between must not shift the fields of the copies after it onto the wrong site."""
+    runsdb.insert_runs([make_run(1, data=[copy("daq", "transferred"),
+                                          copy("lab", "error", attempts=2)])])
+    real_find_runs, reads = runsdb.find_runs, []
+
+    def find_runs(query, *args, **kwargs):
+        found = real_find_runs(query, *args, **kwargs)
+        reads.append(query)
+        if len(reads) > 1:  # daq's copy was purged after the first read
+            for run in found:
+                run["data"] = [e for e in run["data"] if e["host"] != "daq"]
+        return found
+
+    monkeypatch.setattr(runsdb, "find_runs", find_runs)
+    (run,) = views.run_page(runsdb, load_config(two_sites, "daq"), 1)
+    fields = {view["site"]: view["fields"] for view in run["data"]}
+    assert fields["lab"]["host"] == "lab" and fields["lab"]["attempts"] == 2
+    assert fields["daq"] == {}
