@@ -243,7 +243,7 @@ def legacy_child(count: int) -> None:
         config = write_config(root, uri)
         start = time.perf_counter()
         legacy_data(root, count)
-        db = open_runsdb(uri)
+        db = open_runsdb(uri, create=True)
         db.runs.insert_many(legacy_doc(n, root) for n in range(count))
         db.close()
         seed_s = time.perf_counter() - start

@@ -26,11 +26,11 @@ import copy
 import datetime as dt
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, UpdateOne
 
 from cax.runsdb.base import LocationTakenError, db_call
 from cax.runsdb.entries import (
@@ -195,14 +195,21 @@ class Ledger(Manifests):
                      {**copy.deepcopy(before), **values}, before)
 
     @db_call
-    def record_size(self, run_id: Any, key: EntryKey, size: int, file_count: int) -> bool:
-        """Set ``size`` and ``file_count`` of a copy that is still ``transferred``."""
-        query = {"_id": run_id, "data": key.elem_match(status=TRANSFERRED)}
-        if self._skip("size", run_id, key, size, file_count):
-            return True
-        return self.runs.update_one(query, at_entry({"$set": {"size": size,
-                                                              "file_count": file_count}}),
-                                    array_filters=entry_filter(key)).matched_count == 1
+    def record_sizes(self, sizes: Sequence[tuple[Any, EntryKey, int, int]]) -> int:
+        """Set ``size`` and ``file_count`` of copies ``(run id, key, size, file_count)`` still
+        ``transferred``, and a raw copy's size as its run's ``raw_size_byte`` where unset, in
+        one round trip (AddSize after an import: 100,000 copies).  Returns how many writes
+        changed something; a batch that failed is sent again whole at the next pass."""
+        if not sizes or self._skip("sizes of", len(sizes), "copies"):
+            return 0
+        requests = [UpdateOne({"_id": run_id, "data": key.elem_match(status=TRANSFERRED)},
+                              at_entry({"$set": {"size": size, "file_count": file_count}}),
+                              array_filters=list[Mapping[str, Any]](entry_filter(key)))
+                    for run_id, key, size, file_count in sizes]
+        requests += [UpdateOne({"_id": run_id, "raw_size_byte": {"$exists": False}},
+                               {"$set": {"raw_size_byte": size}})
+                     for run_id, key, size, _ in sizes if key.type == "raw"]
+        return int(self.runs.bulk_write(requests, ordered=False).modified_count)
 
     # -- claimed work: the transitions of an entry under a lease -----------------------------
 

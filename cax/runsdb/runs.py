@@ -218,14 +218,6 @@ class RunsDB(Ledger):
         return self.runs.update_one({"_id": run_id}, {"$set": fields}).matched_count == 1
 
     @db_call
-    def set_run_fields_once(self, run_id: Any, fields: dict[str, Any]) -> bool:
-        """Set top-level fields of a run that has none of them yet (e.g. ``raw_size_byte``)."""
-        query = {"_id": run_id, **{name: {"$exists": False} for name in fields}}
-        if self._skip("set once", run_id, fields):
-            return True
-        return self.runs.update_one(query, {"$set": fields}).modified_count == 1
-
-    @db_call
     def find_site_locations(self, host: str) -> list[dict[str, Any]]:
         """Return ``{location, status}`` of every entry at ``host``, fetching nothing else."""
         found = self.runs.find({"data.host": host},

@@ -35,7 +35,6 @@ import datetime as dt
 import logging
 import os
 import sqlite3
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -48,33 +47,42 @@ import mongomock.filtering
 import mongomock.helpers
 from bson import ObjectId
 from bson.codec_options import CodecOptions
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, UpdateOne
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 from pymongo.results import (
+    BulkWriteResult,
     DeleteResult,
     InsertManyResult,
     InsertOneResult,
     UpdateResult,
 )
 
+from cax.runsdb.storeeval import (
+    entry_count,
+    inclusion,
+    project,
+    resolve_array_filters,
+    settled,
+    sql_order,
+)
 from cax.runsdb.storefile import StoreFile, id_key
-from cax.runsdb.storeunique import make_spec
 from cax.runsdb.storeindex import (
-    ENTRY_COLUMNS,
     EVERYTHING,
     SORT_COLUMNS,
     Candidates,
-    intersect,
 )
+from cax.runsdb.storeunique import make_spec
 
 log = logging.getLogger(__name__)
 
-CODEC = CodecOptions(tz_aware=True)
+CODEC: CodecOptions = CodecOptions(tz_aware=True)
 Listener = Callable[[str], None]
 DocumentsListener = Callable[[int], None]
-#: Queries whose non-matches are remembered per client, and from how many non-matches on.
+#: Queries whose answers are remembered per client (see ``_matches``): how many, from how many
+#: candidates on, and up to how many matches (more are decoded anyway: nothing to save).
 MEMO_QUERIES = 32
 MEMO_ABOVE = 200
+MEMO_MATCHES = 20_000
 #: Candidates of a sorted, limited find that are decoded directly instead of met in index order.
 FEW_CANDIDATES = 200
 
@@ -108,8 +116,8 @@ class EmbeddedClient:
             self.file = StoreFile(self.path, read_only)
         except sqlite3.Error as exc:
             raise StoreError(f"embedded runs DB at {self.path}: {exc}") from exc
-        self._scratch = mongomock.MongoClient(tz_aware=True)
-        self._memo: OrderedDict[tuple[str, bytes], dict[int, int]] = OrderedDict()
+        self._scratch: Any = mongomock.MongoClient(tz_aware=True)
+        self._memo: OrderedDict[tuple[str, bytes], tuple[int, frozenset[int]]] = OrderedDict()
 
     def __getitem__(self, name: str) -> EmbeddedDatabase:
         return EmbeddedDatabase(self, name)
@@ -186,30 +194,37 @@ class EmbeddedCollection:
         """Yield (row, seq, BSON, document) of every match, in natural order, one at a time
         (a find of 100,000 runs holds each decoded run only until its caller took it).
 
-        With ``memo`` (reads), the documents a query did not match are remembered with their
-        generation: the next time the same query runs, only documents written since are
-        decoded and evaluated.  This is what keeps an idle pass cheap for queries the index
-        cannot judge (``$expr``, a missing field).  A query is the same only if its bytes are
-        (a condition on the current time makes each pass's query new).
+        With ``memo`` (reads), a query the index leaves many candidates for is remembered
+        with its matches and the store's generation: the next time it runs, the candidates
+        are those matches and the documents written since (``changed_since``, an index
+        range), whoever wrote them.  This keeps an idle pass cheap for queries the index
+        cannot judge (CompareChecksums' ``$expr``, AddSize's missing fields): at 100,000 runs
+        it decodes what changed, not every run.  A query is the same only if its bytes are (a
+        condition on the current time makes each pass's query new), and one that names
+        ``$$NOW`` is never remembered.
         """
-        found = self.file.candidates(self.coll, filter)
         naive = mongomock.helpers.patch_datetime_awareness_in_document(filter)
-        key = (self.coll, bson.encode({"q": filter})) if memo else None
+        key = None
+        if memo and self.file.seq_indexed:
+            key = (self.coll, bson.encode({"q": filter}))
+            if b"$$NOW" in key[1]:
+                key = None
+        generation = self.file.generation() if key else 0
         known = self.client._memo.get(key) if key else None
-        if known:
-            seqs = self.file.seqs(self.coll, found)
-            unchanged = {row for row, seq in seqs.items() if known.get(row) == seq}
-            found = intersect(found, Candidates(frozenset(unchanged), True))
-            misses = {row: known[row] for row in unchanged}
+        if known:  # the earlier matches and what changed since: no planning at all
+            since, matched = known
+            found = Candidates(matched | self.file.changed_since(self.coll, since), False)
         else:
-            misses = {}
+            found = self.file.candidates(self.coll, filter)
+            if not found.complement and len(found.rows) <= MEMO_ABOVE:
+                key = None  # few candidates: planning them again is cheap
+        matches = set()
         for row, seq, body, doc in self.file.load(self.coll, found):
             if mongomock.filtering.filter_applies(naive, doc):
+                matches.add(row)
                 yield row, seq, body, doc
-            else:
-                misses[row] = seq
-        if key and len(misses) >= MEMO_ABOVE and b"$$NOW" not in key[1]:
-            self.client._memo[key] = misses
+        if key and len(matches) <= MEMO_MATCHES:  # reached only when every match was taken
+            self.client._memo[key] = (generation, frozenset(matches))
             self.client._memo.move_to_end(key)
             while len(self.client._memo) > MEMO_QUERIES:
                 self.client._memo.popitem(last=False)
@@ -281,7 +296,8 @@ class EmbeddedCollection:
                 last = key
         odd = {r for r in self.file.irregular_rows(self.coll)
                if (r in found.rows) != found.complement}
-        docs += [doc for _, _, _, doc in self.file.load(self.coll, Candidates(frozenset(odd), False))
+        docs += [doc for _, _, _, doc in self.file.load(self.coll,
+                                                         Candidates(frozenset(odd), False))
                  if mongomock.filtering.filter_applies(naive, doc)]
         return docs
 
@@ -290,7 +306,7 @@ class EmbeddedCollection:
         filter = _bson_roundtrip(filter or {})
         with self._op("find", write=False):
             order = self._index_order(sort)
-            fields = _inclusion(projection)
+            fields = inclusion(projection)
             if order and limit and not skip:
                 docs = self._first_in_order(filter, order, limit)
             elif fields is not None and not skip and (order or not sort) \
@@ -322,14 +338,14 @@ class EmbeddedCollection:
         SQLite orders as MongoDB does (null, then numbers, then strings).
         """
         keep, with_id = fields
-        found = [(row, _settled({k: v for k, v in doc.items()
+        found = [(row, settled({k: v for k, v in doc.items()
                                  if k in keep or (with_id and k == "_id")}))
                  for row, _, _, doc in self._matches(filter, memo=True)]
         if order:
             keys = self.file.sort_keys(self.coll, [row for row, _ in found],
                                        [column for column, _ in order])
             for i, (_, direction) in reversed(list(enumerate(order))):  # stable: last key first
-                found.sort(key=lambda item, i=i: _sql_order(keys[item[0]][i]),
+                found.sort(key=lambda item, i=i: sql_order(keys[item[0]][i]),  # type: ignore[misc]
                            reverse=direction < 0)
         docs = [doc for _, doc in found]
         return docs[:limit] if limit else docs
@@ -353,7 +369,7 @@ class EmbeddedCollection:
         pipeline = _bson_roundtrip(pipeline)
         first = pipeline[0].get("$match") if pipeline else None
         with self._op("aggregate", write=False):
-            grouped = _entry_count(pipeline, self.file.entry_columns)
+            grouped = entry_count(pipeline, self.file.entry_columns)
             if grouped:
                 found = self._count_entries(pipeline, *grouped)
             else:
@@ -364,7 +380,7 @@ class EmbeddedCollection:
 
     def _count_entries(self, pipeline: list[dict], names: dict[str, str], total: str
                        ) -> list[dict]:
-        """Answer an entry count (see ``_entry_count``) from the index.
+        """Answer an entry count (see ``entry_count``) from the index.
 
         The documents the index cannot answer for (an entry with a grouped field unset, an
         irregular document) go through mongomock with the same pipeline, and the two
@@ -420,17 +436,48 @@ class EmbeddedCollection:
 
     def _update(self, command: str, method: str, filter: dict, update: dict, many: bool,
                 array_filters: list[dict] | None = None, **kwargs: Any) -> Any:
-        filter, update = _bson_roundtrip(filter), _bson_roundtrip(update)
         with self._op(command, write=True):
-            matched = self._matching(filter)
-            if not many:
-                matched = matched[:1]
-            if array_filters is not None:  # mongomock has none: each document on its own
-                return self._update_each(matched, update, array_filters)
-            scratch = self._scratch([doc for _, _, doc in matched])
-            result = getattr(scratch, method)(filter, update, **kwargs)
-            self._write_back(matched, scratch)
-            return result
+            return self._apply(method, filter, update, many, array_filters, **kwargs)
+
+    def _apply(self, method: str, filter: dict, update: dict, many: bool,
+               array_filters: list[dict] | None = None, **kwargs: Any) -> Any:
+        """One update inside the caller's writing transaction."""
+        filter, update = _bson_roundtrip(filter), _bson_roundtrip(update)
+        matched = self._matching(filter)
+        if not many:
+            matched = matched[:1]
+        if array_filters is not None:  # mongomock has none: each document on its own
+            return self._update_each(matched, update, array_filters)
+        scratch = self._scratch([doc for _, _, doc in matched])
+        result = getattr(scratch, method)(filter, update, **kwargs)
+        self._write_back(matched, scratch)
+        return result
+
+    def bulk_write(self, requests: Iterable[Any], ordered: bool = True) -> BulkWriteResult:
+        """Apply pymongo ``UpdateOne`` requests in one transaction (one commit, one fsync: 500
+        records of AddSize's first pass after an import cost one write, not 500).
+
+        Stricter than a server where they differ: if one request fails, none is applied (a
+        server keeps those before it, or all the others unordered), so a caller retries the
+        whole batch -- its writes must be idempotent, as cax's are.  A request of another kind,
+        or an option the store would have to ignore (upsert, collation, hint, sort), is
+        refused before anything is written.
+        """
+        requests = list(requests)
+        for request in requests:
+            if type(request) is not UpdateOne or request._upsert or request._collation \
+                    or request._hint or request._sort:
+                raise OperationFailure(f"the embedded runs DB's bulk_write takes UpdateOne "
+                                       f"without upsert, collation, hint or sort: {request!r}")
+        matched = modified = 0
+        with self._op("update", write=True):
+            for request in requests:
+                result = self._apply("update_one", request._filter, request._doc, False,
+                                     request._array_filters)
+                matched += result.matched_count
+                modified += result.modified_count
+        return BulkWriteResult({"nInserted": 0, "nUpserted": 0, "nMatched": matched,
+                                "nModified": modified, "nRemoved": 0, "upserted": []}, True)
 
     def _update_each(self, matched: list[tuple[int, bytes, dict]], update: dict,
                      array_filters: list[dict]) -> UpdateResult:
@@ -500,7 +547,7 @@ class EmbeddedCollection:
             scratch.update_one(filter, update)
             self._write_back(matched, scratch)
             found = scratch.find_one({"_id": before["_id"]}, projection) \
-                if return_document == ReturnDocument.AFTER else _project(before, projection)
+                if return_document == ReturnDocument.AFTER else project(before, projection)
         self._returned(1)
         return found
 
@@ -538,120 +585,3 @@ class EmbeddedCollection:
             self.file.next_seq()
             self.file.delete(row for row, _, _, _ in self.file.load(self.coll, EVERYTHING))
             self.file.drop_indexes(self.coll)
-
-
-def resolve_array_filters(doc: dict, update: dict, array_filters: list[dict]) -> dict:
-    """``update`` with each ``array.$[identifier].rest`` path replaced by the paths of the
-    elements of ``doc[array]`` that the identifier's filter selects (MongoDB 3.6's filtered
-    positional operator; mongomock has none).  Only a top-level array is supported, as cax
-    uses it; an identifier without a filter is refused, as by MongoDB."""
-    filters: dict[str, dict] = {}
-    for spec in array_filters:
-        for path, condition in spec.items():
-            ident, _, rest = path.partition(".")
-            filters.setdefault(ident, {})[rest or "$self"] = condition
-    resolved: dict[str, dict] = {}
-    for op, fields in update.items():
-        out: dict[str, Any] = {}
-        for path, value in fields.items():
-            head, marker, tail = path.partition(".$[")
-            if not marker:
-                out[path] = value
-                continue
-            ident, _, rest = tail.partition("]")
-            if ident not in filters or "." in head or "$[" in rest:
-                raise OperationFailure(f"the embedded runs DB cannot resolve {path!r}")
-            condition = mongomock.helpers.patch_datetime_awareness_in_document(filters[ident])
-            for index, element in enumerate(doc.get(head) or ()):
-                if isinstance(element, dict) and mongomock.filtering.filter_applies(condition,
-                                                                                   element):
-                    out[f"{head}.{index}{rest}"] = value
-        if out:
-            resolved[op] = out
-    return resolved
-
-
-def _entry_count(pipeline: list[dict], columns: dict[str, str] = ENTRY_COLUMNS
-                 ) -> tuple[dict[str, str], str] | None:
-    """Recognise a count of ``data[]`` entries grouped by index fields, else None.
-
-    The shape is ``[$project of data.* fields (optional), $unwind "$data", $group {_id:
-    {name: "$data.<field>", ...}, total: {$sum: 1}}]``, with every field one the index holds:
-    the index then answers it exactly, without decoding run documents.  Returns the group
-    names mapped to index columns, and the name of the total.
-    """
-    stages = list(pipeline)
-    if stages and set(stages[0]) == {"$project"} and all(
-            key == "_id" or key.startswith("data.") for key in stages[0]["$project"]):
-        projected = {key[5:] for key, keep in stages[0]["$project"].items() if key != "_id" and keep}
-        stages = stages[1:]
-    else:
-        projected = None
-    if len(stages) != 2 or stages[0] != {"$unwind": "$data"} or set(stages[1]) != {"$group"}:
-        return None
-    group = dict(stages[1]["$group"])
-    key = group.pop("_id", None)
-    if not isinstance(key, dict) or not key or len(group) != 1:
-        return None
-    (total, accumulator), = group.items()
-    if accumulator != {"$sum": 1}:
-        return None
-    names = {}
-    for name, path in key.items():
-        field = path[6:] if isinstance(path, str) and path.startswith("$data.") else None
-        if field not in columns or (projected is not None and field not in projected):
-            return None
-        names[name] = columns[field]
-    return names, total
-
-
-def _inclusion(projection: Any) -> tuple[set[str], bool] | None:
-    """(fields kept, whether ``_id`` is) of a plain inclusion projection of top-level
-    fields (None: all of them), or None for anything else (mongomock applies those)."""
-    if projection is None:
-        return None
-    if not isinstance(projection, dict) or not projection:
-        return None
-    keep = set()
-    with_id = True
-    for key, value in projection.items():
-        if not isinstance(key, str) or "." in key or key.startswith("$"):
-            return None
-        if key == "_id" and value in (0, False) and not isinstance(value, float):
-            with_id = False
-        elif value in (1, True) and not isinstance(value, float):
-            keep.add(key)
-        else:
-            return None
-    return (keep, with_id) if keep or with_id else None
-
-
-def _settled(value: Any) -> Any:
-    """A decoded value as a client returns it (datetimes aware, in UTC, as mongomock's
-    ``tz_aware`` client gives them), its field names interned: every run's ``host`` is then
-    one string, and 100,000 runs held by a pass take 40% less memory."""
-    if isinstance(value, dict):
-        return {sys.intern(k): _settled(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_settled(v) for v in value]
-    if isinstance(value, dt.datetime):
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
-
-
-def _sql_order(value: Any) -> tuple[int, Any]:
-    """A regular document's sort column as SQLite (and MongoDB) orders it: null, numbers,
-    strings."""
-    if value is None:
-        return 0, 0
-    if isinstance(value, str):
-        return 2, value
-    return 1, value
-
-
-def _project(doc: dict, projection: Any) -> dict:
-    """Apply a simple inclusion projection to a document already in memory."""
-    if not projection:
-        return doc
-    keep = set(projection) | {"_id"}
-    return {k: v for k, v in doc.items() if k in keep}

@@ -37,154 +37,51 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import os
 import sqlite3
 import threading
-import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import bson
-from bson.codec_options import CodecOptions
-from pymongo.errors import DocumentTooLarge
 
 from cax.runsdb.storeindex import (
     ENTRY_COLUMNS,
     EVERYTHING,
+    RANGE_COLUMNS,
     Candidates,
+    SqlIndexReader,
+    id_key,
     index_values,
-    sql_conditions,
 )
-from cax.runsdb.storeplan import Planner, Term
+from cax.runsdb.storeplan import Planner
+from cax.runsdb.storeschema import (
+    CODEC,
+    ENTRY_INSERT,
+    FORMAT,
+    columns,
+    create_schema,
+    encode_body,
+    unpack,
+)
 from cax.runsdb.storeunique import (
     ID_INDEX,
-    UNDEFINED,
     IndexSpec,
-    canonical,
     conflict,
+    decode_key,
     duplicate_key,
-    key_values,
+    unique_rows,
 )
 
 log = logging.getLogger(__name__)
 
-#: Documents are decoded with naive UTC datetimes: the form mongomock evaluates on.
-CODEC = CodecOptions()
 FILE_NAME = "runsdb.sqlite"
 CLOCK_NAME = "clock"
-#: 1: the first SQLite format; 2: ``docs.start`` (epoch ms) added, for sorted limited finds;
-#: 3: ``entries.location`` added, and the tables of declared indexes and unique keys; the
-#: index on ``docs.seq`` dropped (no query used it, and every write rewrote it).
-FORMAT = 3
-PACK_ABOVE = 2048
-#: MongoDB's largest document (maxBsonObjectSize): 16 MiB.
-MAX_BSON_SIZE = 16 * 1024 * 1024
 BUSY_TIMEOUT_S = 60.0
 #: The persisted journal is truncated to this after a large transaction (a migration).
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
-
-TABLES = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS docs (
-    row INTEGER PRIMARY KEY AUTOINCREMENT,
-    coll TEXT NOT NULL, key BLOB NOT NULL, seq INTEGER NOT NULL,
-    number, name, irregular INTEGER NOT NULL DEFAULT 0,
-    packed INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL, start INTEGER);
-CREATE TABLE IF NOT EXISTS entries (
-    doc INTEGER NOT NULL, coll TEXT NOT NULL, host, type, status, version, location);
-CREATE TABLE IF NOT EXISTS indexes (
-    coll TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, is_unique INTEGER NOT NULL,
-    PRIMARY KEY (coll, name)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS index_keys (
-    coll TEXT NOT NULL, name TEXT NOT NULL, key BLOB NOT NULL, doc INTEGER NOT NULL,
-    PRIMARY KEY (coll, name, key)) WITHOUT ROWID;
-"""
-INDEXES = """
-CREATE UNIQUE INDEX IF NOT EXISTS docs_key ON docs (coll, key);
-DROP INDEX IF EXISTS docs_seq;
-CREATE INDEX IF NOT EXISTS docs_number ON docs (coll, number);
-CREATE INDEX IF NOT EXISTS docs_name ON docs (coll, name);
-CREATE INDEX IF NOT EXISTS docs_irregular ON docs (coll, irregular);
-CREATE INDEX IF NOT EXISTS docs_start ON docs (coll, start, number);
-CREATE INDEX IF NOT EXISTS entries_doc ON entries (doc);
-CREATE INDEX IF NOT EXISTS entries_hts ON entries (coll, host, type, status);
-CREATE INDEX IF NOT EXISTS entries_sh ON entries (coll, status, host);
-CREATE INDEX IF NOT EXISTS entries_location ON entries (coll, location);
-CREATE INDEX IF NOT EXISTS index_keys_doc ON index_keys (doc);
-"""
-ENTRY_INSERT = ("INSERT INTO entries (doc, coll, host, type, status, version, location) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)")
-
-
-def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
-    return {column for _, column, *_ in conn.execute(f"PRAGMA table_info({table})")}
-
-
-def _create_schema(conn: sqlite3.Connection) -> None:
-    """Create the tables inside the caller's transaction (``executescript`` would commit),
-    bringing an older store's tables up to date first (see ``_reindex``)."""
-    for statement in TABLES.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-    upgraded = False
-    if "start" not in _columns(conn, "docs"):  # format 1
-        conn.execute("ALTER TABLE docs ADD COLUMN start INTEGER")
-        upgraded = True
-    if "location" not in _columns(conn, "entries"):  # formats 1 and 2
-        conn.execute("ALTER TABLE entries ADD COLUMN location")
-        upgraded = True
-    if upgraded:
-        _reindex(conn)
-    for statement in INDEXES.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-
-
-def _reindex(conn: sqlite3.Connection) -> None:
-    """Recompute every document's index values from its body (once; seconds at 100,000
-    runs): a new column is filled, and a document a new column makes irregular is marked."""
-    conn.execute("DELETE FROM entries")
-    rows = [row for (row,) in conn.execute("SELECT row FROM docs ORDER BY row")]
-    for start in range(0, len(rows), 1000):  # in chunks: memory does not grow with the store
-        chunk = rows[start:start + 1000]
-        docs, entries = [], []
-        for row, coll, packed, body in conn.execute(
-                f"SELECT row, coll, packed, body FROM docs WHERE row IN "
-                f"({', '.join('?' * len(chunk))})", chunk).fetchall():
-            values = index_values(bson.decode(unpack(packed, body), codec_options=CODEC))
-            docs.append((values.number, values.name, int(values.irregular), values.start, row))
-            entries.extend((row, coll, *entry) for entry in values.entries)
-        conn.executemany("UPDATE docs SET number = ?, name = ?, irregular = ?, start = ? "
-                         "WHERE row = ?", docs)
-        conn.executemany(ENTRY_INSERT, entries)
-    conn.execute("UPDATE meta SET value = ? WHERE name = 'format'", (FORMAT,))
-    log.info("runs DB: upgraded the embedded store to format %d (%d documents)", FORMAT,
-             len(rows))
-
-
-def id_key(value: Any) -> bytes:
-    """The stored key of an ``_id``: its BSON encoding, so ObjectId("..") and ".." differ."""
-    return bson.encode({"": value})
-
-
-def encode_body(doc: dict[str, Any]) -> tuple[int, bytes]:
-    """A document's stored body; one larger than a MongoDB server accepts is refused, as by
-    pymongo (DocumentTooLarge), so nothing the embedded store holds could not be moved to one."""
-    raw = bson.encode(doc)
-    if len(raw) > MAX_BSON_SIZE:
-        raise DocumentTooLarge(f"BSON document too large ({len(raw)} bytes) - the embedded "
-                               f"runs DB supports BSON document sizes up to {MAX_BSON_SIZE} "
-                               "bytes")
-    if len(raw) > PACK_ABOVE:
-        return 1, zlib.compress(raw, 1)
-    return 0, raw
-
-
-def unpack(packed: int, body: bytes) -> bytes:
-    return zlib.decompress(body) if packed else body
 
 
 class StoreFile:
@@ -207,11 +104,17 @@ class StoreFile:
         self.identity = self._identity()
         # An older store opened read-only cannot be upgraded: what it lacks is not used.
         #: False for a format-1 store opened read-only: sorts are not answered from the index.
-        self.sortable = "start" in _columns(self.conn, "docs")
+        self.sortable = "start" in columns(self.conn, "docs")
         #: The entry fields the index holds (a format-1 or 2 store opened read-only: no location).
-        located = "location" in _columns(self.conn, "entries")
+        held = columns(self.conn, "entries")
         self.entry_columns = {field: column for field, column in ENTRY_COLUMNS.items()
-                              if located or column != "location"}
+                              if column in held}
+        #: The entry fields the planner may use: those and the range columns it has.
+        self.plan_columns = {**self.entry_columns, **{
+            field: column for field, column in RANGE_COLUMNS.items() if column in held}}
+        #: Whether ``docs (coll, seq)`` is indexed (format 4): remembered answers need it.
+        self.seq_indexed = bool(self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'docs_seq'").fetchone())
         self.has_indexes = "indexes" in {name for (name,) in self.conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
 
@@ -232,7 +135,7 @@ class StoreFile:
             return conn
         conn = self._connect(":memory:", uri=False)
         with self.transaction(conn, write=True):
-            _create_schema(conn)
+            create_schema(conn)
             self._migrate(conn)
         return conn
 
@@ -245,7 +148,7 @@ class StoreFile:
         self.conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         self.conn.execute("PRAGMA synchronous = FULL")
         with self.transaction(write=True):
-            _create_schema(self.conn)
+            create_schema(self.conn)
             found = self.conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
             if found is None:
                 migrated = self._migrate(self.conn)
@@ -332,7 +235,7 @@ class StoreFile:
 
     def candidates(self, coll: str, query: dict[str, Any]) -> Candidates:
         """A superset of the documents of ``coll`` matching ``query`` (see ``storeplan``)."""
-        found = Planner(_IndexReader(self.conn, coll), self.entry_columns,
+        found = Planner(SqlIndexReader(self.conn, coll), self.plan_columns,
                         start_column=self.sortable).plan(query)
         if found.everything:
             return EVERYTHING
@@ -341,7 +244,8 @@ class StoreFile:
             return Candidates(found.rows - irregular, True)
         return Candidates(found.rows | irregular, False)
 
-    def load(self, coll: str, found: Candidates) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    def load(self, coll: str, found: Candidates
+             ) -> Iterator[tuple[int, int, bytes, dict[str, Any]]]:
         """Yield (row, seq, BSON, document) of the candidates, in insertion order."""
         if not found.complement:
             if not found.rows:
@@ -426,19 +330,11 @@ class StoreFile:
             (coll, coll)).fetchall()
         return counts, left_out | self.irregular_rows(coll)
 
-    def seqs(self, coll: str, found: Candidates) -> dict[int, int]:
-        """The generation of each candidate's last write, without reading any body."""
-        if found.complement or len(found.rows) > 5000:
-            every = dict(self.conn.execute("SELECT row, seq FROM docs WHERE coll = ?", (coll,)))
-            if found.complement:
-                return {r: s for r, s in every.items() if r not in found.rows}
-            return {r: every[r] for r in found.rows if r in every}
-        rows, result = sorted(found.rows), {}
-        for start in range(0, len(rows), 500):
-            chunk = rows[start:start + 500]
-            result.update(self.conn.execute(
-                f"SELECT row, seq FROM docs WHERE row IN ({', '.join('?' * len(chunk))})", chunk))
-        return result
+    def changed_since(self, coll: str, generation: int) -> set[int]:
+        """The documents of ``coll`` written after ``generation`` (an index range: the few
+        rows an idle pass finds changed, not the collection)."""
+        return {r for (r,) in self.conn.execute(
+            "SELECT row FROM docs WHERE coll = ? AND seq > ?", (coll, generation))}
 
     def put_many(self, coll: str, docs: Iterable[dict[str, Any]], *, seq: int,
                  conn: sqlite3.Connection | None = None) -> None:
@@ -463,7 +359,7 @@ class StoreFile:
             batch.append((row, coll, id_key(doc["_id"]), seq, values.number, values.name,
                           int(values.irregular), packed, body, values.start))
             entries.extend((row, coll, *entry) for entry in values.entries)
-            keys.extend(_unique_rows(coll, row, doc, uniques))
+            keys.extend(unique_rows(coll, row, doc, uniques))
             if len(batch) >= 1000:
                 self._insert(conn, coll, batch, entries, keys, uniques)
         self._insert(conn, coll, batch, entries, keys, uniques)
@@ -504,7 +400,7 @@ class StoreFile:
                     (coll, name, key)).fetchone() or (doc,)
                 if holder != doc:
                     raise duplicate_key(coll, specs[name],
-                                        tuple(_decode_key(key))) from None
+                                        tuple(decode_key(key))) from None
             raise
 
     def replace(self, coll: str, row: int, doc: dict[str, Any], *, seq: int) -> None:
@@ -524,7 +420,7 @@ class StoreFile:
         assigned = "".join(f", {column} = ?" for column in changed)
         self.conn.execute(f"UPDATE docs SET seq = ?, packed = ?, body = ?{assigned} WHERE row = ?",
                           (seq, packed, body, *changed.values(), row))
-        columns = ", ".join(self.entry_columns.values())
+        columns = ", ".join([*ENTRY_COLUMNS.values(), *RANGE_COLUMNS.values()])
         stored = self.conn.execute(f"SELECT {columns} FROM entries WHERE doc = ?",
                                    (row,)).fetchall()
         if sorted(map(repr, stored)) != sorted(repr(tuple(e)) for e in values.entries):
@@ -532,7 +428,7 @@ class StoreFile:
             self.conn.executemany(ENTRY_INSERT, [(row, coll, *e) for e in values.entries])
         uniques = self.unique_indexes(coll)
         if uniques:
-            keys = _unique_rows(coll, row, doc, uniques)
+            keys = unique_rows(coll, row, doc, uniques)
             held = self.conn.execute("SELECT coll, name, key, doc FROM index_keys WHERE doc = ?",
                                      (row,)).fetchall()
             if sorted(held) != sorted(keys):
@@ -578,7 +474,7 @@ class StoreFile:
             return
         keys: list[tuple] = []
         for row, _, _, doc in self.load(coll, EVERYTHING):
-            keys.extend(_unique_rows(coll, row, doc, [spec]))
+            keys.extend(unique_rows(coll, row, doc, [spec]))
             if len(keys) >= 5000:
                 self._insert_keys(self.conn, coll, keys, [spec])
                 keys.clear()
@@ -607,57 +503,3 @@ class StoreFile:
         finally:
             os.close(fd)
         return dt.datetime.fromtimestamp(mtime_ns / 1e9, tz=dt.timezone.utc)
-
-
-def _unique_rows(coll: str, row: int, doc: dict[str, Any], uniques: list[IndexSpec]
-                 ) -> list[tuple[str, str, bytes, int]]:
-    """The ``index_keys`` rows of one document: its distinct keys in each unique index."""
-    return [(coll, spec.name, canonical(values), row)
-            for spec in uniques if spec.indexes(doc) for values in key_values(doc, spec.keys)]
-
-
-def _decode_key(key: bytes) -> list[Any]:
-    """The values of a stored key, for an error message (numbers as the index holds them)."""
-    return [UNDEFINED if v == UNDEFINED else math.nan if v == {"$nan": True} else v
-            for v in bson.decode(key)["k"]]
-
-
-class _IndexReader:
-    """The planner's view of one collection's index rows (see ``storeplan.IndexReader``)."""
-
-    def __init__(self, conn: sqlite3.Connection, coll: str):
-        self.conn = conn
-        self.coll = coll
-
-    @staticmethod
-    def _where(term: Term) -> tuple[str, str, str, list[Any]]:
-        """(table, its document id column, conditions, parameters) of ``term``."""
-        columns = {("key" if column == "_id" else column):
-                   ([id_key(v) for v in values] if column == "_id" else values)
-                   for column, values in term.columns}
-        where, params = sql_conditions(columns)
-        if term.table == "doc":
-            return "docs", "row", where, params
-        return "entries", "doc", where, params
-
-    def rows(self, term: Term) -> set[int]:
-        table, ident, where, params = self._where(term)
-        return {r for (r,) in self.conn.execute(
-            f"SELECT {ident} FROM {table} WHERE coll = ? AND {where}", [self.coll, *params])}
-
-    def count(self, term: Term, cap: int) -> int:
-        table, _, where, params = self._where(term)
-        (n,) = self.conn.execute(
-            f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE coll = ? AND {where} LIMIT ?)",
-            [self.coll, *params, cap]).fetchone()
-        return int(n)
-
-    def probe(self, term: Term, rows: Iterable[int]) -> set[int]:
-        table, ident, where, params = self._where(term)
-        rows, found = sorted(rows), set()
-        for start in range(0, len(rows), 500):
-            chunk = rows[start:start + 500]
-            found.update(r for (r,) in self.conn.execute(
-                f"SELECT {ident} FROM {table} WHERE {ident} IN ({', '.join('?' * len(chunk))}) "
-                f"AND {where}", [*chunk, *params]))
-        return found

@@ -21,12 +21,27 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import bson
+
+if TYPE_CHECKING:
+    from cax.runsdb.storeplan import Term
 
 #: Entry fields held by the index, and their column names.
 ENTRY_COLUMNS = {"host": "host", "type": "type", "status": "status", "pax_version": "version",
                  "location": "location"}
+#: Entry fields held by the index for range conditions only (never equality or grouping: the
+#: column holds a date as epoch milliseconds, and ``NEVER`` for anything else), and their
+#: columns.  Scrub asks for the copies not verified since a time that moves with every pass,
+#: so no remembered answer serves it; this column does (an index range, not every run).
+RANGE_COLUMNS = {"verified_time": "verified"}
+#: ``verified`` of an entry whose ``verified_time`` is missing, null or not a date: below every
+#: date MongoDB can hold, so "not verified since T" is one range (``verified < T``).
+NEVER = -(2 ** 62)
 #: Top-level fields held by the index (columns of the document table) that queries select on.
 DOC_COLUMNS = ("number", "name")
 #: Top-level fields a sort may be answered from the index on (``start`` as epoch milliseconds).
@@ -53,13 +68,16 @@ def plain(value: Any) -> bool:
     return value is None or (isinstance(value, Scalar) and not isinstance(value, bool))
 
 
-def _epoch_ms(value: Any) -> int | None:
-    """``start`` as the store sorts it: BSON dates are milliseconds since the epoch."""
-    if not isinstance(value, dt.datetime):
-        return None
+def _ms(value: dt.datetime) -> int:
+    """A date as the index holds it: BSON dates are milliseconds since the epoch."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.timezone.utc)
     return (value - EPOCH) // dt.timedelta(milliseconds=1)
+
+
+def _epoch_ms(value: Any) -> int | None:
+    """``start`` (or ``verified_time``) as the store sorts it, None if it is not a date."""
+    return _ms(value) if isinstance(value, dt.datetime) else None
 
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
@@ -81,7 +99,8 @@ def index_values(doc: dict[str, Any]) -> IndexValues:
         values = tuple(entry.get(field) for field in ENTRY_COLUMNS)
         if not all(plain(v) for v in values):
             irregular = True
-        entries.append(values)  # type: ignore[arg-type]
+        verified = _epoch_ms(entry.get("verified_time"))
+        entries.append((*values, NEVER if verified is None else verified))
     if irregular:  # a candidate for every query: its columns are never consulted
         return IndexValues(None, None, None, [], True)
     return IndexValues(number, name, _epoch_ms(start), entries, False)
@@ -132,17 +151,45 @@ class Compare:
     terms: tuple[tuple[str, int], ...]
 
 
+#: Conditions on ``verified_time`` answered by a range of ``entries.verified`` that holds every
+#: match: a non-date, stored as NEVER, satisfies ``$lt`` (and ``$not $gte``) there and not on
+#: MongoDB, so the answer is a superset, never exact (mongomock judges the candidates).
+VERIFIED_OPERATORS = {"$lt": "<", "$lte": "<=", "$gt": ">", "$gte": ">=", "$eq": "="}
+VERIFIED_NEGATIONS = {"$gte": "<", "$gt": "<="}
+
+
+def verified_compare(condition: Any) -> Compare | None:
+    """``verified_time``'s condition as a range of ``entries.verified`` holding every match
+    (see VERIFIED_OPERATORS), or None if it is not one: a date, date comparisons, or ``$not``
+    of one ``$gte``/``$gt`` a date (Scrub's "not verified since")."""
+    if isinstance(condition, dt.datetime):
+        condition = {"$eq": condition}
+    if not isinstance(condition, dict) or not condition:
+        return None
+    terms = []
+    for op, value in condition.items():
+        if op == "$not" and isinstance(value, dict) and len(value) == 1:
+            (inner, value), = value.items()
+            sql = VERIFIED_NEGATIONS.get(inner)
+        else:
+            sql = VERIFIED_OPERATORS.get(op)
+        if sql is None or not isinstance(value, dt.datetime):
+            return None
+        terms.append((sql, _ms(value)))
+    return Compare(tuple(terms))
+
+
 def start_compare(condition: Any) -> Compare | None:
     """``start``'s condition as a Compare, if it is one the index answers exactly for regular
     documents (whose ``start`` is a date or null): a date, null, or date comparisons."""
     if condition is None:
         return Compare(())
     if isinstance(condition, dt.datetime):
-        return Compare((("=", _epoch_ms(condition)),))
+        return Compare((("=", _ms(condition)),))
     if isinstance(condition, dict) and condition and all(
             op in START_OPERATORS and isinstance(value, dt.datetime)
             for op, value in condition.items()):
-        return Compare(tuple((START_OPERATORS[op], _epoch_ms(value))
+        return Compare(tuple((START_OPERATORS[op], _ms(value))
                              for op, value in condition.items()))
     return None
 
@@ -160,3 +207,49 @@ def sql_conditions(columns: dict[str, Any]) -> tuple[str, list[Any]]:
         parts.append(f"{column} IN ({', '.join('?' * len(values))})")
         params.extend(values)
     return " AND ".join(parts), params
+
+
+def id_key(value: Any) -> bytes:
+    """The stored key of an ``_id``: its BSON encoding, so ObjectId("..") and ".." differ."""
+    return bson.encode({"": value})
+
+
+class SqlIndexReader:
+    """The planner's view of one collection's index rows (see ``storeplan.IndexReader``)."""
+
+    def __init__(self, conn: sqlite3.Connection, coll: str):
+        self.conn = conn
+        self.coll = coll
+
+    @staticmethod
+    def _where(term: Term) -> tuple[str, str, str, list[Any]]:
+        """(table, its document id column, conditions, parameters) of ``term``."""
+        columns = {("key" if column == "_id" else column):
+                   ([id_key(v) for v in values] if column == "_id" else values)
+                   for column, values in term.columns}
+        where, params = sql_conditions(columns)
+        if term.table == "doc":
+            return "docs", "row", where, params
+        return "entries", "doc", where, params
+
+    def rows(self, term: Term) -> set[int]:
+        table, ident, where, params = self._where(term)
+        return {r for (r,) in self.conn.execute(
+            f"SELECT {ident} FROM {table} WHERE coll = ? AND {where}", [self.coll, *params])}
+
+    def count(self, term: Term, cap: int) -> int:
+        table, _, where, params = self._where(term)
+        (n,) = self.conn.execute(
+            f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE coll = ? AND {where} LIMIT ?)",
+            [self.coll, *params, cap]).fetchone()
+        return int(n)
+
+    def probe(self, term: Term, rows: Iterable[int]) -> set[int]:
+        table, ident, where, params = self._where(term)
+        rows, found = sorted(rows), set[int]()
+        for start in range(0, len(rows), 500):
+            chunk = rows[start:start + 500]
+            found.update(r for (r,) in self.conn.execute(
+                f"SELECT {ident} FROM {table} WHERE {ident} IN ({', '.join('?' * len(chunk))}) "
+                f"AND {where}", [*chunk, *params]))
+        return found

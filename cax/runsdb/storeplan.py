@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 from bson.regex import Regex
 
@@ -36,11 +36,13 @@ from cax.runsdb.storeindex import (
     DOC_COLUMNS,
     ENTRY_COLUMNS,
     EVERYTHING,
+    RANGE_COLUMNS,
     Candidates,
     intersect,
     plain,
     start_compare,
     union,
+    verified_compare,
 )
 
 #: Candidates left by the driver below which the other terms are left to mongomock.
@@ -86,7 +88,7 @@ class _All:
 
 
 ALL = _All()
-Node = Union[Term, And, Or, _All]
+Node = Term | And | Or | _All
 
 
 class IndexReader(Protocol):
@@ -140,9 +142,10 @@ def id_values(condition: Any) -> tuple[Any, ...] | None:
 
 def parse(query: dict[str, Any], entry_columns: Mapping[str, str] = ENTRY_COLUMNS,
           start_column: bool = True) -> Node:
-    """The tree of index terms of ``query`` (``entry_columns``: the entry fields indexed;
-    ``start_column``: whether ``docs.start`` holds every document's start, for the keyset pages
-    of ``cax web``, which ask for the runs that started before a time)."""
+    """The tree of index terms of ``query`` (``entry_columns``: the entry fields indexed, with
+    those of RANGE_COLUMNS the store has; ``start_column``: whether ``docs.start`` holds every
+    document's start, for the keyset pages of ``cax web``, which ask for the runs that started
+    before a time)."""
     parts = [_field(key, condition, entry_columns, start_column)
              for key, condition in query.items()]
     parts = [p for p in parts if p is not ALL]
@@ -169,7 +172,7 @@ def _field(key: str, condition: Any, entry_columns: Mapping[str, str],
     if key == "start" and start_column:
         compare = start_compare(condition)
         return ALL if compare is None else Term("doc", (("start", compare),))
-    if key.startswith("data.") and key[5:] in entry_columns:
+    if key.startswith("data.") and key[5:] in entry_columns and key[5:] not in RANGE_COLUMNS:
         values = values_of(condition)
         return ALL if values is None else Term("entry", ((entry_columns[key[5:]], values),))
     if key == "data" and isinstance(condition, dict):
@@ -195,11 +198,18 @@ def _data(condition: dict[str, Any], entry_columns: Mapping[str, str]) -> Node:
 
 
 def _entry_columns(match: dict[str, Any], entry_columns: Mapping[str, str]
-                   ) -> tuple[tuple[tuple[str, tuple[Any, ...]], ...], bool]:
-    """The index columns ``match`` restricts, and whether they are all it asks."""
-    columns = []
+                   ) -> tuple[tuple[tuple[str, Any], ...], bool]:
+    """The index columns ``match`` restricts, and whether they are all it asks (a range
+    column's answer is never exact: see ``verified_compare``)."""
+    columns: list[tuple[str, Any]] = []
     exact = True
     for field, condition in match.items():
+        if field in RANGE_COLUMNS and field in entry_columns:
+            compare = verified_compare(condition)
+            if compare is not None:
+                columns.append((entry_columns[field], compare))
+            exact = False
+            continue
         values = values_of(condition) if field in entry_columns else None
         if values is None:
             exact = False

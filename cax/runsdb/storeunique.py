@@ -295,3 +295,16 @@ def duplicate_key(namespace: str, spec: IndexSpec, values: tuple[Any, ...]
 
 
 ID_INDEX = IndexSpec("_id_", (("_id", 1),), True)
+
+
+def unique_rows(coll: str, row: int, doc: dict[str, Any], uniques: list[IndexSpec]
+                 ) -> list[tuple[str, str, bytes, int]]:
+    """The ``index_keys`` rows of one document: its distinct keys in each unique index."""
+    return [(coll, spec.name, canonical(values), row)
+            for spec in uniques if spec.indexes(doc) for values in key_values(doc, spec.keys)]
+
+
+def decode_key(key: bytes) -> list[Any]:
+    """The values of a stored key, for an error message (numbers as the index holds them)."""
+    return [UNDEFINED if v == UNDEFINED else math.nan if v == {"$nan": True} else v
+            for v in bson.decode(key)["k"]]
