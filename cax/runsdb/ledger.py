@@ -197,7 +197,7 @@ class Ledger(Manifests):
     @db_call
     def record_sizes(self, sizes: Sequence[tuple[Any, EntryKey, int, int]]) -> int:
         """Set ``size`` and ``file_count`` of copies ``(run id, key, size, file_count)`` still
-        ``transferred``, and a raw copy's size as its run's ``raw_size_byte`` where unset, in
+        ``transferred``, and such a raw copy's size as its run's ``raw_size_byte`` if unset, in
         one round trip (AddSize after an import: 100,000 copies).  Returns how many writes
         changed something; a batch that failed is sent again whole at the next pass."""
         if not sizes or self._skip("sizes of", len(sizes), "copies"):
@@ -206,7 +206,8 @@ class Ledger(Manifests):
                               at_entry({"$set": {"size": size, "file_count": file_count}}),
                               array_filters=list[Mapping[str, Any]](entry_filter(key)))
                     for run_id, key, size, file_count in sizes]
-        requests += [UpdateOne({"_id": run_id, "raw_size_byte": {"$exists": False}},
+        requests += [UpdateOne({"_id": run_id, "raw_size_byte": {"$exists": False},
+                                "data": key.elem_match(status=TRANSFERRED)},
                                {"$set": {"raw_size_byte": size}})
                      for run_id, key, size, _ in sizes if key.type == "raw"]
         return int(self.runs.bulk_write(requests, ordered=False).modified_count)

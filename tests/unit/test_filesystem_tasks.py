@@ -86,6 +86,37 @@ def test_add_size_dry_run_records_nothing(site_a, runsdb, runsdb_uri, tmp_path, 
     assert "dry run: would record raw at a: 3003 bytes in 3 file(s)" in caplog.text
 
 
+def test_add_size_records_an_import_in_batches_and_leaves_changed_copies(site_a, runsdb,
+                                                                          tmp_path):
+    """1,200 legacy copies cost a few writes, not 2,400 (one per copy and one per run before
+    record_sizes); a copy that stopped being ``transferred`` after the query is left alone."""
+    sparse = tmp_path / "a/raw"
+    sparse.mkdir(parents=True, exist_ok=True)
+    for n in range(1200):
+        (sparse / f"run{n}").mkdir()
+        (sparse / f"run{n}" / "f.zip").write_bytes(b"x" * (n % 7 + 1))
+    runsdb.insert_runs([make_run(n, name=f"run{n}", data=[copy_entry("a", sparse / f"run{n}")])
+                        for n in range(1200)])
+    ctx = make_context(site_a, "a", runsdb)
+    task = AddSize(ctx)
+    runs = runsdb.find_runs(task.query())
+    gone = runs[0]
+    assert runsdb.runs.update_one({"_id": gone["_id"]},
+                                  {"$set": {"data.0.status": "error"}}).modified_count == 1
+    before = runsdb.round_trips
+    for run in runs:
+        task.each_run(run)
+    task.finish()
+    assert runsdb.round_trips - before <= 3  # 500, 500, 200
+    run = runsdb.runs.find_one({"_id": runs[1]["_id"]})
+    entry = find_entry(run, EntryKey("a", "raw"))
+    n = run["number"]
+    assert (entry["size"], entry["file_count"], run["raw_size_byte"]) == (n % 7 + 1, 1, n % 7 + 1)
+    untouched = runsdb.runs.find_one({"_id": gone["_id"]})
+    assert "size" not in untouched["data"][0] and "raw_size_byte" not in untouched
+    assert runsdb.count_runs(task.query()) == 0  # and the changed one is not AddSize's
+
+
 # -- SetPermission ------------------------------------------------------------------------------
 
 def other_group() -> str:

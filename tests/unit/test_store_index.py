@@ -148,11 +148,12 @@ def test_sorted_limited_find_decodes_only_what_it_returns(tmp_path, monkeypatch)
     assert len(decoded) <= 200
 
 
-def test_format_1_store_is_upgraded_with_its_start_column(tmp_path):
+def test_format_1_store_is_upgraded_with_its_start_and_verified_columns(tmp_path):
     """A store written before ``start`` was indexed gets the column filled on first open."""
     store = EmbeddedClient(tmp_path)["run"]["runs"]
     t0 = dt.datetime(2017, 1, 1)
-    store.insert_many([{"number": n, "start": t0 - dt.timedelta(days=n)} for n in range(5)])
+    store.insert_many([{"number": n, "start": t0 - dt.timedelta(days=n), "data": [
+        {"host": "a", "verified_time": t0 - dt.timedelta(days=n)}]} for n in range(5)])
     store.client.close()
     import sqlite3
     conn = sqlite3.connect(tmp_path / FILE_NAME)
@@ -160,6 +161,9 @@ def test_format_1_store_is_upgraded_with_its_start_column(tmp_path):
     conn.execute("ALTER TABLE docs DROP COLUMN start")
     conn.execute("DROP INDEX entries_location")  # nor had it what format 3 added
     conn.execute("ALTER TABLE entries DROP COLUMN location")
+    conn.execute("DROP INDEX entries_shtv")  # nor what format 4 added
+    conn.execute("ALTER TABLE entries DROP COLUMN verified")
+    conn.execute("DROP INDEX docs_seq")
     conn.execute("DROP TABLE index_keys")
     conn.execute("DROP TABLE indexes")
     conn.execute("UPDATE meta SET value = 1 WHERE name = 'format'")
@@ -170,12 +174,20 @@ def test_format_1_store_is_upgraded_with_its_start_column(tmp_path):
     # no start column to ask: a condition on start is evaluated on every document
     assert [d["number"] for d in read_only.find({"start": {"$lt": t0 - dt.timedelta(days=2)}},
                                                 sort=NEWEST_FIRST, limit=2)] == [3, 4]
+    # nor a verified column, nor the (coll, seq) index remembered answers need
+    assert not read_only.file.seq_indexed and "verified_time" not in read_only.file.plan_columns
+    cutoff = t0 - dt.timedelta(days=3)
+    stale = {"data": {"$elemMatch": {"verified_time": {"$not": {"$gte": cutoff}}}}}
+    assert sorted(d["number"] for d in read_only.find(stale)) == [4]
+    assert [d["number"] for d in read_only.find({"$expr": {"$eq": ["$number", 2]}})] == [2]
     again = EmbeddedClient(tmp_path)["run"]["runs"]
-    assert again.file.sortable
+    assert again.file.sortable and again.file.seq_indexed
+    assert sorted(d["number"] for d in again.find(stale)) == [4]
     assert [d["number"] for d in again.find({}, sort=NEWEST_FIRST, limit=2)] == [0, 1]
     conn = sqlite3.connect(tmp_path / FILE_NAME)
     assert conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone() == (FORMAT,)
     assert conn.execute("SELECT count(*) FROM docs WHERE start IS NULL").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM entries WHERE verified IS NULL").fetchone() == (0,)
 
 
 MISSING = object()
