@@ -61,6 +61,7 @@ from cax.runsdb.storeschema import (
     CODEC,
     ENTRY_INSERT,
     FORMAT,
+    TAG_INSERT,
     columns,
     create_schema,
     encode_body,
@@ -92,7 +93,8 @@ class StoreFile:
         self.path = directory / FILE_NAME
         self.read_only = read_only
         self.lock = threading.RLock()
-        self.has_indexes = True  # a migration at opening writes into a store just created
+        # a migration at opening writes into a store just created
+        self.has_indexes = self.has_tags = True
         if read_only:
             if not directory.is_dir():
                 raise FileNotFoundError(f"no runs DB at {directory}")
@@ -115,8 +117,11 @@ class StoreFile:
         #: Whether ``docs (coll, seq)`` is indexed (format 4): remembered answers need it.
         self.seq_indexed = bool(self.conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'docs_seq'").fetchone())
-        self.has_indexes = "indexes" in {name for (name,) in self.conn.execute(
+        tables = {name for (name,) in self.conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.has_indexes = "indexes" in tables
+        #: Whether tag names are indexed (format 4; an older store opened read-only: no).
+        self.has_tags = "tags" in tables
 
     # -- opening ------------------------------------------------------------------------
 
@@ -236,7 +241,7 @@ class StoreFile:
     def candidates(self, coll: str, query: dict[str, Any]) -> Candidates:
         """A superset of the documents of ``coll`` matching ``query`` (see ``storeplan``)."""
         found = Planner(SqlIndexReader(self.conn, coll), self.plan_columns,
-                        start_column=self.sortable).plan(query)
+                        start_column=self.sortable, tag_column=self.has_tags).plan(query)
         if found.everything:
             return EVERYTHING
         irregular = self.irregular_rows(coll)
@@ -351,6 +356,7 @@ class StoreFile:
         uniques = self.unique_indexes(coll, conn)
         batch: list[tuple] = []
         entries: list[tuple] = []
+        tags: list[tuple] = []
         keys: list[tuple] = []
         for doc in docs:
             row += 1
@@ -359,13 +365,15 @@ class StoreFile:
             batch.append((row, coll, id_key(doc["_id"]), seq, values.number, values.name,
                           int(values.irregular), packed, body, values.start))
             entries.extend((row, coll, *entry) for entry in values.entries)
+            tags.extend((row, coll, name) for name in values.tags)
             keys.extend(unique_rows(coll, row, doc, uniques))
             if len(batch) >= 1000:
-                self._insert(conn, coll, batch, entries, keys, uniques)
-        self._insert(conn, coll, batch, entries, keys, uniques)
+                self._insert(conn, coll, batch, entries, tags, keys, uniques)
+        self._insert(conn, coll, batch, entries, tags, keys, uniques)
 
     def _insert(self, conn: sqlite3.Connection, coll: str, batch: list[tuple],
-                entries: list[tuple], keys: list[tuple], uniques: list[IndexSpec]) -> None:
+                entries: list[tuple], tags: list[tuple], keys: list[tuple],
+                uniques: list[IndexSpec]) -> None:
         try:
             conn.executemany("INSERT INTO docs (row, coll, key, seq, number, name, irregular, "
                              "packed, body, start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
@@ -377,9 +385,11 @@ class StoreFile:
                     raise duplicate_key(coll, ID_INDEX, (bson.decode(key)[""],)) from None
             raise
         conn.executemany(ENTRY_INSERT, entries)
+        conn.executemany(TAG_INSERT, tags)
         self._insert_keys(conn, coll, keys, uniques)
         batch.clear()
         entries.clear()
+        tags.clear()
         keys.clear()
 
     @staticmethod
@@ -426,6 +436,11 @@ class StoreFile:
         if sorted(map(repr, stored)) != sorted(repr(tuple(e)) for e in values.entries):
             self.conn.execute("DELETE FROM entries WHERE doc = ?", (row,))
             self.conn.executemany(ENTRY_INSERT, [(row, coll, *e) for e in values.entries])
+        held_tags = [name for (name,) in self.conn.execute("SELECT name FROM tags WHERE doc = ?",
+                                                           (row,))]
+        if sorted(map(repr, held_tags)) != sorted(map(repr, values.tags)):
+            self.conn.execute("DELETE FROM tags WHERE doc = ?", (row,))
+            self.conn.executemany(TAG_INSERT, [(row, coll, name) for name in values.tags])
         uniques = self.unique_indexes(coll)
         if uniques:
             keys = unique_rows(coll, row, doc, uniques)
@@ -439,6 +454,8 @@ class StoreFile:
         for row in rows:
             self.conn.execute("DELETE FROM docs WHERE row = ?", (row,))
             self.conn.execute("DELETE FROM entries WHERE doc = ?", (row,))
+            if self.has_tags:
+                self.conn.execute("DELETE FROM tags WHERE doc = ?", (row,))
             if self.has_indexes:
                 self.conn.execute("DELETE FROM index_keys WHERE doc = ?", (row,))
 

@@ -59,6 +59,7 @@ class IndexValues:
     start: int | None
     entries: list[tuple[Any, ...]]
     irregular: bool
+    tags: list[Any]
 
 
 def plain(value: Any) -> bool:
@@ -101,9 +102,18 @@ def index_values(doc: dict[str, Any]) -> IndexValues:
             irregular = True
         verified = _epoch_ms(entry.get("verified_time"))
         entries.append((*values, NEVER if verified is None else verified))
+    tags, names = doc.get("tags"), []
+    for tag in tags if isinstance(tags, list) else ():
+        if isinstance(tag, dict) and plain(tag.get("name")):
+            if tag.get("name") is not None:
+                names.append(tag["name"])
+        else:
+            irregular = True
+    if tags is not None and not isinstance(tags, list):
+        irregular = True
     if irregular:  # a candidate for every query: its columns are never consulted
-        return IndexValues(None, None, None, [], True)
-    return IndexValues(number, name, _epoch_ms(start), entries, False)
+        return IndexValues(None, None, None, [], True, [])
+    return IndexValues(number, name, _epoch_ms(start), entries, False, names)
 
 
 @dataclass(frozen=True)
@@ -230,7 +240,7 @@ class SqlIndexReader:
         where, params = sql_conditions(columns)
         if term.table == "doc":
             return "docs", "row", where, params
-        return "entries", "doc", where, params
+        return ("tags" if term.table == "tag" else "entries"), "doc", where, params
 
     def rows(self, term: Term) -> set[int]:
         table, ident, where, params = self._where(term)

@@ -55,7 +55,7 @@ INFINITE = float("inf")
 @dataclass(frozen=True)
 class Term:
     """Documents with index rows matching ``columns`` (column -> accepted values), all in the
-    same row: one document row (``table`` "doc") or one entry row (``table`` "entry").
+    same row: one document row (``table`` "doc"), one entry row ("entry") or one tag ("tag").
     ``negated``: the documents with *no* such row."""
 
     table: str
@@ -141,12 +141,12 @@ def id_values(condition: Any) -> tuple[Any, ...] | None:
 
 
 def parse(query: dict[str, Any], entry_columns: Mapping[str, str] = ENTRY_COLUMNS,
-          start_column: bool = True) -> Node:
+          start_column: bool = True, tag_column: bool = True) -> Node:
     """The tree of index terms of ``query`` (``entry_columns``: the entry fields indexed, with
     those of RANGE_COLUMNS the store has; ``start_column``: whether ``docs.start`` holds every
     document's start, for the keyset pages of ``cax web``, which ask for the runs that started
-    before a time)."""
-    parts = [_field(key, condition, entry_columns, start_column)
+    before a time; ``tag_column``: whether the names of ``tags`` are indexed)."""
+    parts = [_field(key, condition, entry_columns, start_column, tag_column)
              for key, condition in query.items()]
     parts = [p for p in parts if p is not ALL]
     if not parts:
@@ -155,10 +155,10 @@ def parse(query: dict[str, Any], entry_columns: Mapping[str, str] = ENTRY_COLUMN
 
 
 def _field(key: str, condition: Any, entry_columns: Mapping[str, str],
-           start_column: bool) -> Node:
+           start_column: bool, tag_column: bool) -> Node:
     if key in ("$and", "$or") and isinstance(condition, list) and condition:
-        parts = tuple(parse(q, entry_columns, start_column) if isinstance(q, dict) else ALL
-                      for q in condition)
+        parts = tuple(parse(q, entry_columns, start_column, tag_column)
+                      if isinstance(q, dict) else ALL for q in condition)
         if key == "$or":
             return ALL if any(p is ALL for p in parts) else Or(parts)
         parts = tuple(p for p in parts if p is not ALL)
@@ -175,6 +175,9 @@ def _field(key: str, condition: Any, entry_columns: Mapping[str, str],
     if key.startswith("data.") and key[5:] in entry_columns and key[5:] not in RANGE_COLUMNS:
         values = values_of(condition)
         return ALL if values is None else Term("entry", ((entry_columns[key[5:]], values),))
+    if key == "tags.name" and tag_column:
+        values = values_of(condition)
+        return ALL if values is None else Term("tag", (("name", values),))
     if key == "data" and isinstance(condition, dict):
         return _data(condition, entry_columns)
     return ALL
@@ -235,14 +238,16 @@ class Planner:
     """Turns one query into candidates through ``reader`` (see the module's docstring)."""
 
     def __init__(self, reader: IndexReader, entry_columns: Mapping[str, str] = ENTRY_COLUMNS,
-                 start_column: bool = True):
+                 start_column: bool = True, tag_column: bool = True):
         self.reader = reader
         self.entry_columns = entry_columns
         self.start_column = start_column
+        self.tag_column = tag_column
         self._counts: dict[Term, tuple[int, int]] = {}
 
     def plan(self, query: dict[str, Any]) -> Candidates:
-        found = self.resolve(parse(query, self.entry_columns, self.start_column), None)
+        found = self.resolve(parse(query, self.entry_columns, self.start_column,
+                                   self.tag_column), None)
         return EVERYTHING if found is None else found
 
     # -- estimates ------------------------------------------------------------------------

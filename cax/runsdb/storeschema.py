@@ -23,7 +23,7 @@ CODEC: CodecOptions = CodecOptions()
 #: index on ``docs.seq`` dropped (no query used it, and every write rewrote it); 4:
 #: ``entries.verified`` (Scrub's "not verified since", an index range) and the index on
 #: ``docs (coll, seq)`` back (a remembered answer is brought up to date from the rows written
-#: since: ``changed_since``).
+#: since: ``changed_since``), and the table of tag names (``tags.name``: cax web's filter).
 FORMAT = 4
 PACK_ABOVE = 2048
 #: MongoDB's largest document (maxBsonObjectSize): 16 MiB.
@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS docs (
 CREATE TABLE IF NOT EXISTS entries (
     doc INTEGER NOT NULL, coll TEXT NOT NULL, host, type, status, version, location,
     verified INTEGER);
+CREATE TABLE IF NOT EXISTS tags (doc INTEGER NOT NULL, coll TEXT NOT NULL, name);
 CREATE TABLE IF NOT EXISTS indexes (
     coll TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, is_unique INTEGER NOT NULL,
     PRIMARY KEY (coll, name)) WITHOUT ROWID;
@@ -59,9 +60,12 @@ DROP INDEX IF EXISTS entries_sh;
 CREATE INDEX IF NOT EXISTS entries_shtv ON entries (coll, status, host, type, verified);
 CREATE INDEX IF NOT EXISTS entries_location ON entries (coll, location);
 CREATE INDEX IF NOT EXISTS index_keys_doc ON index_keys (doc);
+CREATE INDEX IF NOT EXISTS tags_name ON tags (coll, name);
+CREATE INDEX IF NOT EXISTS tags_doc ON tags (doc);
 """
 ENTRY_INSERT = ("INSERT INTO entries (doc, coll, host, type, status, version, location, "
                 "verified) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+TAG_INSERT = "INSERT INTO tags (doc, coll, name) VALUES (?, ?, ?)"
 
 
 def columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -71,10 +75,11 @@ def columns(conn: sqlite3.Connection, table: str) -> set[str]:
 def create_schema(conn: sqlite3.Connection) -> None:
     """Create the tables inside the caller's transaction (``executescript`` would commit),
     bringing an older store's tables up to date first (see ``reindex``)."""
+    tagged = bool(conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'tags'").fetchone())
     for statement in TABLES.split(";"):
         if statement.strip():
             conn.execute(statement)
-    upgraded = False
+    upgraded = not tagged and bool(conn.execute("SELECT 1 FROM docs LIMIT 1").fetchone())
     if "start" not in columns(conn, "docs"):  # format 1
         conn.execute("ALTER TABLE docs ADD COLUMN start INTEGER")
         upgraded = True
@@ -95,20 +100,24 @@ def reindex(conn: sqlite3.Connection) -> None:
     """Recompute every document's index values from its body (once; seconds at 100,000
     runs): a new column is filled, and a document a new column makes irregular is marked."""
     conn.execute("DELETE FROM entries")
+    conn.execute("DELETE FROM tags")
     rows = [row for (row,) in conn.execute("SELECT row FROM docs ORDER BY row")]
     for start in range(0, len(rows), 1000):  # in chunks: memory does not grow with the store
         chunk = rows[start:start + 1000]
         docs: list[tuple[Any, ...]] = []
         entries: list[tuple[Any, ...]] = []
+        tags: list[tuple[Any, ...]] = []
         for row, coll, packed, body in conn.execute(
                 f"SELECT row, coll, packed, body FROM docs WHERE row IN "
                 f"({', '.join('?' * len(chunk))})", chunk).fetchall():
             values = index_values(bson.decode(unpack(packed, body), codec_options=CODEC))
             docs.append((values.number, values.name, int(values.irregular), values.start, row))
             entries.extend((row, coll, *entry) for entry in values.entries)
+            tags.extend((row, coll, name) for name in values.tags)
         conn.executemany("UPDATE docs SET number = ?, name = ?, irregular = ?, start = ? "
                          "WHERE row = ?", docs)
         conn.executemany(ENTRY_INSERT, entries)
+        conn.executemany(TAG_INSERT, tags)
     conn.execute("UPDATE meta SET value = ? WHERE name = 'format'", (FORMAT,))
     log.info("runs DB: upgraded the embedded store to format %d (%d documents)", FORMAT,
              len(rows))

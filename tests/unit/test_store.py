@@ -125,7 +125,7 @@ def test_other_process_change_is_seen_incrementally(store, monkeypatch):
                     for n in range(600)])
     # A query the index cannot judge (a missing field): evaluated on every run, once.
     query = {"data": {"$elemMatch": {"host": "a", "size": None, "type": "raw"}},
-             "tags.name": "never"}
+             "tags.user": "never"}
     assert db.find_runs(query) == []
     evaluated: list[int] = []
     real = mongomock.filtering.filter_applies

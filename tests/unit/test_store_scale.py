@@ -4,7 +4,9 @@ first pass after an import cheap, checked for being right as well as cheap.
 * ``entries.verified`` answers Scrub's "not verified since" (a time that moves every pass) as an
   index range: the answers equal mongomock's, whatever ``verified_time`` holds;
 * a remembered answer is brought up to date from the documents written since, by any client;
-* ``bulk_write`` applies its updates in one transaction, or none of them.
+* ``bulk_write`` applies its updates in one transaction, or none of them;
+* the names of ``tags`` are indexed (cax web's tag filter), equal to mongomock whatever ``tags``
+  holds.
 """
 
 from __future__ import annotations
@@ -45,6 +47,48 @@ QUERIES = [
     {"data": {"$elemMatch": {"verified_time": {"$not": {"$lt": T2}}}}},
     {"data.verified_time": {"$lt": T2}},
 ]
+
+
+tag_name = st.one_of(st.sampled_from(["calib", "blind", 3]), st.none(),
+                     st.lists(st.sampled_from(["calib", "x"]), max_size=2))
+tag = st.one_of(st.fixed_dictionaries({}, optional={"name": tag_name, "user": st.just("u")}),
+                st.just("calib"), st.lists(st.fixed_dictionaries({"name": tag_name}), max_size=1))
+tagged = st.fixed_dictionaries({"number": st.integers(0, 5)}, optional={"tags": st.one_of(
+    st.lists(tag, max_size=3), st.lists(tag, max_size=3), st.none(), st.just({"name": "calib"}),
+    st.just("calib"))})
+TAG_QUERIES = [{"tags.name": "calib"}, {"tags.name": {"$in": ["blind", 3]}},
+               {"tags.name": "calib", "number": {"$lt": 3}},
+               {"$or": [{"tags.name": "blind"}, {"number": 2}]}, {"tags.name": None},
+               {"tags.name": {"$ne": "calib"}}, {"tags.name": "nobody"}]
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(docs=st.lists(tagged, max_size=10), query=st.sampled_from(TAG_QUERIES),
+       change=st.integers(0, 9))
+def test_tag_names_from_the_index_equal_mongomock(tmp_path_factory, docs, query, change):
+    store = EmbeddedClient(tmp_path_factory.mktemp("store"))["run"]["runs"]
+    reference = mongomock.MongoClient(tz_aware=True)["run"]["runs"]
+    for n, doc in enumerate(docs):
+        store.insert_one({"_id": n, **doc})
+        reference.insert_one(bson.decode(bson.encode({"_id": n, **doc})))
+    for collection in (store, reference):  # tags replaced, one document's tags taken away
+        collection.update_one({"_id": change}, {"$set": {"tags": [{"name": "blind"}]}})
+        collection.update_one({"_id": change // 2}, {"$unset": {"tags": ""}})
+    assert sorted(d["_id"] for d in store.find(query)) == \
+        sorted(d["_id"] for d in reference.find(query))
+    store.client.close()
+
+
+def test_a_tag_nobody_has_decodes_nothing(tmp_path, monkeypatch):
+    store = EmbeddedClient(tmp_path)["run"]["runs"]
+    store.insert_many([{"number": n, "start": dt.datetime(2017, 1, 1) + dt.timedelta(minutes=n),
+                        "tags": [{"name": "blind"}] if n % 2 else []} for n in range(2000)])
+    decoded = []
+    real = bson.decode
+    monkeypatch.setattr(bson, "decode", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    assert store.find({"tags.name": "calibration"}, sort=[("start", -1)], limit=50) == []
+    assert len(decoded) <= 1  # the query's own round trip
 
 
 def scrub_query(cutoff: dt.datetime) -> dict:
