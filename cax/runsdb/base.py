@@ -27,7 +27,7 @@ MANIFESTS_COLLECTION = "cax_manifests"
 NEWEST_FIRST = [("start", DESCENDING), ("number", DESCENDING)]
 #: The run fields tasks need; the DAQ's large sub-documents (reader, trigger, ...) stay behind.
 RUN_FIELDS = {"number": 1, "name": 1, "detector": 1, "start": 1, "end": 1, "tags": 1, "data": 1,
-              "origins": 1}
+              "origins": 1, "raw_size_byte": 1}
 
 T = TypeVar("T")
 

@@ -111,3 +111,14 @@ def safe_component(value: Any, what: str = "run name") -> str:
     if not isinstance(value, str) or not SAFE_COMPONENT.match(value) or value in (".", ".."):
         raise UnsafeNameError(f"refusing unsafe {what} {value!r}")
     return value
+
+
+def entry_filter(key: EntryKey) -> list[dict[str, Any]]:
+    """``arrayFilters`` naming the entry ``key`` as ``e`` (its identity is unique in a run)."""
+    return [{f"e.{name}": value for name, value in key.match().items()}]
+
+
+def at_entry(update: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``update`` with its paths (relative to the entry) under ``data.$[e]``."""
+    return {op: {f"data.$[e].{name}": value for name, value in fields.items()}
+            for op, fields in update.items() if fields}

@@ -40,7 +40,9 @@ from cax.runsdb.entries import (
     TRANSFERRING,
     VERIFYING,
     EntryKey,
+    at_entry,
     check_dataset_name,
+    entry_filter,
     find_entry,
     place_key,
     run_label,
@@ -62,17 +64,6 @@ FAILURE_FIELDS = ("error", "error_kind", "next_attempt", "config_hash")
 #: are retried once the configuration changed (its hash differs from ``config_hash``), or
 #: when a person retries them (``cax retry``).
 FAILURE_KINDS = ("transient", "permanent", "config")
-
-
-def entry_filter(key: EntryKey) -> list[dict[str, Any]]:
-    """``arrayFilters`` naming the entry ``key`` as ``e`` (its identity is unique in a run)."""
-    return [{f"e.{name}": value for name, value in key.match().items()}]
-
-
-def at_entry(update: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``update`` with its paths (relative to the entry) under ``data.$[e]``."""
-    return {op: {f"data.$[e].{name}": value for name, value in fields.items()}
-            for op, fields in update.items() if fields}
 
 
 def lease_free(now: dt.datetime) -> dict[str, Any]:
@@ -195,21 +186,24 @@ class Ledger(Manifests):
                      {**copy.deepcopy(before), **values}, before)
 
     @db_call
-    def record_sizes(self, sizes: Sequence[tuple[Any, EntryKey, int, int]]) -> int:
-        """Set ``size`` and ``file_count`` of copies ``(run id, key, size, file_count)`` still
-        ``transferred``, and such a raw copy's size as its run's ``raw_size_byte`` if unset, in
-        one round trip (AddSize after an import: 100,000 copies).  Returns how many writes
-        changed something; a batch that failed is sent again whole at the next pass."""
+    def record_sizes(self, sizes: Sequence[tuple[Any, EntryKey, int, int, bool]]) -> int:
+        """Set ``size`` and ``file_count`` of copies still ``transferred`` -- ``(run id, key,
+        size, file_count, raw_size)``, ``raw_size`` True to also set a raw copy's size as its
+        run's unset ``raw_size_byte`` (if another writer set it first, the copy waits for the
+        next pass) -- one request each, all in one round trip (AddSize after an import:
+        100,000 copies).  Returns how many changed something; a batch that failed is sent
+        again whole at the next pass."""
         if not sizes or self._skip("sizes of", len(sizes), "copies"):
             return 0
-        requests = [UpdateOne({"_id": run_id, "data": key.elem_match(status=TRANSFERRED)},
-                              at_entry({"$set": {"size": size, "file_count": file_count}}),
-                              array_filters=list[Mapping[str, Any]](entry_filter(key)))
-                    for run_id, key, size, file_count in sizes]
-        requests += [UpdateOne({"_id": run_id, "raw_size_byte": {"$exists": False},
-                                "data": key.elem_match(status=TRANSFERRED)},
-                               {"$set": {"raw_size_byte": size}})
-                     for run_id, key, size, _ in sizes if key.type == "raw"]
+        requests = []
+        for run_id, key, size, file_count, raw_size in sizes:
+            query = {"_id": run_id, "data": key.elem_match(status=TRANSFERRED),
+                     **({"raw_size_byte": {"$exists": False}} if raw_size else {})}
+            update = at_entry({"$set": {"size": size, "file_count": file_count}})
+            if raw_size:
+                update["$set"]["raw_size_byte"] = size
+            requests.append(UpdateOne(query, update,
+                                      array_filters=list[Mapping[str, Any]](entry_filter(key))))
         return int(self.runs.bulk_write(requests, ordered=False).modified_count)
 
     # -- claimed work: the transitions of an entry under a lease -----------------------------

@@ -62,6 +62,7 @@ from cax.runsdb.storeeval import (
     inclusion,
     project,
     resolve_array_filters,
+    set_paths,
     settled,
     sql_order,
 )
@@ -446,8 +447,8 @@ class EmbeddedCollection:
         matched = self._matching(filter)
         if not many:
             matched = matched[:1]
-        if array_filters is not None:  # mongomock has none: each document on its own
-            return self._update_each(matched, update, array_filters)
+        if array_filters is not None or (method == "update_one" and not kwargs.get("upsert")):
+            return self._update_each(matched, filter, update, array_filters)
         scratch = self._scratch([doc for _, _, doc in matched])
         result = getattr(scratch, method)(filter, update, **kwargs)
         self._write_back(matched, scratch)
@@ -479,15 +480,22 @@ class EmbeddedCollection:
         return BulkWriteResult({"nInserted": 0, "nUpserted": 0, "nMatched": matched,
                                 "nModified": modified, "nRemoved": 0, "upserted": []}, True)
 
-    def _update_each(self, matched: list[tuple[int, bytes, dict]], update: dict,
-                     array_filters: list[dict]) -> UpdateResult:
-        """Apply an update with ``$[identifier]`` paths to each matched document, its paths
-        resolved to the indices of the elements its ``array_filters`` select."""
+    def _update_each(self, matched: list[tuple[int, bytes, dict]], filter: dict, update: dict,
+                     array_filters: list[dict] | None) -> UpdateResult:
+        """Apply an update to each matched document on its own, its ``$[identifier]`` paths
+        resolved to the indices of the elements its ``array_filters`` select (mongomock has
+        none); ``set_paths`` applies it where it can, mongomock elsewhere."""
         modified = 0
         for one in matched:
+            resolved = update if array_filters is None else \
+                resolve_array_filters(one[2], update, _bson_roundtrip(array_filters))
             scratch = self._scratch([one[2]])
-            resolved = resolve_array_filters(one[2], update, _bson_roundtrip(array_filters))
-            modified += scratch.update_one({"_id": one[2]["_id"]}, resolved).modified_count
+            if set_paths(one[2], resolved):
+                modified += bson.encode(one[2]) != one[1]
+            else:  # the filter as given: a positional ``$`` is resolved by it
+                modified += scratch.update_one(
+                    filter if array_filters is None else {"_id": one[2]["_id"]},
+                    resolved).modified_count
             self._write_back([one], scratch)
         return UpdateResult({"n": len(matched), "nModified": modified}, True)
 
@@ -544,7 +552,8 @@ class EmbeddedCollection:
                 filter = {"_id": before["_id"]}
                 update = resolve_array_filters(matched[0][2], update,
                                                _bson_roundtrip(array_filters))
-            scratch.update_one(filter, update)
+            if not set_paths(matched[0][2], update):
+                scratch.update_one(filter, update)
             self._write_back(matched, scratch)
             found = scratch.find_one({"_id": before["_id"]}, projection) \
                 if return_document == ReturnDocument.AFTER else project(before, projection)

@@ -48,7 +48,7 @@ class AddSize(Task):
 
     def __init__(self, ctx: Any):
         super().__init__(ctx)
-        self.sizes: list[tuple[Any, EntryKey, int, int]] = []
+        self.sizes: list[tuple[Any, EntryKey, int, int, bool]] = []
 
     def query(self) -> dict[str, Any] | None:
         name, types = self.site.name, {"$in": list(DATA_TYPES)}
@@ -73,7 +73,8 @@ class AddSize(Task):
             log.info("dry run: would record %s: %d bytes in %d file(s)", key, size, count)
             return
         log.debug("%s: %d bytes in %d file(s)", key, size, count)
-        self.sizes.append((run["_id"], key, size, count))
+        self.sizes.append((run["_id"], key, size, count,
+                           key.type == "raw" and "raw_size_byte" not in run))
         if len(self.sizes) >= self.BATCH:
             self.finish()
 
