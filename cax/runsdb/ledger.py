@@ -26,11 +26,11 @@ import copy
 import datetime as dt
 import logging
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pymongo import ReturnDocument, UpdateOne
+from pymongo import ReturnDocument
 
 from cax.runsdb.base import LocationTakenError, db_call
 from cax.runsdb.entries import (
@@ -184,27 +184,6 @@ class Ledger(Manifests):
             return None
         return Claim(run_id, key, owner, token, int(before.get("attempts") or 0),
                      {**copy.deepcopy(before), **values}, before)
-
-    @db_call
-    def record_sizes(self, sizes: Sequence[tuple[Any, EntryKey, int, int, bool]]) -> int:
-        """Set ``size`` and ``file_count`` of copies still ``transferred`` -- ``(run id, key,
-        size, file_count, raw_size)``, ``raw_size`` True to also set a raw copy's size as its
-        run's unset ``raw_size_byte`` (if another writer set it first, the copy waits for the
-        next pass) -- one request each, all in one round trip (AddSize after an import:
-        100,000 copies).  Returns how many changed something; a batch that failed is sent
-        again whole at the next pass."""
-        if not sizes or self._skip("sizes of", len(sizes), "copies"):
-            return 0
-        requests = []
-        for run_id, key, size, file_count, raw_size in sizes:
-            query = {"_id": run_id, "data": key.elem_match(status=TRANSFERRED),
-                     **({"raw_size_byte": {"$exists": False}} if raw_size else {})}
-            update = at_entry({"$set": {"size": size, "file_count": file_count}})
-            if raw_size:
-                update["$set"]["raw_size_byte"] = size
-            requests.append(UpdateOne(query, update,
-                                      array_filters=list[Mapping[str, Any]](entry_filter(key))))
-        return int(self.runs.bulk_write(requests, ordered=False).modified_count)
 
     # -- claimed work: the transitions of an entry under a lease -----------------------------
 

@@ -4,7 +4,8 @@ ledger of entry transitions and the per-file manifests.
 Every query and update cax makes is a named method of ``RunsDB``; writes check what they
 matched.  The class is built in layers, one module each: ``base.Store`` (collections, clock,
 read-only switch, basic reads), ``manifests.Manifests``, ``ledger.Ledger`` (every change of a
-``data[]`` entry, with the ledger's invariants), and this module's run documents and heartbeats.
+``data[]`` entry, with the ledger's invariants), ``bulk.BulkLedger`` (some of those for many
+entries in one round trip), and this module's run documents and heartbeats.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cax.runsdb.base import (
     db_call,
     dup_key,
 )
+from cax.runsdb.bulk import BulkLedger
 from cax.runsdb.entries import TRANSFERRED, check_dataset_name, place_key
 from cax.runsdb.ledger import (
     FAILURE_FIELDS,
@@ -32,7 +34,6 @@ from cax.runsdb.ledger import (
     HISTORY_KEPT,
     LEASE_FIELDS,
     Claim,
-    Ledger,
     history_event,
 )
 
@@ -50,7 +51,7 @@ __all__ = ["FAILURE_FIELDS", "FAILURE_KINDS", "HISTORY_KEPT", "LEASE_FIELDS", "N
 PLACE_INDEX = "places_unique"
 
 
-class RunsDB(Ledger):
+class RunsDB(BulkLedger):
     """The runs DB as cax sees it: run documents, daemon heartbeats, entries and manifests."""
 
     @db_call

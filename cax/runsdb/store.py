@@ -7,20 +7,23 @@ document of a collection for every operation (an update by ``_id`` took 35 ms at
 and its copy of 100,000 runs held over 500 MB), so it is never given the collection: each
 operation is one SQLite transaction (``storefile``) that
 
-* finds the candidate documents through an index of a few fields (``storeindex``; a superset
-  of the matches, decoded from their BSON rows),
-* lets mongomock evaluate the query, update, sort and projection on those alone, in a scratch
-  collection, and
+* finds the candidate documents through an index of a few fields (``storeindex``,
+  ``storeplan``; a superset of the matches, decoded from their BSON rows),
+* evaluates the query on those alone (mongomock; its ``$expr`` compiled, ``storeexpr``), and
+  the update (plain ``$set``/``$unset`` in place, ``storeeval.set_paths``; anything else by
+  mongomock, in a scratch collection), and
 * writes back only the documents that changed, one row each, and commits (fsynced).
 
 Unique indexes declared with ``create_index(..., unique=True)`` are enforced in that same
 transaction (``storeunique``): a write that would repeat a key raises MongoDB's duplicate key
 error and writes nothing.
 
-Nothing is kept in memory between operations, so another process's write is seen by the next
-operation, a failed write leaves nothing applied anywhere, and memory does not grow with the
-number of runs.  Values pass through a BSON round trip on the way in, as they would to a real
-server (naive datetimes become UTC, milliseconds are kept, non-BSON values are rejected).
+No document is kept in memory between operations, so a failed write leaves nothing applied
+anywhere, and memory does not grow with the number of runs.  What a client remembers is the
+answer (row ids) of its recent reads with the store's generation, brought up to date from the
+rows written since by anyone (``_matches``).  Values pass through a BSON round trip on the way
+in, as they would to a real server (naive datetimes become UTC, milliseconds are kept,
+non-BSON values are rejected).
 
 ``find_one_and_update`` is implemented here, because mongomock's loses the query's
 ``$elemMatch`` and applies a positional ``$`` update to the first array element.
@@ -28,13 +31,13 @@ server (naive datetimes become UTC, milliseconds are kept, non-BSON values are r
 Only the subset of the pymongo Collection API that cax uses is provided.  ``find`` returns a
 list, so callers pass ``sort``/``limit`` as arguments rather than chaining cursor methods.
 """
-
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import os
 import sqlite3
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -43,7 +46,6 @@ from typing import Any
 
 import bson
 import mongomock
-import mongomock.filtering
 import mongomock.helpers
 from bson import ObjectId
 from bson.codec_options import CodecOptions
@@ -60,12 +62,14 @@ from pymongo.results import (
 from cax.runsdb.storeeval import (
     entry_count,
     inclusion,
+    merge_counts,
     project,
     resolve_array_filters,
     set_paths,
     settled,
     sql_order,
 )
+from cax.runsdb.storeexpr import matcher
 from cax.runsdb.storefile import StoreFile, id_key
 from cax.runsdb.storeindex import (
     EVERYTHING,
@@ -84,6 +88,9 @@ DocumentsListener = Callable[[int], None]
 MEMO_QUERIES = 32
 MEMO_ABOVE = 200
 MEMO_MATCHES = 20_000
+#: ... or if finding its candidates took this long (a copy task's query at 100,000 runs,
+#: answered by its negations: 130 ms of planning for no candidate).
+MEMO_PLAN_S = 0.002
 #: Candidates of a sorted, limited find that are decoded directly instead of met in index order.
 FEW_CANDIDATES = 200
 
@@ -204,7 +211,7 @@ class EmbeddedCollection:
         condition on the current time makes each pass's query new), and one that names
         ``$$NOW`` is never remembered.
         """
-        naive = mongomock.helpers.patch_datetime_awareness_in_document(filter)
+        applies = matcher(mongomock.helpers.patch_datetime_awareness_in_document(filter))
         key = None
         if memo and self.file.seq_indexed:
             key = (self.coll, bson.encode({"q": filter}))
@@ -216,12 +223,14 @@ class EmbeddedCollection:
             since, matched = known
             found = Candidates(matched | self.file.changed_since(self.coll, since), False)
         else:
+            start = time.perf_counter()
             found = self.file.candidates(self.coll, filter)
-            if not found.complement and len(found.rows) <= MEMO_ABOVE:
-                key = None  # few candidates: planning them again is cheap
+            if not found.complement and len(found.rows) <= MEMO_ABOVE \
+                    and time.perf_counter() - start < MEMO_PLAN_S:
+                key = None  # few candidates, quickly found: nothing to save
         matches = set()
         for row, seq, body, doc in self.file.load(self.coll, found):
-            if mongomock.filtering.filter_applies(naive, doc):
+            if applies(doc):
                 matches.add(row)
                 yield row, seq, body, doc
         if key and len(matches) <= MEMO_MATCHES:  # reached only when every match was taken
@@ -281,25 +290,25 @@ class EmbeddedCollection:
         sorts and limits the result as mongomock would.
         """
         found = self.file.candidates(self.coll, filter)
-        naive = mongomock.helpers.patch_datetime_awareness_in_document(filter)
+        applies = matcher(mongomock.helpers.patch_datetime_awareness_in_document(filter))
         if not found.complement and len(found.rows) <= FEW_CANDIDATES + limit:
             # a few candidates (a run by name or number): decoding them beats walking the
             # whole index in order to meet them
             return [doc for _, _, _, doc in self.file.load(self.coll, found)
-                    if mongomock.filtering.filter_applies(naive, doc)]
+                    if applies(doc)]
         docs: list[dict] = []
         last = None
         for key, _, _, doc in self.file.ordered(self.coll, order, found):
             if len(docs) >= limit and key != last:
                 break
-            if mongomock.filtering.filter_applies(naive, doc):
+            if applies(doc):
                 docs.append(doc)
                 last = key
         odd = {r for r in self.file.irregular_rows(self.coll)
                if (r in found.rows) != found.complement}
         docs += [doc for _, _, _, doc in self.file.load(self.coll,
                                                          Candidates(frozenset(odd), False))
-                 if mongomock.filtering.filter_applies(naive, doc)]
+                 if applies(doc)]
         return docs
 
     def find(self, filter: dict | None = None, projection: Any = None, *, sort: Any = None,
@@ -397,21 +406,8 @@ class EmbeddedCollection:
         if left_out:
             docs = [d for _, _, _, d in self.file.load(self.coll,
                                                         Candidates(frozenset(left_out), False))]
-            found += self._merge_into(found, self._scratch(docs).aggregate(pipeline), total)
+            found += merge_counts(found, self._scratch(docs).aggregate(pipeline), total)
         return found
-
-    @staticmethod
-    def _merge_into(found: list[dict], extra: Iterable[dict], total: str) -> list[dict]:
-        """Add ``extra``'s counts to equal groups of ``found``; return the groups it lacks."""
-        by_id = {bson.encode(row["_id"]): row for row in found}
-        new = []
-        for row in extra:
-            same = by_id.get(bson.encode(row["_id"]))
-            if same is None:
-                new.append(row)
-            else:
-                same[total] += row[total]
-        return new
 
     # -- writes -------------------------------------------------------------------------
 

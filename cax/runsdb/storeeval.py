@@ -7,8 +7,10 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import sys
+from collections.abc import Iterable
 from typing import Any
 
+import bson
 import mongomock.filtering
 import mongomock.helpers
 from pymongo.errors import OperationFailure
@@ -80,6 +82,19 @@ def entry_count(pipeline: list[dict], columns: dict[str, str] = ENTRY_COLUMNS
             return None
         names[name] = columns[field]
     return names, total
+
+
+def merge_counts(found: list[dict], extra: Iterable[dict], total: str) -> list[dict]:
+    """Add ``extra``'s counts to equal groups of ``found``; return the groups it lacks."""
+    by_id = {bson.encode(row["_id"]): row for row in found}
+    new = []
+    for row in extra:
+        same = by_id.get(bson.encode(row["_id"]))
+        if same is None:
+            new.append(row)
+        else:
+            same[total] += row[total]
+    return new
 
 
 def inclusion(projection: Any) -> tuple[set[str], bool] | None:

@@ -5,12 +5,20 @@ entries of the original cax) are re-checksummed, oldest first, at most
 ``scrub_bytes_per_pass`` bytes per pass (0: off).  A copy that changed goes the way of any bad
 copy (``repair.mark_bad_copy``): compared with the reference copy if there is one, else with
 its own recorded checksums; repaired file by file from a good copy, or flagged and kept.
+
+Small copies are claimed and released in groups (``GROUP_COPIES``, ``GROUP_BYTES``), one
+runs-DB write per group each way: the first pass after importing the original's runs DB
+scrubs 10,000 copies of 100 kB at 100,000 runs, and two writes per copy were most of its
+time.  A group is small enough to be read well inside its leases; a larger copy is claimed
+alone and its lease kept alive while it is read, as every copy's was.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from cax.checksum import (
@@ -20,12 +28,31 @@ from cax.checksum import (
 from cax.clock import UTC, as_utc
 from cax.errors import CaxError
 from cax.runsdb import TRANSFERRED, EntryKey, run_label
+from cax.runsdb.ledger import Claim
 from cax.runsdb.origins import DISK, SELF, judge, rank
 from cax.schema import DATA_TYPES
 from cax.tasks.checksum import UNREADABLE, ChecksumTask, describe_files, kind_of
 from cax.transport import siteops
 
 log = logging.getLogger(__name__)
+
+#: At most this many copies, of at most this many bytes together, are claimed at once.
+GROUP_COPIES = 64
+GROUP_BYTES = 64 * 2**20
+Due = tuple[dict[str, Any], dict[str, Any], int]
+
+
+def groups(chosen: list[Due]) -> Iterator[list[Due]]:
+    """``chosen`` in order, cut into groups of GROUP_COPIES and GROUP_BYTES at most."""
+    group: list[Due] = []
+    for due in chosen:
+        if group and (len(group) >= GROUP_COPIES
+                      or sum(size for *_, size in group) + due[2] > GROUP_BYTES):
+            yield group
+            group = []
+        group.append(due)
+    if group:
+        yield group
 
 
 class Scrub(ChecksumTask):
@@ -34,6 +61,7 @@ class Scrub(ChecksumTask):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.due: list[tuple[dt.datetime, dict[str, Any], dict[str, Any]]] = []
+        self.releasing: list[tuple[Claim, dict[str, Any]]] = []
 
     def cutoff(self) -> dt.datetime:
         return self.ctx.now() - dt.timedelta(days=self.site.scrub_after_days)
@@ -57,6 +85,7 @@ class Scrub(ChecksumTask):
 
     def finish(self) -> None:
         budget = left = self.site.scrub_bytes_per_pass
+        chosen: list[Due] = []
         for _, run, entry in sorted(self.due, key=lambda item: item[0]):
             size = self.size(entry)
             if size > budget:
@@ -64,10 +93,54 @@ class Scrub(ChecksumTask):
                             "scrubbed", run_label(run), EntryKey.of(entry), size)
             elif size <= left:
                 left -= size
+                chosen.append((run, entry, size))
+        for group in groups(chosen):
+            self.scrub_group(group)
+
+    def scrub_group(self, group: list[Due]) -> None:
+        """Claim the copies of ``group``, scrub those we got, release them in one write."""
+        if self.ctx.dry_run:
+            for _, entry, _ in group:
+                log.info("dry run: would re-checksum %s", EntryKey.of(entry))
+            return
+        if len(group) == 1:
+            run, entry, _ = group[0]
+            claimed = [(run, entry)] if self.claim(run, entry, TRANSFERRED) else []
+        else:
+            claims = self.db.claim_each(
+                [(run["_id"], EntryKey.of(entry), {"checksum": entry.get("checksum")})
+                 for run, entry, _ in group], owner=self.ctx.owner,
+                lease_s=self.ctx.config.lease_seconds, statuses=[TRANSFERRED])
+            self._granted = time.monotonic()
+            claimed = []
+            for (run, entry, _), claim in zip(group, claims, strict=True):
+                if claim is not None:
+                    self.held[(run["_id"], EntryKey.of(entry))] = claim
+                    claimed.append((run, entry))
+        try:
+            for run, entry in claimed:
                 try:
                     self.scrub(run, entry)
                 except CaxError as exc:
                     log.error("%s: scrubbing %s: %s", run_label(run), EntryKey.of(entry), exc)
+        finally:
+            self.flush()
+
+    def release(self, run: dict[str, Any], entry: dict[str, Any], fields: dict[str, Any],
+                unset: tuple[str, ...] = ()) -> None:
+        """Released with the rest of its group (``flush``)."""
+        if unset:
+            super().release(run, entry, fields, unset)
+        else:
+            self.releasing.append((self.take(run, entry), fields))
+
+    def flush(self) -> None:
+        releasing, self.releasing = self.releasing, []
+        released = self.db.release_each(releasing)
+        if released < len(releasing):
+            log.error("%d of %d scrubbed copies were no longer ours when released (their "
+                      "leases were taken over): their scrub is not recorded, and they are "
+                      "scrubbed again", len(releasing) - released, len(releasing))
 
     def size(self, entry: dict[str, Any]) -> int:
         """Return the recorded size of a copy, or measure it (legacy entries have none)."""
@@ -79,12 +152,8 @@ class Scrub(ChecksumTask):
             return 0  # scrub finds out and records what is wrong with it
 
     def scrub(self, run: dict[str, Any], entry: dict[str, Any]) -> None:
+        """Scrub our claimed copy."""
         key, recorded = EntryKey.of(entry), entry.get("checksum")
-        if self.ctx.dry_run:
-            log.info("dry run: would re-checksum %s", key)
-            return
-        if not self.claim(run, entry, TRANSFERRED):
-            return
         reading = self.read(run, entry, kind_of(recorded))
         if reading is None:
             return
