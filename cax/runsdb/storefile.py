@@ -40,6 +40,7 @@ import logging
 import os
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,7 @@ from cax.runsdb.storeindex import (
     EVERYTHING,
     RANGE_COLUMNS,
     Candidates,
+    Remembered,
     SqlIndexReader,
     id_key,
     index_values,
@@ -114,6 +116,8 @@ class StoreFile:
         #: The entry fields the planner may use: those and the range columns it has.
         self.plan_columns = {**self.entry_columns, **{
             field: column for field, column in RANGE_COLUMNS.items() if column in held}}
+        #: The large index lookups remembered (``SqlIndexReader``), under ``lock``.
+        self.remembered: Remembered = OrderedDict()
         #: Whether ``docs (coll, seq)`` is indexed (format 4): remembered answers need it.
         self.seq_indexed = bool(self.conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'docs_seq'").fetchone())
@@ -240,7 +244,8 @@ class StoreFile:
 
     def candidates(self, coll: str, query: dict[str, Any]) -> Candidates:
         """A superset of the documents of ``coll`` matching ``query`` (see ``storeplan``)."""
-        found = Planner(SqlIndexReader(self.conn, coll), self.plan_columns,
+        reader = SqlIndexReader(self.conn, coll, self.remembered if self.seq_indexed else None)
+        found = Planner(reader, self.plan_columns,
                         start_column=self.sortable, tag_column=self.has_tags).plan(query)
         if found.everything:
             return EVERYTHING

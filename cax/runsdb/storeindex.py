@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -224,12 +225,33 @@ def id_key(value: Any) -> bytes:
     return bson.encode({"": value})
 
 
-class SqlIndexReader:
-    """The planner's view of one collection's index rows (see ``storeplan.IndexReader``)."""
+#: Looked-up terms with more rows than this are remembered (``SqlIndexReader.rows``), this many.
+REMEMBER_ABOVE = 1000
+REMEMBERED_TERMS = 16
+Remembered = OrderedDict[tuple[str, Any], tuple[int, frozenset[int]]]
 
-    def __init__(self, conn: sqlite3.Connection, coll: str):
+
+class SqlIndexReader:
+    """The planner's view of one collection's index rows (see ``storeplan.IndexReader``).
+
+    The documents of a large term (every run with a copy at a site) are remembered in
+    ``remembered`` with the store's generation, and brought up to date from the documents
+    written since: a copy task's query, which names the time and so is planned anew every
+    pass, then costs the rows that changed, not four lookups of 100,000 rows (130 ms).
+    """
+
+    def __init__(self, conn: sqlite3.Connection, coll: str,
+                 remembered: Remembered | None = None):
         self.conn = conn
         self.coll = coll
+        self.remembered = remembered
+        self._generation: int | None = None
+
+    def generation(self) -> int:
+        if self._generation is None:
+            row = self.conn.execute("SELECT value FROM meta WHERE name = 'seq'").fetchone()
+            self._generation = int(row[0]) if row else 0
+        return self._generation
 
     @staticmethod
     def _where(term: Term) -> tuple[str, str, str, list[Any]]:
@@ -242,10 +264,27 @@ class SqlIndexReader:
             return "docs", "row", where, params
         return ("tags" if term.table == "tag" else "entries"), "doc", where, params
 
-    def rows(self, term: Term) -> set[int]:
-        table, ident, where, params = self._where(term)
-        return {r for (r,) in self.conn.execute(
-            f"SELECT {ident} FROM {table} WHERE coll = ? AND {where}", [self.coll, *params])}
+    def rows(self, term: Term) -> frozenset[int]:
+        remember = self.remembered is not None and not any(
+            isinstance(values, Compare) for _, values in term.columns)  # a time: new each pass
+        key = (self.coll, term)
+        known = self.remembered.get(key) if remember and self.remembered is not None else None
+        if known is not None:
+            since, rows = known
+            if since != self.generation():
+                changed = {r for (r,) in self.conn.execute(
+                    "SELECT row FROM docs WHERE coll = ? AND seq > ?", (self.coll, since))}
+                rows = (rows - changed) | frozenset(self.probe(term, changed))
+        else:
+            table, ident, where, params = self._where(term)
+            rows = frozenset(r for (r,) in self.conn.execute(
+                f"SELECT {ident} FROM {table} WHERE coll = ? AND {where}", [self.coll, *params]))
+        if remember and self.remembered is not None and len(rows) > REMEMBER_ABOVE:
+            self.remembered[key] = (self.generation(), rows)
+            self.remembered.move_to_end(key)
+            while len(self.remembered) > REMEMBERED_TERMS:
+                self.remembered.popitem(last=False)
+        return rows
 
     def count(self, term: Term, cap: int) -> int:
         table, _, where, params = self._where(term)

@@ -208,3 +208,40 @@ def test_memo_limits_hold(tmp_path):
         assert store.client._memo == {}
     finally:
         store_module.MEMO_MATCHES = limit
+
+
+def test_remembered_lookups_see_every_writer(tmp_path):
+    """A copy task's query names the time (so it is planned anew each pass); the large
+    lookups it plans with are remembered and brought up to date from what any client wrote
+    since: runs gaining and losing a copy, deleted and inserted runs."""
+    mine = EmbeddedClient(tmp_path)["run"]["runs"]
+    other = EmbeddedClient(tmp_path)["run"]["runs"]
+    reference = mongomock.MongoClient()["run"]["runs"]
+    runs = [{"_id": n, "data": [{"host": "daq", "type": "raw", "status": "transferred"}] + (
+        [{"host": "lab", "type": "raw", "status": "transferred"}] if n % 100 else [])}
+        for n in range(1500)]
+    mine.insert_many([dict(r) for r in runs])
+    reference.insert_many([dict(r) for r in runs])
+
+    def copy_query(now: int) -> dict:
+        return {"$and": [{"data": {"$elemMatch": {"host": "daq", "status": "transferred"}}},
+                         {"$or": [{"data": {"$not": {"$elemMatch": {"host": "lab",
+                                                                      "type": "raw"}}}},
+                                  {"data": {"$elemMatch": {"host": "lab", "status": "error",
+                                                           "next": {"$lte": now}}}}]}]}
+
+    def same(now: int) -> list[int]:
+        got = sorted(d["_id"] for d in mine.find(copy_query(now)))
+        assert got == sorted(d["_id"] for d in reference.find(copy_query(now)))
+        return got
+
+    assert same(0) == list(range(0, 1500, 100))
+    assert mine.client.file.remembered  # the daq and lab lookups
+    for client in (other, reference):
+        client.update_one({"_id": 5}, {"$pull": {"data": {"host": "lab"}}})  # lost its copy
+        client.update_one({"_id": 200}, {"$push": {"data": {"host": "lab", "type": "raw"}}})
+        client.update_one({"_id": 7}, {"$set": {"data.1.status": "error", "data.1.next": 1}})
+        client.delete_one({"_id": 300})
+        client.insert_one({"_id": 2000, "data": [{"host": "daq", "status": "transferred"}]})
+    got = same(1)
+    assert {5, 7, 2000} <= set(got) and not {200, 300} & set(got)
