@@ -58,7 +58,7 @@ from cax.runsdb.storeindex import (
     id_key,
     index_values,
 )
-from cax.runsdb.storeplan import Planner
+from cax.runsdb.storeplan import Planner, id_values
 from cax.runsdb.storeschema import (
     CODEC,
     ENTRY_INSERT,
@@ -95,6 +95,8 @@ class StoreFile:
         self.path = directory / FILE_NAME
         self.read_only = read_only
         self.lock = threading.RLock()
+        #: The unique indexes read in the current transaction (``unique_indexes``).
+        self._uniques: dict[str, list[IndexSpec]] = {}
         # a migration at opening writes into a store just created
         self.has_indexes = self.has_tags = True
         if read_only:
@@ -222,12 +224,15 @@ class StoreFile:
         conn = conn or self.conn
         with self.lock:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            self._uniques = {}
             try:
                 yield conn
             except BaseException:
                 if conn.in_transaction:  # SQLite may have rolled back itself (an I/O error)
                     conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._uniques = {}
             conn.execute("COMMIT")
 
     def next_seq(self) -> int:
@@ -243,7 +248,16 @@ class StoreFile:
     # -- rows -----------------------------------------------------------------------------
 
     def candidates(self, coll: str, query: dict[str, Any]) -> Candidates:
-        """A superset of the documents of ``coll`` matching ``query`` (see ``storeplan``)."""
+        """A superset of the documents of ``coll`` matching ``query`` (see ``storeplan``).
+
+        A query naming one ``_id`` is answered from that row alone: every document's key is
+        indexed, so no other condition needs planning (a bulk write of AddSize's is 500 such).
+        """
+        ident = id_values(query["_id"]) if "_id" in query else None
+        if ident is not None and len(ident) == 1:
+            found = self.conn.execute("SELECT row FROM docs WHERE coll = ? AND key = ?",
+                                      (coll, id_key(ident[0]))).fetchone()
+            return Candidates(frozenset(found or ()), False)
         reader = SqlIndexReader(self.conn, coll, self.remembered if self.seq_indexed else None)
         found = Planner(reader, self.plan_columns,
                         start_column=self.sortable, tag_column=self.has_tags).plan(query)
@@ -477,13 +491,19 @@ class StoreFile:
 
     def unique_indexes(self, coll: str, conn: sqlite3.Connection | None = None
                        ) -> list[IndexSpec]:
-        """The unique indexes of ``coll``: looked up at every write (no cache to go stale)."""
-        return self.indexes(coll, conn, unique_only=True)
+        """The unique indexes of ``coll``: looked up once per writing transaction (no cache
+        outlives it to go stale)."""
+        if conn is not None and conn is not self.conn:
+            return self.indexes(coll, conn, unique_only=True)
+        if coll not in self._uniques:
+            self._uniques[coll] = self.indexes(coll, unique_only=True)
+        return self._uniques[coll]
 
     def create_index(self, coll: str, spec: IndexSpec) -> None:
         """Declare ``spec``; a unique one gets the keys of every document first, and fails
         (DuplicateKeyError) if two documents share one, declaring nothing (the caller's
         transaction is rolled back).  Declaring an existing index again changes nothing."""
+        self._uniques.pop(coll, None)
         for existing in self.indexes(coll):
             problem = conflict(existing, spec)
             if problem:
@@ -505,6 +525,7 @@ class StoreFile:
 
     def drop_indexes(self, coll: str) -> None:
         """Forget every index declared on ``coll`` and its keys (the collection is dropped)."""
+        self._uniques.pop(coll, None)
         if self.has_indexes:
             self.conn.execute("DELETE FROM indexes WHERE coll = ?", (coll,))
             self.conn.execute("DELETE FROM index_keys WHERE coll = ?", (coll,))
