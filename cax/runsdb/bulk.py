@@ -21,6 +21,12 @@ from cax.runsdb.entries import TRANSFERRED, EntryKey, at_entry, entry_filter, fi
 from cax.runsdb.ledger import LEASE_FIELDS, Claim, Ledger, lease_free
 
 
+def entry_update(query: dict[str, Any], update: dict[str, Any], key: EntryKey) -> UpdateOne:
+    """One conditional update of the entry ``key`` (its paths ``data.$[e]``), for bulk_write."""
+    filters: list[Mapping[str, Any]] = list(entry_filter(key))
+    return UpdateOne(query, update, array_filters=filters)
+
+
 class BulkLedger(Ledger):
     """The ledger, with its transitions for many entries at once."""
 
@@ -41,8 +47,7 @@ class BulkLedger(Ledger):
             update = at_entry({"$set": {"size": size, "file_count": file_count}})
             if raw_size:
                 update["$set"]["raw_size_byte"] = size
-            requests.append(UpdateOne(query, update,
-                                      array_filters=list[Mapping[str, Any]](entry_filter(key))))
+            requests.append(entry_update(query, update, key))
         return int(self.runs.bulk_write(requests, ordered=False).modified_count)
 
     @db_call
@@ -59,12 +64,11 @@ class BulkLedger(Ledger):
                     for run_id, key, conditions in wanted]
         now = self.now()
         tokens = [secrets.token_hex(4) for _ in wanted]
-        requests = [UpdateOne(
+        requests = [entry_update(
             {"_id": run_id, "data": key.elem_match(status={"$in": list(statuses)},
                                                    lease_expires=lease_free(now), **conditions)},
             at_entry({"$set": {"lease_owner": owner, "lease_token": token, "modified_time": now,
-                               "lease_expires": now + dt.timedelta(seconds=lease_s)}}),
-            array_filters=list[Mapping[str, Any]](entry_filter(key)))
+                               "lease_expires": now + dt.timedelta(seconds=lease_s)}}), key)
             for (run_id, key, conditions), token in zip(wanted, tokens, strict=True)]
         if not requests or not self.runs.bulk_write(requests, ordered=False).modified_count:
             return [None] * len(wanted)
@@ -89,10 +93,9 @@ class BulkLedger(Ledger):
         if not releases or self._skip("release", len(releases), "claims"):
             return len(releases)
         now = self.now()
-        requests = [UpdateOne(
+        requests = [entry_update(
             {"_id": claim.run_id, "data": claim.key.elem_match(**self._ours(claim))},
             at_entry({"$set": {"modified_time": now, **fields},
                       "$unset": {name: "" for name in LEASE_FIELDS if name not in fields}}),
-            array_filters=list[Mapping[str, Any]](entry_filter(claim.key)))
-            for claim, fields in releases]
+            claim.key) for claim, fields in releases]
         return int(self.runs.bulk_write(requests, ordered=False).matched_count)

@@ -207,14 +207,6 @@ def _if_null(arg: Any) -> Compiled | None:
     return run
 
 
-def _iterate(arg: Any, body_key: str) -> tuple[Compiled, str, Compiled] | None:
-    if not isinstance(arg, dict) or set(arg) != {"input", "as", body_key} \
-            or not isinstance(arg["as"], str):
-        return None
-    source, body = compile_expr(arg["input"]), compile_expr(arg[body_key])
-    return None if source is None or body is None else (source, arg["as"], body)
-
-
 def _elements(value: Any) -> list[Any] | None:
     if value is None or value is MISSING:
         return None
@@ -223,31 +215,25 @@ def _elements(value: Any) -> list[Any] | None:
     return value
 
 
-def _filter(arg: Any) -> Compiled | None:
-    parts = _iterate(arg, "cond")
-    if parts is None:
+def _over_array(arg: Any, body_key: str, filtering: bool) -> Compiled | None:
+    """``$filter`` (``cond``: the elements it holds true for) or ``$map`` (``in``: its value
+    for each element); null for a null or missing input."""
+    if not isinstance(arg, dict) or set(arg) != {"input", "as", body_key} \
+            or not isinstance(arg["as"], str):
         return None
-    source, name, cond = parts
+    name = arg["as"]
+    source, body = compile_expr(arg["input"]), compile_expr(arg[body_key])
+    if source is None or body is None:
+        return None
 
     def run(doc: dict[str, Any], scope: Scope) -> list[Any] | None:
         items = _elements(source(doc, scope))
         if items is None:
             return None
-        return [item for item in items if truthy(cond(doc, {**scope, name: item}))]
-    return run
-
-
-def _map(arg: Any) -> Compiled | None:
-    parts = _iterate(arg, "in")
-    if parts is None:
-        return None
-    source, name, body = parts
-
-    def run(doc: dict[str, Any], scope: Scope) -> list[Any] | None:
-        items = _elements(source(doc, scope))
-        if items is None:
-            return None
-        return [body(doc, {**scope, name: item}) for item in items]
+        values = [(item, body(doc, {**scope, name: item})) for item in items]
+        if filtering:
+            return [item for item, value in values if truthy(value)]
+        return [value for _, value in values]
     return run
 
 
@@ -300,9 +286,10 @@ def _set_equals(arg: Any) -> Compiled | None:
 
 OPERATORS: dict[str, Callable[[Any], Compiled | None]] = {
     "$and": lambda arg: _logical(arg, True), "$or": lambda arg: _logical(arg, False),
-    "$not": _not, "$in": _in, "$size": _size, "$ifNull": _if_null, "$filter": _filter,
-    "$map": _map, "$arrayElemAt": _array_elem_at, "$concat": _concat,
-    "$setEquals": _set_equals,
+    "$not": _not, "$in": _in, "$size": _size, "$ifNull": _if_null,
+    "$filter": lambda arg: _over_array(arg, "cond", True),
+    "$map": lambda arg: _over_array(arg, "in", False),
+    "$arrayElemAt": _array_elem_at, "$concat": _concat, "$setEquals": _set_equals,
     "$eq": _comparison(lambda c: c == 0), "$ne": _comparison(lambda c: c != 0),
     "$gt": _comparison(lambda c: c > 0), "$gte": _comparison(lambda c: c >= 0),
     "$lt": _comparison(lambda c: c < 0), "$lte": _comparison(lambda c: c <= 0),
