@@ -35,11 +35,13 @@ if TYPE_CHECKING:
 #: Entry fields held by the index, and their column names.
 ENTRY_COLUMNS = {"host": "host", "type": "type", "status": "status", "pax_version": "version",
                  "location": "location"}
-#: Entry fields held by the index for range conditions only (never equality or grouping: the
-#: column holds a date as epoch milliseconds, and ``NEVER`` for anything else), and their
-#: columns.  Scrub asks for the copies not verified since a time that moves with every pass,
-#: so no remembered answer serves it; this column does (an index range, not every run).
-RANGE_COLUMNS = {"verified_time": "verified"}
+#: Entry fields held by the index for one kind of condition each, never equality or grouping
+#: (``condition_compare``), and their columns.  ``verified``: ``verified_time`` as epoch
+#: milliseconds, ``NEVER`` for anything else -- Scrub asks for the copies not verified since a
+#: time that moves with every pass, so no remembered answer serves it; an index range does.
+#: ``disputed``: 1 where the entry has the field, else NULL -- ``cax status --stuck`` and the
+#: website's Stuck page ask for disputed copies, which are few among 100,000 runs.
+RANGE_COLUMNS = {"verified_time": "verified", "disputed": "disputed"}
 #: ``verified`` of an entry whose ``verified_time`` is missing, null or not a date: below every
 #: date MongoDB can hold, so "not verified since T" is one range (``verified < T``).
 NEVER = -(2 ** 62)
@@ -102,7 +104,8 @@ def index_values(doc: dict[str, Any]) -> IndexValues:
         if not all(plain(v) for v in values):
             irregular = True
         verified = _epoch_ms(entry.get("verified_time"))
-        entries.append((*values, NEVER if verified is None else verified))
+        entries.append((*values, NEVER if verified is None else verified,
+                        1 if "disputed" in entry else None))
     tags, names = doc.get("tags"), []
     for tag in tags if isinstance(tags, list) else ():
         if isinstance(tag, dict) and plain(tag.get("name")):
@@ -159,7 +162,7 @@ class Compare:
     """Conditions on ``docs.start`` (epoch ms), all to hold: ``(SQL operator, value)`` pairs;
     none at all means the column is NULL (``start`` null or missing)."""
 
-    terms: tuple[tuple[str, int], ...]
+    terms: tuple[tuple[str, int | None], ...]
 
 
 #: Conditions on ``verified_time`` answered by a range of ``entries.verified`` that holds every
@@ -188,6 +191,18 @@ def verified_compare(condition: Any) -> Compare | None:
             return None
         terms.append((sql, _ms(value)))
     return Compare(tuple(terms))
+
+
+def condition_compare(field: str, condition: Any) -> tuple[Compare | None, bool]:
+    """The condition on the RANGE_COLUMNS ``field`` as a Compare of its column (None: not one
+    the column answers), and whether the column answers it exactly."""
+    if field == "verified_time":
+        return verified_compare(condition), False
+    if isinstance(condition, dict) and set(condition) == {"$exists"} \
+            and isinstance(condition["$exists"], (bool, int)):
+        # ``x IS NOT ?`` with NULL: SQLite's null-safe "is not null"
+        return (Compare((("IS NOT", None),)) if condition["$exists"] else Compare(())), True
+    return None, False
 
 
 def start_compare(condition: Any) -> Compare | None:

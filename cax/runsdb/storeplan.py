@@ -38,11 +38,11 @@ from cax.runsdb.storeindex import (
     EVERYTHING,
     RANGE_COLUMNS,
     Candidates,
+    condition_compare,
     intersect,
     plain,
     start_compare,
     union,
-    verified_compare,
 )
 
 #: Candidates left by the driver below which the other terms are left to mongomock.
@@ -203,15 +203,15 @@ def _data(condition: dict[str, Any], entry_columns: Mapping[str, str]) -> Node:
 def _entry_columns(match: dict[str, Any], entry_columns: Mapping[str, str]
                    ) -> tuple[tuple[tuple[str, Any], ...], bool]:
     """The index columns ``match`` restricts, and whether they are all it asks (a range
-    column's answer is never exact: see ``verified_compare``)."""
+    column's answer is exact only where ``condition_compare`` says so)."""
     columns: list[tuple[str, Any]] = []
     exact = True
     for field, condition in match.items():
         if field in RANGE_COLUMNS and field in entry_columns:
-            compare = verified_compare(condition)
+            compare, answered = condition_compare(field, condition)
             if compare is not None:
                 columns.append((entry_columns[field], compare))
-            exact = False
+            exact = exact and answered and compare is not None
             continue
         values = values_of(condition) if field in entry_columns else None
         if values is None:

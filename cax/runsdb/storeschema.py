@@ -23,7 +23,8 @@ CODEC: CodecOptions = CodecOptions()
 #: index on ``docs.seq`` dropped (no query used it, and every write rewrote it); 4:
 #: ``entries.verified`` (Scrub's "not verified since", an index range) and the index on
 #: ``docs (coll, seq)`` back (a remembered answer is brought up to date from the rows written
-#: since: ``changed_since``), and the table of tag names (``tags.name``: cax web's filter).
+#: since: ``changed_since``), the table of tag names (``tags.name``: cax web's filter) and
+#: ``entries.disputed`` (whether a copy is disputed: the stuck views).
 FORMAT = 4
 PACK_ABOVE = 2048
 #: MongoDB's largest document (maxBsonObjectSize): 16 MiB.
@@ -38,7 +39,7 @@ CREATE TABLE IF NOT EXISTS docs (
     packed INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL, start INTEGER);
 CREATE TABLE IF NOT EXISTS entries (
     doc INTEGER NOT NULL, coll TEXT NOT NULL, host, type, status, version, location,
-    verified INTEGER);
+    verified INTEGER, disputed INTEGER);
 CREATE TABLE IF NOT EXISTS tags (doc INTEGER NOT NULL, coll TEXT NOT NULL, name);
 CREATE TABLE IF NOT EXISTS indexes (
     coll TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, is_unique INTEGER NOT NULL,
@@ -62,9 +63,10 @@ CREATE INDEX IF NOT EXISTS entries_location ON entries (coll, location);
 CREATE INDEX IF NOT EXISTS index_keys_doc ON index_keys (doc);
 CREATE INDEX IF NOT EXISTS tags_name ON tags (coll, name);
 CREATE INDEX IF NOT EXISTS tags_doc ON tags (doc);
+CREATE INDEX IF NOT EXISTS entries_disputed ON entries (coll) WHERE disputed IS NOT NULL;
 """
 ENTRY_INSERT = ("INSERT INTO entries (doc, coll, host, type, status, version, location, "
-                "verified) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+                "verified, disputed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 TAG_INSERT = "INSERT INTO tags (doc, coll, name) VALUES (?, ?, ?)"
 
 
@@ -86,9 +88,10 @@ def create_schema(conn: sqlite3.Connection) -> None:
     if "location" not in columns(conn, "entries"):  # formats 1 and 2
         conn.execute("ALTER TABLE entries ADD COLUMN location")
         upgraded = True
-    if "verified" not in columns(conn, "entries"):  # formats 1 to 3
-        conn.execute("ALTER TABLE entries ADD COLUMN verified INTEGER")
-        upgraded = True
+    for column in ("verified", "disputed"):  # formats 1 to 3
+        if column not in columns(conn, "entries"):
+            conn.execute(f"ALTER TABLE entries ADD COLUMN {column} INTEGER")
+            upgraded = True
     if upgraded:
         reindex(conn)
     for statement in INDEXES.split(";"):

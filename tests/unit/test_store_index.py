@@ -163,6 +163,9 @@ def test_format_1_store_is_upgraded_with_its_start_and_verified_columns(tmp_path
     conn.execute("ALTER TABLE entries DROP COLUMN location")
     conn.execute("DROP INDEX entries_shtv")  # nor what format 4 added
     conn.execute("ALTER TABLE entries DROP COLUMN verified")
+    conn.execute("DROP INDEX entries_disputed")
+    conn.execute("ALTER TABLE entries DROP COLUMN disputed")
+    conn.execute("DROP TABLE tags")
     conn.execute("DROP INDEX docs_seq")
     conn.execute("DROP TABLE index_keys")
     conn.execute("DROP TABLE indexes")

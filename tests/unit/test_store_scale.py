@@ -2,7 +2,8 @@
 first pass after an import cheap, checked for being right as well as cheap.
 
 * ``entries.verified`` answers Scrub's "not verified since" (a time that moves every pass) as an
-  index range: the answers equal mongomock's, whatever ``verified_time`` holds;
+  index range, ``entries.disputed`` the stuck views' disputed copies: the answers equal
+  mongomock's, whatever ``verified_time`` and ``disputed`` hold;
 * a remembered answer is brought up to date from the documents written since, by any client;
 * ``bulk_write`` applies its updates in one transaction, or none of them;
 * the names of ``tags`` are indexed (cax web's tag filter), equal to mongomock whatever ``tags``
@@ -31,7 +32,8 @@ verified = st.one_of(st.none(), st.sampled_from([T1, T2, "2017-01-01", 5]),
                      st.datetimes(dt.datetime(2016, 6, 1), dt.datetime(2017, 12, 1)))
 entry = st.fixed_dictionaries({"host": st.sampled_from(["a", "b"]),
                                "status": st.sampled_from(["transferred", "error"])},
-                              optional={"verified_time": verified})
+                              optional={"verified_time": verified,
+                                        "disputed": st.sampled_from([None, "x"])})
 document = st.fixed_dictionaries({"number": st.integers(0, 5),
                                   "data": st.lists(entry, max_size=3)})
 QUERIES = [
@@ -46,6 +48,11 @@ QUERIES = [
     {"data": {"$not": {"$elemMatch": {"host": "a", "verified_time": {"$lt": T2}}}}},
     {"data": {"$elemMatch": {"verified_time": {"$not": {"$lt": T2}}}}},
     {"data.verified_time": {"$lt": T2}},
+    {"data": {"$elemMatch": {"disputed": {"$exists": True}}}},
+    {"data": {"$elemMatch": {"host": "a", "disputed": {"$exists": False}}}},
+    {"data": {"$not": {"$elemMatch": {"disputed": {"$exists": 1}}}}},
+    {"$or": [{"data": {"$elemMatch": {"status": "error"}}},
+             {"data": {"$elemMatch": {"disputed": {"$exists": True}}}}]},
 ]
 
 
@@ -99,7 +106,7 @@ def scrub_query(cutoff: dt.datetime) -> dict:
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(docs=st.lists(document, max_size=10), query=st.sampled_from(QUERIES))
-def test_conditions_on_verified_time_from_the_index_equal_mongomock(tmp_path_factory, docs,
+def test_conditions_on_verified_time_and_disputed_from_the_index_equal_mongomock(tmp_path_factory, docs,
                                                                       query):
     store = EmbeddedClient(tmp_path_factory.mktemp("store"))["run"]["runs"]
     reference = mongomock.MongoClient(tz_aware=True)["run"]["runs"]
@@ -245,3 +252,21 @@ def test_remembered_lookups_see_every_writer(tmp_path):
         client.insert_one({"_id": 2000, "data": [{"host": "daq", "status": "transferred"}]})
     got = same(1)
     assert {5, 7, 2000} <= set(got) and not {200, 300} & set(got)
+
+
+def test_the_stuck_views_query_decodes_only_the_stuck(tmp_path, monkeypatch):
+    """2,000 runs, one copy in error and one disputed: the stuck views' query (sorted, limited)
+    decodes those two, not every run (before entries.disputed: all 2,000, 2.6 s at 100,000)."""
+    store = EmbeddedClient(tmp_path)["run"]["runs"]
+    store.insert_many([{"number": n, "start": dt.datetime(2017, 1, 1) + dt.timedelta(minutes=n),
+                        "data": [{"host": "a", "status": "error" if n == 5 else "transferred",
+                                  **({"disputed": "x"} if n == 9 else {})}]}
+                       for n in range(2000)])
+    query = {"$or": [{"data": {"$elemMatch": {"status": "error"}}},
+                     {"data": {"$elemMatch": {"disputed": {"$exists": True}}}}]}
+    decoded = []
+    real = bson.decode
+    monkeypatch.setattr(bson, "decode", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    found = store.find(query, sort=[("start", -1), ("number", -1)], limit=5000)
+    assert [d["number"] for d in found] == [9, 5]
+    assert len(decoded) <= 3  # the query's round trip and the two runs
