@@ -31,6 +31,7 @@ non-BSON values are rejected).
 Only the subset of the pymongo Collection API that cax uses is provided.  ``find`` returns a
 list, so callers pass ``sort``/``limit`` as arguments rather than chaining cursor methods.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -202,14 +203,14 @@ class EmbeddedCollection:
         """Yield (row, seq, BSON, document) of every match, in natural order, one at a time
         (a find of 100,000 runs holds each decoded run only until its caller took it).
 
-        With ``memo`` (reads), a query the index leaves many candidates for is remembered
-        with its matches and the store's generation: the next time it runs, the candidates
-        are those matches and the documents written since (``changed_since``, an index
-        range), whoever wrote them.  This keeps an idle pass cheap for queries the index
-        cannot judge (CompareChecksums' ``$expr``, AddSize's missing fields): at 100,000 runs
-        it decodes what changed, not every run.  A query is the same only if its bytes are (a
-        condition on the current time makes each pass's query new), and one that names
-        ``$$NOW`` is never remembered.
+        With ``memo`` (reads), a query the index leaves many candidates for (or that took long
+        to plan) is remembered with its matches and the store's generation: the next time it
+        runs, the candidates are those matches and the documents written since
+        (``changed_since``, an index range), whoever wrote them.  This keeps an idle pass cheap
+        for queries the index cannot judge (CompareChecksums' ``$expr``, AddSize's missing
+        fields): at 100,000 runs it decodes what changed, not every run.  A query is the same
+        only if its bytes are (a condition on the current time makes each pass's query new),
+        and one that names ``$$NOW`` is never remembered.
         """
         applies = matcher(mongomock.helpers.patch_datetime_awareness_in_document(filter))
         key = None

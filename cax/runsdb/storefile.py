@@ -17,8 +17,11 @@ WAL mode by an older cax is switched on the first open that has it alone.
 
 Every row carries ``seq``, the store's generation at its last write (``meta.seq`` is bumped
 once per writing transaction): change detection is by this counter, never by file stat.
-Nothing is cached between operations, so there is nothing in memory that could differ from
-the file after a failed write: a failed operation is a rolled-back transaction.
+No document is cached between operations, so there is nothing in memory that could differ
+from the file after a failed write: a failed operation is a rolled-back transaction.  What is
+remembered (row ids of large index lookups, ``remembered``) carries the generation it was read
+at and is brought up to date from the rows written since; a rollback forgets all of it, as a
+lookup made inside the transaction may describe a generation that was never committed.
 
 Bodies are BSON; bodies larger than ``PACK_ABOVE`` bytes (file manifests) are stored
 zlib-compressed.  A store made by an older cax (``<db>.<collection>.bson`` files) is migrated
@@ -97,6 +100,8 @@ class StoreFile:
         self.lock = threading.RLock()
         #: The unique indexes read in the current transaction (``unique_indexes``).
         self._uniques: dict[str, list[IndexSpec]] = {}
+        #: The large index lookups remembered (``SqlIndexReader``), under ``lock``.
+        self.remembered: Remembered = OrderedDict()
         # a migration at opening writes into a store just created
         self.has_indexes = self.has_tags = True
         if read_only:
@@ -118,8 +123,6 @@ class StoreFile:
         #: The entry fields the planner may use: those and the range columns it has.
         self.plan_columns = {**self.entry_columns, **{
             field: column for field, column in RANGE_COLUMNS.items() if column in held}}
-        #: The large index lookups remembered (``SqlIndexReader``), under ``lock``.
-        self.remembered: Remembered = OrderedDict()
         #: Whether ``docs (coll, seq)`` is indexed (format 4): remembered answers need it.
         self.seq_indexed = bool(self.conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'docs_seq'").fetchone())
@@ -230,6 +233,8 @@ class StoreFile:
             except BaseException:
                 if conn.in_transaction:  # SQLite may have rolled back itself (an I/O error)
                     conn.execute("ROLLBACK")
+                # a lookup remembered inside it may hold rows of a generation never committed
+                self.remembered.clear()
                 raise
             finally:
                 self._uniques = {}

@@ -106,8 +106,8 @@ def scrub_query(cutoff: dt.datetime) -> dict:
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(docs=st.lists(document, max_size=10), query=st.sampled_from(QUERIES))
-def test_conditions_on_verified_time_and_disputed_from_the_index_equal_mongomock(tmp_path_factory, docs,
-                                                                      query):
+def test_verified_time_and_disputed_from_the_index_equal_mongomock(tmp_path_factory, docs,
+                                                                     query):
     store = EmbeddedClient(tmp_path_factory.mktemp("store"))["run"]["runs"]
     reference = mongomock.MongoClient(tz_aware=True)["run"]["runs"]
     for n, doc in enumerate(docs):
@@ -270,3 +270,21 @@ def test_the_stuck_views_query_decodes_only_the_stuck(tmp_path, monkeypatch):
     found = store.find(query, sort=[("start", -1), ("number", -1)], limit=5000)
     assert [d["number"] for d in found] == [9, 5]
     assert len(decoded) <= 3  # the query's round trip and the two runs
+
+
+def test_a_lookup_remembered_in_a_write_that_rolled_back_is_forgotten(tmp_path):
+    """A lookup made inside a writing transaction sees that transaction's own writes; if it
+    rolls back, another client may commit something else under the same generation, and the
+    lookup must not be trusted as of it."""
+    mine = EmbeddedClient(tmp_path)["run"]["runs"]
+    other = EmbeddedClient(tmp_path)["run"]["runs"]
+    mine.create_index("name", unique=True)
+    mine.insert_many([{"_id": n, "name": f"r{n}", "data": [{"host": "lab"}]}
+                      for n in range(1500)])
+    lacking = {"data": {"$not": {"$elemMatch": {"host": "lab"}}}}
+    with pytest.raises(DuplicateKeyError):
+        mine.bulk_write([UpdateOne({"_id": 1}, {"$pull": {"data": {"host": "lab"}}}),
+                         UpdateOne(lacking, {"$set": {"x": 1}}),  # plans with the lab lookup
+                         UpdateOne({"_id": 2}, {"$set": {"name": "r3"}})])
+    other.update_one({"_id": 500}, {"$pull": {"data": {"host": "lab"}}})  # the same generation
+    assert [d["_id"] for d in mine.find(lacking)] == [500]
