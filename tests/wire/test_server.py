@@ -26,6 +26,7 @@ from cax.clock import utcnow
 from cax.errors import DatasetError, RunsDBError
 from cax.runsdb import TRANSFERRED, TRANSFERRING, EntryKey, find_entry, open_runsdb
 from cax.runsdb.base import LocationTakenError
+from cax.runsdb.connect import SERVER_TIMEOUT_MS
 from tests.conftest import make_run, skip_or_fail, write_config
 from tests.integration.conftest import make_dataset
 from tests.wireserver import WireServer, WireServerUnavailable
@@ -171,7 +172,10 @@ def test_the_server_killed_mid_pass_and_restarted(tmp_path):
             assert time.monotonic() < deadline and daemon.poll() is None, log.read_text()
             time.sleep(0.05)
         first.kill()
-        time.sleep(3)
+        # down for longer than the driver waits to select a server: an operation started in
+        # the outage fails (logged, backed off) instead of waiting it out (which it may
+        # rightly do for a shorter one, as CI once showed)
+        time.sleep(SERVER_TIMEOUT_MS / 1000 + 2)
         restarted = server(tmp_path, storage=storage, port=first.port)
         db = open_runsdb(restarted.uri, "run")
         deadline = time.monotonic() + 180
