@@ -225,7 +225,7 @@ class EmbeddedCollection:
             found = Candidates(matched | self.file.changed_since(self.coll, since), False)
         else:
             start = time.perf_counter()
-            found = self.file.candidates(self.coll, filter)
+            found = self.file.candidates(self.coll, filter, generation if key else None)
             if not found.complement and len(found.rows) <= MEMO_ABOVE \
                     and time.perf_counter() - start < MEMO_PLAN_S:
                 key = None  # few candidates, quickly found: nothing to save
@@ -248,28 +248,30 @@ class EmbeddedCollection:
             scratch._store._documents[doc["_id"]] = doc
         return scratch
 
-    def _write_back(self, before: list[tuple[int, bytes, dict]], scratch: Any) -> None:
+    def _write_back(self, before: list[tuple[int, bytes, dict]], scratch: Any) -> int:
         """Store the documents of ``scratch`` whose bytes differ from ``before`` (mongomock
         counts 2.0 set to 2 as no change; MongoDB stores the int), insert new ones; a write
-        that changed no byte bumps no generation."""
+        that changed no byte bumps no generation.  Returns how many documents changed."""
         rows = {id_key(doc["_id"]): (row, body) for row, body, doc in before}
         changed, added = [], []
         for doc in scratch._store._documents.values():
             key = id_key(doc["_id"])
             if key in rows:
                 row, body = rows.pop(key)
-                if bson.encode(doc) != body:
-                    changed.append((row, doc))
+                raw = bson.encode(doc)
+                if raw != body:
+                    changed.append((row, doc, raw))
             else:
                 added.append(doc)
         if not (changed or added or rows):
-            return
+            return 0
         seq = self.file.next_seq()
-        for row, doc in changed:
-            self.file.replace(self.coll, row, doc, seq=seq)
+        for row, doc, raw in changed:
+            self.file.replace(self.coll, row, doc, seq=seq, raw=raw)
         if added:
             self.file.put_many(self.coll, added, seq=seq)
         self.file.delete(row for row, _ in rows.values())
+        return len(changed)
 
     # -- reads --------------------------------------------------------------------------
 
@@ -488,11 +490,12 @@ class EmbeddedCollection:
                 resolve_array_filters(one[2], update, _bson_roundtrip(array_filters))
             scratch = self._scratch([one[2]])
             if set_paths(one[2], resolved):
-                modified += bson.encode(one[2]) != one[1]
-            else:  # the filter as given: a positional ``$`` is resolved by it
-                modified += scratch.update_one(
-                    filter if array_filters is None else {"_id": one[2]["_id"]},
-                    resolved).modified_count
+                modified += self._write_back([one], scratch)
+                continue
+            # the filter as given: a positional ``$`` is resolved by it
+            modified += scratch.update_one(
+                filter if array_filters is None else {"_id": one[2]["_id"]},
+                resolved).modified_count
             self._write_back([one], scratch)
         return UpdateResult({"n": len(matched), "nModified": modified}, True)
 

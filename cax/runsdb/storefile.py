@@ -60,6 +60,8 @@ from cax.runsdb.storeindex import (
     SqlIndexReader,
     id_key,
     index_values,
+    store_generation,
+    written_since,
 )
 from cax.runsdb.storeplan import Planner, id_values
 from cax.runsdb.storeschema import (
@@ -247,23 +249,25 @@ class StoreFile:
         return int(row[0])
 
     def generation(self) -> int:
-        row = self.conn.execute("SELECT value FROM meta WHERE name = 'seq'").fetchone()
-        return int(row[0]) if row else 0
+        return store_generation(self.conn)
 
     # -- rows -----------------------------------------------------------------------------
 
-    def candidates(self, coll: str, query: dict[str, Any]) -> Candidates:
+    def candidates(self, coll: str, query: dict[str, Any], generation: int | None = None
+                   ) -> Candidates:
         """A superset of the documents of ``coll`` matching ``query`` (see ``storeplan``).
 
         A query naming one ``_id`` is answered from that row alone: every document's key is
         indexed, so no other condition needs planning (a bulk write of AddSize's is 500 such).
+        ``generation``: the store's, if the caller has read it in this transaction already.
         """
         ident = id_values(query["_id"]) if "_id" in query else None
         if ident is not None and len(ident) == 1:
             found = self.conn.execute("SELECT row FROM docs WHERE coll = ? AND key = ?",
                                       (coll, id_key(ident[0]))).fetchone()
             return Candidates(frozenset(found or ()), False)
-        reader = SqlIndexReader(self.conn, coll, self.remembered if self.seq_indexed else None)
+        reader = SqlIndexReader(self.conn, coll, self.remembered if self.seq_indexed else None,
+                                generation)
         found = Planner(reader, self.plan_columns,
                         start_column=self.sortable, tag_column=self.has_tags).plan(query)
         if found.everything:
@@ -360,10 +364,7 @@ class StoreFile:
         return counts, left_out | self.irregular_rows(coll)
 
     def changed_since(self, coll: str, generation: int) -> set[int]:
-        """The documents of ``coll`` written after ``generation`` (an index range: the few
-        rows an idle pass finds changed, not the collection)."""
-        return {r for (r,) in self.conn.execute(
-            "SELECT row FROM docs WHERE coll = ? AND seq > ?", (coll, generation))}
+        return written_since(self.conn, coll, generation)
 
     def put_many(self, coll: str, docs: Iterable[dict[str, Any]], *, seq: int,
                  conn: sqlite3.Connection | None = None) -> None:
@@ -437,11 +438,13 @@ class StoreFile:
                                         tuple(decode_key(key))) from None
             raise
 
-    def replace(self, coll: str, row: int, doc: dict[str, Any], *, seq: int) -> None:
-        """Write a changed document; its index rows only where they changed (a lease's
-        renewal changes no indexed value: it writes one row and no index)."""
+    def replace(self, coll: str, row: int, doc: dict[str, Any], *, seq: int,
+                raw: bytes | None = None) -> None:
+        """Write a changed document (``raw``: its BSON, if the caller has it); its index rows
+        only where they changed (a lease's renewal changes no indexed value: it writes one row
+        and no index)."""
         values = index_values(doc)
-        packed, body = encode_body(doc)
+        packed, body = encode_body(doc, raw)
         indexed = {"key": id_key(doc["_id"]), "number": values.number, "name": values.name,
                    "irregular": int(values.irregular), "start": values.start}
         stored = self.conn.execute("SELECT key, number, name, irregular, start FROM docs "

@@ -153,7 +153,7 @@ def union(a: Candidates, b: Candidates) -> Candidates:
     return Candidates(neg.rows - pos.rows, True)
 
 
-#: Comparisons on ``start`` the index answers, as SQL operators on ``docs.start``.
+#: Comparisons on a date the index answers (``start``, ``verified_time``), as SQL operators.
 START_OPERATORS = {"$lt": "<", "$lte": "<=", "$gt": ">", "$gte": ">=", "$eq": "="}
 
 
@@ -165,16 +165,16 @@ class Compare:
     terms: tuple[tuple[str, int | None], ...]
 
 
-#: Conditions on ``verified_time`` answered by a range of ``entries.verified`` that holds every
-#: match: a non-date, stored as NEVER, satisfies ``$lt`` (and ``$not $gte``) there and not on
-#: MongoDB, so the answer is a superset, never exact (mongomock judges the candidates).
-VERIFIED_OPERATORS = {"$lt": "<", "$lte": "<=", "$gt": ">", "$gte": ">=", "$eq": "="}
+#: Conditions on ``verified_time`` are answered by a range of ``entries.verified`` that holds
+#: every match (START_OPERATORS, and these negations): a non-date, stored as NEVER, satisfies
+#: ``$lt`` (and ``$not $gte``) there and not on MongoDB, so the answer is a superset, never
+#: exact (mongomock judges the candidates).
 VERIFIED_NEGATIONS = {"$gte": "<", "$gt": "<="}
 
 
 def verified_compare(condition: Any) -> Compare | None:
     """``verified_time``'s condition as a range of ``entries.verified`` holding every match
-    (see VERIFIED_OPERATORS), or None if it is not one: a date, date comparisons, or ``$not``
+    (see VERIFIED_NEGATIONS), or None if it is not one: a date, date comparisons, or ``$not``
     of one ``$gte``/``$gt`` a date (Scrub's "not verified since")."""
     if isinstance(condition, dt.datetime):
         condition = {"$eq": condition}
@@ -186,7 +186,7 @@ def verified_compare(condition: Any) -> Compare | None:
             (inner, value), = value.items()
             sql = VERIFIED_NEGATIONS.get(inner)
         else:
-            sql = VERIFIED_OPERATORS.get(op)
+            sql = START_OPERATORS.get(op)
         if sql is None or not isinstance(value, dt.datetime):
             return None
         terms.append((sql, _ms(value)))
@@ -240,6 +240,19 @@ def id_key(value: Any) -> bytes:
     return bson.encode({"": value})
 
 
+def store_generation(conn: sqlite3.Connection) -> int:
+    """The store's generation: ``meta.seq``, bumped by every writing transaction."""
+    row = conn.execute("SELECT value FROM meta WHERE name = 'seq'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def written_since(conn: sqlite3.Connection, coll: str, generation: int) -> set[int]:
+    """The documents of ``coll`` written after ``generation`` (an index range on
+    ``docs (coll, seq)``: the few rows an idle pass finds changed, not the collection)."""
+    return {r for (r,) in conn.execute("SELECT row FROM docs WHERE coll = ? AND seq > ?",
+                                       (coll, generation))}
+
+
 #: Looked-up terms with more rows than this are remembered (``SqlIndexReader.rows``), this many.
 REMEMBER_ABOVE = 1000
 REMEMBERED_TERMS = 16
@@ -256,16 +269,15 @@ class SqlIndexReader:
     """
 
     def __init__(self, conn: sqlite3.Connection, coll: str,
-                 remembered: Remembered | None = None):
+                 remembered: Remembered | None = None, generation: int | None = None):
         self.conn = conn
         self.coll = coll
         self.remembered = remembered
-        self._generation: int | None = None
+        self._generation = generation
 
     def generation(self) -> int:
         if self._generation is None:
-            row = self.conn.execute("SELECT value FROM meta WHERE name = 'seq'").fetchone()
-            self._generation = int(row[0]) if row else 0
+            self._generation = store_generation(self.conn)
         return self._generation
 
     @staticmethod
@@ -280,25 +292,25 @@ class SqlIndexReader:
         return ("tags" if term.table == "tag" else "entries"), "doc", where, params
 
     def rows(self, term: Term) -> frozenset[int]:
-        remember = self.remembered is not None and not any(
-            isinstance(values, Compare) for _, values in term.columns)  # a time: new each pass
+        # a term with a time in it is new each pass: not worth remembering
+        remembered = None if any(isinstance(values, Compare) for _, values in term.columns) \
+            else self.remembered
         key = (self.coll, term)
-        known = self.remembered.get(key) if remember and self.remembered is not None else None
+        known = remembered.get(key) if remembered is not None else None
         if known is not None:
             since, rows = known
             if since != self.generation():
-                changed = {r for (r,) in self.conn.execute(
-                    "SELECT row FROM docs WHERE coll = ? AND seq > ?", (self.coll, since))}
+                changed = written_since(self.conn, self.coll, since)
                 rows = (rows - changed) | frozenset(self.probe(term, changed))
         else:
             table, ident, where, params = self._where(term)
             rows = frozenset(r for (r,) in self.conn.execute(
                 f"SELECT {ident} FROM {table} WHERE coll = ? AND {where}", [self.coll, *params]))
-        if remember and self.remembered is not None and len(rows) > REMEMBER_ABOVE:
-            self.remembered[key] = (self.generation(), rows)
-            self.remembered.move_to_end(key)
-            while len(self.remembered) > REMEMBERED_TERMS:
-                self.remembered.popitem(last=False)
+        if remembered is not None and len(rows) > REMEMBER_ABOVE:
+            remembered[key] = (self.generation(), rows)
+            remembered.move_to_end(key)
+            while len(remembered) > REMEMBERED_TERMS:
+                remembered.popitem(last=False)
         return rows
 
     def count(self, term: Term, cap: int) -> int:

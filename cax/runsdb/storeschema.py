@@ -126,10 +126,11 @@ def reindex(conn: sqlite3.Connection) -> None:
              len(rows))
 
 
-def encode_body(doc: dict[str, Any]) -> tuple[int, bytes]:
-    """A document's stored body; one larger than a MongoDB server accepts is refused, as by
-    pymongo (DocumentTooLarge), so nothing the embedded store holds could not be moved to one."""
-    raw = bson.encode(doc)
+def encode_body(doc: dict[str, Any], raw: bytes | None = None) -> tuple[int, bytes]:
+    """A document's stored body (``raw``: its BSON, if the caller has it); one larger than a
+    MongoDB server accepts is refused, as by pymongo (DocumentTooLarge), so nothing the
+    embedded store holds could not be moved to one."""
+    raw = bson.encode(doc) if raw is None else raw
     if len(raw) > MAX_BSON_SIZE:
         raise DocumentTooLarge(f"BSON document too large ({len(raw)} bytes) - the embedded "
                                f"runs DB supports BSON document sizes up to {MAX_BSON_SIZE} "

@@ -76,9 +76,13 @@ class AddSize(Task):
         self.sizes.append((run["_id"], key, size, count,
                            key.type == "raw" and "raw_size_byte" not in run))
         if len(self.sizes) >= self.BATCH:
-            self.finish()
+            self.flush()
 
     def finish(self) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Send the sizes collected so far in one write."""
         sizes, self.sizes = self.sizes, []
         if sizes:
             changed = self.db.record_sizes(sizes)

@@ -45,12 +45,13 @@ Due = tuple[dict[str, Any], dict[str, Any], int]
 def groups(chosen: list[Due]) -> Iterator[list[Due]]:
     """``chosen`` in order, cut into groups of GROUP_COPIES and GROUP_BYTES at most."""
     group: list[Due] = []
+    size = 0
     for due in chosen:
-        if group and (len(group) >= GROUP_COPIES
-                      or sum(size for *_, size in group) + due[2] > GROUP_BYTES):
+        if group and (len(group) >= GROUP_COPIES or size + due[2] > GROUP_BYTES):
             yield group
-            group = []
+            group, size = [], 0
         group.append(due)
+        size += due[2]
     if group:
         yield group
 
