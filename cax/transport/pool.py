@@ -38,8 +38,13 @@ class TransportPool:
         return self._local.cache
 
     def _open(self, site: Site, method: str) -> Transport:
+        """This thread's transport for ``(site, method)``; a new one in place of one that was
+        aborted (a keeper stopped its copy): an aborted transport refuses every later call
+        until closed, and the worker thread would fail every copy to that site after it."""
         key = (site.name, method)
         cache = self._cache()
+        if key in cache and cache[key].aborted:
+            self._drop(cache.pop(key))
         if key not in cache:
             transport = open_transport(endpoint_for(site, method),
                                        stall_timeout_s=self.stall_timeout_s)
@@ -56,14 +61,14 @@ class TransportPool:
         """Return filesystem operations on this machine (for pulls, the destination)."""
         return self._open(site, "local")
 
-    def discard(self, site: Site) -> None:
-        """Close and forget this thread's transport to ``site`` after a failure."""
-        transport = self._cache().pop((site.name, site.method), None)
-        if transport is not None:
-            with self._lock:
-                if transport in self._all:
-                    self._all.remove(transport)
+    def _drop(self, transport: Transport) -> None:
+        with self._lock:
+            if transport in self._all:
+                self._all.remove(transport)
+        try:
             transport.close()
+        except Exception as exc:  # noqa: BLE001 - a broken transport must not stop the next
+            log.debug("closing %r: %s", transport, exc)
 
     def close_all(self) -> None:
         with self._lock:
