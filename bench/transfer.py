@@ -18,9 +18,10 @@ and in alternating rounds (median reported):
 cax transports are opened once per method and reused across rounds, as the daemon does; the
 first connection (cold) is timed separately.  paramiko-sftp uses cax's paramiko settings
 (TCP_NODELAY, aes128-gcm, 2^27 window).  Every ssh command on a site pays that site's login
-shell start-up (here root's ~/.bashrc runs ``pyenv init``, about 80 ms); cax-rsync pays it three
-times per verified copy (prepare, rsync, manifest), the anchors once.  The destination is
-emptied (and synced) between runs, outside the timing.
+shell start-up; the anchors log in as the same user as cax (tests/sshd.py's site login, /bin/sh:
+root's ~/.bashrc here runs ``pyenv init``, 80 ms a command); cax-rsync pays it three times per
+verified copy (prepare, rsync, manifest), the anchors once.  The destination is emptied between
+runs, outside the timing (see ``empty``).
 
   rsync-mux       plain rsync -a over an OpenSSH ControlMaster started once (the anchor for
                   the many-small-files target)
@@ -107,16 +108,39 @@ def busy_cpu_s() -> float:
 
 
 def empty(path: Path, trash: Path | None = None) -> None:
-    """Clear the destination between timings.  With ``trash``, move it aside instead: ext4
-    skips inodes freed in the last 30 s when it allocates new ones (perf shows the time in
-    ``recently_deleted``), so deleting 1,000 files right before a copy of 1,000 files slowed
-    that copy by up to 2x, whichever method made it; the trash goes after the run."""
+    """Clear the destination between timings, so that each copy meets the disk and the memory
+    of a server in steady state, whichever method made the copy before.
+
+    With ``trash``, move the copy aside instead of deleting it: on ext4 without a journal (this
+    machine's disk) a new inode skips every inode freed in the last 60 s (300 s while its table
+    block is dirty; perf shows the time in ``recently_deleted``), so deleting 1,000 files right
+    before a copy of 1,000 files slowed that copy by up to 2x; the trash goes after the run.
+    The moved copy's page cache is then given back (written out, ``POSIX_FADV_DONTNEED``): in
+    this VM the first touch of a guest page costs a fault in the host (touching 4 GB once took
+    11 s), so a copy whose page cache came from never-touched memory wrote 1,000 x 100 kB in
+    0.26-0.30 s, one reusing the pages the previous copy gave back in 0.05-0.07 s
+    (docs/benchmarks.rst).  A site's server recycles its page cache the same way.
+    """
     if trash is not None and path.exists():
         trash.mkdir(exist_ok=True)
-        path.rename(trash / f"{len(os.listdir(trash))}")
+        moved = trash / f"{len(os.listdir(trash))}"
+        path.rename(moved)
+        os.sync()
+        release_page_cache(moved)
     else:
         shutil.rmtree(path, ignore_errors=True)
-    os.sync()
+        os.sync()
+
+
+def release_page_cache(root: Path) -> None:
+    """Drop the (written out) page cache of every file under ``root``."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 class Bench:
@@ -124,6 +148,7 @@ class Bench:
 
     def __init__(self, sshd: Sshd, dest: Path, remote_python: str):
         self.sshd, self.dest, self.remote_python = sshd, dest, remote_python
+        self.login = f"{sshd.user}@127.0.0.1"  # the anchors log in as cax does
         self.transports: dict[str, Transport] = {}
         self.pool = ThreadPoolExecutor(1)
         self.cold: dict[str, float] = {}
@@ -136,14 +161,14 @@ class Bench:
     def openssh_scp(self, src: Path) -> dict:
         opts = self.sshd.ssh_argv()[1:]  # the ssh options, minus "ssh"
         opts[opts.index("-p")] = "-P"
-        argv = ["scp", "-q", "-r", "-c", CIPHER, *opts, str(src), f"root@127.0.0.1:{self.dest}"]
+        argv = ["scp", "-q", "-r", "-c", CIPHER, *opts, str(src), f"{self.login}:{self.dest}"]
         t0 = time.monotonic()
         proc.run(argv, timeout=600)
         return {"wall": time.monotonic() - t0}
 
     def openssh_rsync(self, src: Path) -> dict:
         rsh = shlex.join([*self.sshd.ssh_argv(), "-c", CIPHER])
-        argv = ["rsync", "-a", "-e", rsh, f"{src}/", f"root@127.0.0.1:{self.dest}/"]
+        argv = ["rsync", "-a", "-e", rsh, f"{src}/", f"{self.login}:{self.dest}/"]
         t0 = time.monotonic()
         proc.run(argv, timeout=600)
         return {"wall": time.monotonic() - t0}
@@ -154,13 +179,13 @@ class Bench:
             control = str(self.dest.parent.parent / "anchor-cm")
             opts = [*self.sshd.ssh_argv(), "-c", CIPHER, "-o", f"ControlPath={control}"]
             self.mux = self.stack.enter_context(
-                proc.popen([*opts, "-o", "ControlMaster=yes", "-N", "root@127.0.0.1"]))
+                proc.popen([*opts, "-o", "ControlMaster=yes", "-N", self.login]))
             while not os.path.exists(control):
                 if self.mux.poll() is not None:
                     raise SystemExit("the anchor's ControlMaster did not start")
                 time.sleep(0.01)
             self.mux_rsh = shlex.join([*opts, "-o", "ControlMaster=no"])
-        argv = ["rsync", "-a", "-e", self.mux_rsh, f"{src}/", f"root@127.0.0.1:{self.dest}/"]
+        argv = ["rsync", "-a", "-e", self.mux_rsh, f"{src}/", f"{self.login}:{self.dest}/"]
         t0 = time.monotonic()
         proc.run(argv, timeout=600)
         return {"wall": time.monotonic() - t0}
@@ -178,7 +203,25 @@ class Bench:
                     shutil.copyfileobj(f, blob, 1 << 20)
             blob.seek(0)
             t0 = time.monotonic()
-            subprocess.run([*shlex.split(self.mux_rsh), "root@127.0.0.1", "cat > /dev/null"],
+            subprocess.run([*shlex.split(self.mux_rsh), self.login, "cat > /dev/null"],
+                           stdin=blob, timeout=600, check=True)
+            return {"wall": time.monotonic() - t0}
+
+    def tar_floor(self, src: Path) -> dict:
+        """The dataset as one tar (made before the timing) through the same connection into
+        ``tar x`` at the site: the files written, nothing checksummed, one command.  What
+        writing the files adds to the channel floor on this machine; cax adds the checksums."""
+        if self.mux is None:
+            self.rsync_mux(src)
+            empty(self.dest)
+        with tempfile.TemporaryFile(dir=self.dest.parent.parent) as blob:
+            subprocess.run(["tar", "cf", "-", "-C", str(src), "."], stdout=blob, timeout=600,
+                           check=True)
+            blob.seek(0)
+            dest = shlex.quote(str(self.dest))
+            t0 = time.monotonic()
+            subprocess.run([*shlex.split(self.mux_rsh), self.login,
+                            f"mkdir {dest} && tar xf - -C {dest}"],
                            stdin=blob, timeout=600, check=True)
             return {"wall": time.monotonic() - t0}
 
@@ -276,7 +319,8 @@ def machine() -> dict:
 
 STREAMED = "cax-auto (streamed manifest)"
 FLOOR = "ssh-channel floor"
-ANCHORS = ("openssh-scp", "rsync-mux", FLOOR)
+TAR_FLOOR = "ssh-channel into tar x"
+ANCHORS = ("openssh-scp", "rsync-mux", FLOOR, TAR_FLOOR)
 
 
 def bench_run(bench: Bench, name: str, src: Path, rounds: int,
@@ -289,6 +333,7 @@ def bench_run(bench: Bench, name: str, src: Path, rounds: int,
         "openssh-rsync": bench.openssh_rsync,
         "rsync-mux": bench.rsync_mux,
         FLOOR: bench.channel_floor,
+        TAR_FLOOR: bench.tar_floor,
         "paramiko-sftp": bench.paramiko_sftp,
         "cax-scp": bench.cax("scp"),
         "cax-rsync": bench.cax("rsync"),
