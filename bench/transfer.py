@@ -60,9 +60,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +130,45 @@ def empty(path: Path, trash: Path | None = None) -> None:
     else:
         shutil.rmtree(path, ignore_errors=True)
         os.sync()
+
+
+PAGE_REPORTING = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+NO_REPORTING = "11"  # above the largest page order: no free block is reported
+WARM_BYTES = 2 << 30
+
+
+@contextmanager
+def steady_memory(enabled: bool) -> Iterator[None]:
+    """Keep the memory a copy frees for the next one, like a server in steady state.
+
+    This VM's balloon reports every free 2 MiB block to its host (free page reporting), which
+    takes the memory back; the next touch of such a page is a fault in the host.  So a copy's
+    page cache is often built from memory the host must hand over again (writing 1 GiB cost
+    cax 2.2-3.3 s and 3.6-5.3 core-s, the same copy 1.5-1.8 s and 2.7-3.0 core-s once freed
+    memory stayed), whichever method made it, and the floor, which writes nothing, never pays
+    it.  With ``enabled`` (root), reporting is off for the run (the previous order restored
+    after) and 2 GiB are touched once first; without, a line says the figures include it.
+    """
+    reported = PAGE_REPORTING.with_name("reported_kib")
+    if not reported.exists() or reported.read_text().strip() in ("", "0"):
+        yield  # nothing is given back to a host here
+        return
+    if not enabled:
+        say("note: this machine returns freed memory to its host (free page reporting); "
+            "copies that write pay faults in the host: --steady-memory (root) measures without")
+        yield
+        return
+    old = PAGE_REPORTING.read_text().strip()
+    try:
+        PAGE_REPORTING.write_text(NO_REPORTING)
+    except OSError as exc:
+        raise SystemExit(f"--steady-memory: cannot write {PAGE_REPORTING}: {exc}") from exc
+    try:
+        warm = b"\x01" * WARM_BYTES  # every page written once, then freed and kept
+        del warm
+        yield
+    finally:
+        PAGE_REPORTING.write_text(old)
 
 
 def release_page_cache(root: Path) -> None:
@@ -395,7 +434,15 @@ def main() -> None:
                         "timing (a disk that has just freed as many inodes; see empty())")
     parser.add_argument("--methods", default="", help="comma-separated subset of the methods "
                         f"(the anchors {', '.join(ANCHORS)} always run)")
+    parser.add_argument("--steady-memory", action="store_true",
+                        help="as root: keep freed memory in this VM for the run (see "
+                        "steady_memory in bench/transfer.py)")
     args = parser.parse_args()
+    with steady_memory(args.steady_memory):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     only = {m.strip() for m in args.methods.split(",") if m.strip()} or None
     work = Path(tempfile.mkdtemp(prefix="cax-bench-", dir=args.dir))
     sshd = Sshd(work / "sshd")

@@ -54,6 +54,7 @@ from bench.transfer import (  # noqa: E402 - after the sys.path line
     machine,
     make_run,
     say,
+    steady_memory,
 )
 from cax.checksum import scan_dataset  # noqa: E402
 from tests.sshd import Sshd  # noqa: E402
@@ -143,7 +144,15 @@ def main() -> None:
                         "always runs)")
     parser.add_argument("--dir", default="/var/tmp", help="scratch parent directory")  # noqa: S108
     parser.add_argument("--remote-python", default="/usr/bin/python3")
+    parser.add_argument("--steady-memory", action="store_true",
+                        help="as root: keep freed memory in this VM for the run (see "
+                        "steady_memory in bench/transfer.py)")
     args = parser.parse_args()
+    with steady_memory(args.steady_memory):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     only = {m.strip() for m in args.methods.split(",") if m.strip()} or None
     rtts = [float(x) for x in args.rtts.split(",")]
     wanted = set(args.runs.split(","))
