@@ -28,6 +28,9 @@ runs, outside the timing (see ``empty``).
   ssh-channel floor
                   the same bytes through that connection into cat > /dev/null: no files, no
                   checksums; the bound for any method over it (printed as a ratio to rsync-mux)
+  ssh-channel into tar x
+                  the same bytes as one tar into tar x at the site: the files written, nothing
+                  checksummed (what writing the files adds to the floor)
   cax-stream, cax-auto
                   put + destination manifest re-read, against the recorded manifest
   cax-auto (streamed manifest)
@@ -45,6 +48,7 @@ worse), and an earlier line the old ``ratio cax/scp`` of the fastest method on 1
 
     .venv/bin/python bench/transfer.py [--rounds 3] [--dir /var/tmp] [--keep]
         [--remote-python /usr/bin/python3] [--methods cax-rsync,cax-auto] [--delete-between]
+        [--steady-memory]
 """
 
 from __future__ import annotations
@@ -229,13 +233,18 @@ class Bench:
         proc.run(argv, timeout=600)
         return {"wall": time.monotonic() - t0}
 
+    def _connected(self, src: Path) -> None:
+        """Start the anchors' ControlMaster if no rsync-mux copy did (one, thrown away, also
+        warms like the others)."""
+        if self.mux is None:
+            self.rsync_mux(src)
+            empty(self.dest)
+
     def channel_floor(self, src: Path) -> dict:
         """The dataset's bytes through the same multiplexed connection into ``cat > /dev/null``:
         no file written, no checksum, one command.  No method over this connection can be
         faster; it bounds what ``ratio cax/rsync`` can reach on this machine."""
-        if self.mux is None:
-            self.rsync_mux(src)  # starts the ControlMaster (and warms like the others)
-            empty(self.dest)
+        self._connected(src)
         with tempfile.TemporaryFile(dir=self.dest.parent.parent) as blob:
             for path in sorted(p for p in src.rglob("*") if p.is_file()):
                 with path.open("rb") as f:
@@ -250,9 +259,7 @@ class Bench:
         """The dataset as one tar (made before the timing) through the same connection into
         ``tar x`` at the site: the files written, nothing checksummed, one command.  What
         writing the files adds to the channel floor on this machine; cax adds the checksums."""
-        if self.mux is None:
-            self.rsync_mux(src)
-            empty(self.dest)
+        self._connected(src)
         with tempfile.TemporaryFile(dir=self.dest.parent.parent) as blob:
             subprocess.run(["tar", "cf", "-", "-C", str(src), "."], stdout=blob, timeout=600,
                            check=True)
