@@ -128,11 +128,17 @@ def _args(arg: Any, count: int | None = None) -> list[Compiled] | None:
     return None if any(c is None for c in compiled) else compiled  # type: ignore[return-value]
 
 
-def _logical(arg: Any, want: bool) -> Compiled | None:
-    args = _args(arg)
-    if args is None:
-        return None
+def _operator(build: Callable[[list[Compiled]], Compiled], count: int | None = None,
+              least: int = 0) -> Callable[[Any], Compiled | None]:
+    """An operator whose argument is its operands (``count`` of them, or at least ``least``):
+    ``build`` gets them compiled; None if they are not ``count`` or do not compile."""
+    def make(arg: Any) -> Compiled | None:
+        args = _args(arg, count)
+        return None if args is None or len(args) < least else build(args)
+    return make
 
+
+def _logical(args: list[Compiled], want: bool) -> Compiled:
     def run(doc: dict[str, Any], scope: Scope) -> bool:
         for a in args:  # stops at the first that decides, as the server may
             if truthy(a(doc, scope)) != want:
@@ -141,19 +147,13 @@ def _logical(arg: Any, want: bool) -> Compiled | None:
     return run
 
 
-def _not(arg: Any) -> Compiled | None:
-    args = _args(arg, 1)
-    if args is None:
-        return None
+def _not(args: list[Compiled]) -> Compiled:
     (a,) = args
     return lambda doc, scope: not truthy(a(doc, scope))
 
 
 def _comparison(test: Callable[[int], bool]) -> Callable[[Any], Compiled | None]:
-    def make(arg: Any) -> Compiled | None:
-        args = _args(arg, 2)
-        if args is None:
-            return None
+    def build(args: list[Compiled]) -> Compiled:
         a, b = args
 
         def run(doc: dict[str, Any], scope: Scope) -> bool:
@@ -162,13 +162,10 @@ def _comparison(test: Callable[[int], bool]) -> Callable[[Any], Compiled | None]
                 raise Unsupported("a missing field compared")
             return test(_cmp(x, y))
         return run
-    return make
+    return _operator(build, 2)
 
 
-def _in(arg: Any) -> Compiled | None:
-    args = _args(arg, 2)
-    if args is None:
-        return None
+def _in(args: list[Compiled]) -> Compiled:
     a, b = args
 
     def run(doc: dict[str, Any], scope: Scope) -> bool:
@@ -179,10 +176,7 @@ def _in(arg: Any) -> Compiled | None:
     return run
 
 
-def _size(arg: Any) -> Compiled | None:
-    args = _args(arg, 1)
-    if args is None:
-        return None
+def _size(args: list[Compiled]) -> Compiled:
     (a,) = args
 
     def run(doc: dict[str, Any], scope: Scope) -> int:
@@ -193,11 +187,7 @@ def _size(arg: Any) -> Compiled | None:
     return run
 
 
-def _if_null(arg: Any) -> Compiled | None:
-    args = _args(arg)
-    if args is None or len(args) < 2:
-        return None
-
+def _if_null(args: list[Compiled]) -> Compiled:
     def run(doc: dict[str, Any], scope: Scope) -> Any:
         for a in args[:-1]:
             value = a(doc, scope)
@@ -237,10 +227,7 @@ def _over_array(arg: Any, body_key: str, filtering: bool) -> Compiled | None:
     return run
 
 
-def _array_elem_at(arg: Any) -> Compiled | None:
-    args = _args(arg, 2)
-    if args is None:
-        return None
+def _array_elem_at(args: list[Compiled]) -> Compiled:
     a, b = args
 
     def run(doc: dict[str, Any], scope: Scope) -> Any:
@@ -253,11 +240,7 @@ def _array_elem_at(arg: Any) -> Compiled | None:
     return run
 
 
-def _concat(arg: Any) -> Compiled | None:
-    args = _args(arg)
-    if args is None:
-        return None
-
+def _concat(args: list[Compiled]) -> Compiled:
     def run(doc: dict[str, Any], scope: Scope) -> str | None:
         values = [a(doc, scope) for a in args]
         if any(v is None or v is MISSING for v in values):
@@ -268,11 +251,7 @@ def _concat(arg: Any) -> Compiled | None:
     return run
 
 
-def _set_equals(arg: Any) -> Compiled | None:
-    args = _args(arg)
-    if args is None or len(args) < 2:
-        return None
-
+def _set_equals(args: list[Compiled]) -> Compiled:
     def key(value: Any) -> frozenset[tuple[int, Any]]:
         if not isinstance(value, list):
             raise Unsupported("$setEquals of a non-array")
@@ -285,11 +264,14 @@ def _set_equals(arg: Any) -> Compiled | None:
 
 
 OPERATORS: dict[str, Callable[[Any], Compiled | None]] = {
-    "$and": lambda arg: _logical(arg, True), "$or": lambda arg: _logical(arg, False),
-    "$not": _not, "$in": _in, "$size": _size, "$ifNull": _if_null,
+    "$and": _operator(lambda args: _logical(args, True)),
+    "$or": _operator(lambda args: _logical(args, False)),
+    "$not": _operator(_not, 1), "$in": _operator(_in, 2), "$size": _operator(_size, 1),
+    "$ifNull": _operator(_if_null, least=2),
     "$filter": lambda arg: _over_array(arg, "cond", True),
     "$map": lambda arg: _over_array(arg, "in", False),
-    "$arrayElemAt": _array_elem_at, "$concat": _concat, "$setEquals": _set_equals,
+    "$arrayElemAt": _operator(_array_elem_at, 2), "$concat": _operator(_concat),
+    "$setEquals": _operator(_set_equals, least=2),
     "$eq": _comparison(lambda c: c == 0), "$ne": _comparison(lambda c: c != 0),
     "$gt": _comparison(lambda c: c > 0), "$gte": _comparison(lambda c: c >= 0),
     "$lt": _comparison(lambda c: c < 0), "$lte": _comparison(lambda c: c <= 0),
