@@ -119,13 +119,19 @@ class ChecksumTask(Task):
         """Lease ``entry`` while it is still in ``status`` with the checksum we saw."""
         conditions = {} if status == VERIFYING else {"checksum": entry.get("checksum")}
         key = EntryKey.of(entry)
+        asked = time.monotonic()
         claim = self.db.claim(run["_id"], key, owner=self.ctx.owner,
                               lease_s=self.ctx.config.lease_seconds, statuses=[status],
                               conditions=conditions, count_attempt=False)
         if claim:
-            self._granted = time.monotonic()
-            self.held[(run["_id"], key)] = claim
+            self.hold(claim, asked)
         return claim
+
+    def hold(self, claim: Claim, asked: float) -> None:
+        """Keep ``claim`` for the work on its entry; ``asked``: when it was requested (its
+        lease is no younger than that, which is what the Keeper must assume)."""
+        self._granted = asked
+        self.held[(claim.run_id, claim.key)] = claim
 
     def take(self, run: dict[str, Any], entry: dict[str, Any]) -> Claim:
         return self.held.pop((run["_id"], EntryKey.of(entry)))

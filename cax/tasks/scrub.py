@@ -108,15 +108,15 @@ class Scrub(ChecksumTask):
             run, entry, _ = group[0]
             claimed = [(run, entry)] if self.claim(run, entry, TRANSFERRED) else []
         else:
+            asked = time.monotonic()
             claims = self.db.claim_each(
                 [(run["_id"], EntryKey.of(entry), {"checksum": entry.get("checksum")})
                  for run, entry, _ in group], owner=self.ctx.owner,
                 lease_s=self.ctx.config.lease_seconds, statuses=[TRANSFERRED])
-            self._granted = time.monotonic()
             claimed = []
             for (run, entry, _), claim in zip(group, claims, strict=True):
                 if claim is not None:
-                    self.held[(run["_id"], EntryKey.of(entry))] = claim
+                    self.hold(claim, asked)
                     claimed.append((run, entry))
         try:
             for run, entry in claimed:
